@@ -1,0 +1,7 @@
+"""umup_compile: u-μP optimizers for PyTorch, compiled to fused kernels."""
+
+from . import optim
+from .parameter import Parameter, has_parameter_data
+
+__all__ = ["Parameter", "has_parameter_data", "optim"]
+__version__ = "0.1.0"

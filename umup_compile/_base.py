@@ -1,0 +1,365 @@
+"""Shared machinery of the u-μP optimizers: groups, state, gathering, engines.
+
+A class built on :class:`UmupOptimizer` keeps ``param_groups`` as the user gave them
+and adds two float lists per group, ``lr_scales`` and ``wd_scales`` (see ``_plan``).
+Each ``step()`` gathers the parameters that have gradients into buckets of equal
+(device, dtype, static config), refreshes one hyper-parameter tensor per device (rows =
+groups, filled in place, so schedules never recompile), and hands each bucket to the
+engine as plain tensor lists.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._engine import Engine, StepFn, choose_engine
+from ._env import compile_from_env
+from ._plan import as_float, describe_param, group_scales
+from ._rules import LrScaleFunc
+
+
+def scalar_dtype(device: torch.device) -> torch.dtype:
+    """Dtype of hyper-parameter arithmetic: float64 where the device has it."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def step_dtype() -> torch.dtype:
+    """Dtype of the ``step`` state, as torch.optim chooses it."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+@dataclass
+class Bucket:
+    """Parameters that share (device, dtype, static config), gathered for one step."""
+
+    config: Hashable
+    params: list[Tensor] = field(default_factory=list)
+    grads: list[Tensor] = field(default_factory=list)
+    positions: list[tuple[int, int]] = field(default_factory=list)
+
+
+class UmupOptimizer(torch.optim.Optimizer):
+    """Mixin base for the u-μP optimizers; the concrete classes also subclass torch's.
+
+    Subclasses define ``_hyper_names``, ``_functional`` and the four hooks at the end.
+    """
+
+    _hyper_names: tuple[str, ...]
+    _functional: StepFn
+
+    def _setup_umup(
+        self,
+        *,
+        lr_scale_func: LrScaleFunc,
+        independent_weight_decay: bool,
+        allow_non_unit_scaling_params: bool,
+        compile: bool | str,
+        differentiable: bool,
+    ) -> None:
+        """Set the u-μP options; must run before ``Optimizer.__init__`` adds groups."""
+        for name, flag in (
+            ("independent_weight_decay", independent_weight_decay),
+            ("allow_non_unit_scaling_params", allow_non_unit_scaling_params),
+        ):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {flag!r}.")
+        self._lr_scale_func = lr_scale_func
+        self.independent_weight_decay = independent_weight_decay
+        self.allow_non_unit_scaling_params = allow_non_unit_scaling_params
+        self._engine: Engine
+        self._engine, reason = choose_engine(
+            compile, env=compile_from_env(), differentiable=differentiable
+        )
+        if reason is not None and compile is not False:
+            warnings.warn(
+                f"umup_compile: using the eager engine because {reason}; pass "
+                "compile=False to silence this warning.",
+                UserWarning,
+                stacklevel=3,
+            )
+        self._hyper: dict[torch.device, tuple[list[list[float]], Tensor]] = {}
+        self._factors: dict[tuple[Any, ...], tuple[Tensor, Tensor, Tensor]] = {}
+
+    # -- groups ---------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group, validating it and applying the u-μP scaling.
+
+        Args:
+            param_group: ``{"params": ..., <options>}``; params may be tensors or
+                ``(name, tensor)`` pairs, as torch accepts.
+
+        Raises:
+            TypeError, ValueError: bad options or parameters, before anything changes.
+        """
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group).__name__}")
+        group = dict(param_group)
+        entries = group["params"] if "params" in group else None
+        if entries is None:
+            raise ValueError("param group has no 'params'; pass {'params': [...], ...}.")
+        if isinstance(entries, Tensor):
+            entries = [entries]
+        elif isinstance(entries, set):
+            raise TypeError(
+                "optimizer parameters need to be organized in ordered collections, but "
+                "the ordering of tensors in sets will change between runs. Please use a "
+                "list instead."
+            )
+        entries = list(entries)
+        named = [isinstance(e, tuple) for e in entries]
+        if any(named) and not all(named):
+            raise ValueError(
+                "all optimizer params should be with/without names. Some param names "
+                "are missing"
+            )
+        names: list[str | None] = [e[0] for e in entries] if any(named) else [None] * len(entries)
+        params: list[Tensor] = [e[1] for e in entries] if any(named) else entries
+        g = len(self.param_groups)
+        merged = {**self.defaults, **group}
+        self._check_hypers(merged, f"param group {g}")
+        self._check_membership(params, names, g)
+        lr_scales, wd_scales = group_scales(
+            params,
+            names,
+            g,
+            lr=as_float(merged["lr"], "lr"),
+            weight_decay=as_float(merged["weight_decay"], "weight_decay"),
+            lr_scale_func=self._lr_scale_func,
+            independent_weight_decay=self.independent_weight_decay,
+            allow_non_unit_scaling_params=self.allow_non_unit_scaling_params,
+        )
+        group["params"] = entries
+        group["lr_scales"] = lr_scales
+        group["wd_scales"] = wd_scales
+        super().add_param_group(group)
+        self._invalidate()
+
+    def _check_membership(self, params: list[Tensor], names: list[str | None], g: int) -> None:
+        seen: set[int] = set()
+        for i, p in enumerate(params):
+            if not isinstance(p, Tensor):
+                raise TypeError(
+                    "optimizer can only optimize Tensors, but one of the params is "
+                    f"{torch.typename(p)} (param group {g}, index {i})"
+                )
+            if id(p) in seen:
+                raise ValueError(
+                    f"{describe_param(p, names[i], g, i)} appears twice in its param "
+                    "group; list each parameter once."
+                )
+            seen.add(id(p))
+        for h, other in enumerate(self.param_groups):
+            for j, q in enumerate(other["params"]):
+                if id(q) in seen:
+                    i = next(k for k, p in enumerate(params) if p is q)
+                    raise ValueError(
+                        "some parameters appear in more than one parameter group: "
+                        f"{describe_param(q, names[i], g, i)} is already in param group "
+                        f"{h}; put each parameter in one group only."
+                    )
+
+    def _invalidate(self) -> None:
+        self._hyper.clear()
+        self._factors.clear()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load optimizer state, from this class or from the matching torch.optim class.
+
+        A torch checkpoint carries no ``lr_scales``/``wd_scales``; the current ones are
+        kept. Step counters move to the parameters' device.
+
+        Raises:
+            ValueError: the checkpoint's groups do not match this optimizer's.
+        """
+        saved = state_dict["param_groups"]
+        if len(saved) != len(self.param_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        for g, (ours, theirs) in enumerate(zip(self.param_groups, saved)):
+            if len(ours["params"]) != len(theirs["params"]):
+                raise ValueError(
+                    "loaded state dict contains a parameter group that doesn't match the "
+                    f"size of optimizer's group (param group {g}: "
+                    f"{len(theirs['params'])} saved, {len(ours['params'])} here)"
+                )
+            for key in ("lr_scales", "wd_scales"):
+                if key in theirs and len(theirs[key]) != len(ours["params"]):
+                    raise ValueError(
+                        f"loaded state dict's param group {g} has {len(theirs[key])} "
+                        f"{key} for {len(ours['params'])} parameters; it was saved from "
+                        "another model."
+                    )
+        kept = [(g["lr_scales"], g["wd_scales"]) for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, (lr_scales, wd_scales) in zip(self.param_groups, kept):
+            group.setdefault("lr_scales", lr_scales)
+            group.setdefault("wd_scales", wd_scales)
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and isinstance(state.get("step"), Tensor):
+                    state["step"] = state["step"].to(device=p.device, dtype=step_dtype())
+        self._invalidate()
+
+    # -- step -----------------------------------------------------------------------
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Perform one optimization step.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (run with grad on).
+
+        Returns:
+            The closure's loss, or ``None``.
+
+        Raises:
+            ValueError: a sparse gradient, raised before anything is updated.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        buckets = self._gather()
+        fresh = self._init_states(buckets)
+        differentiable = any(g["differentiable"] for g in self.param_groups)
+        with torch.set_grad_enabled(differentiable):
+            for key, bucket in buckets.items():
+                self._run_bucket(key[0], bucket, fresh)
+        return loss
+
+    def _gather(self) -> dict[tuple[Any, ...], Bucket]:
+        buckets: dict[tuple[Any, ...], Bucket] = {}
+        for g, group in enumerate(self.param_groups):
+            config = self._config(group)
+            for i, p in enumerate(group["params"]):
+                grad = p.grad
+                if grad is None:
+                    continue
+                if grad.is_sparse:
+                    names = group.get("param_names")
+                    raise ValueError(
+                        f"{describe_param(p, names[i] if names else None, g, i)} has a "
+                        f"sparse gradient, which {type(self).__name__} does not support; "
+                        "use a dense gradient (e.g. nn.Embedding(sparse=False))."
+                    )
+                key = (p.device, p.dtype, config)
+                bucket = buckets.get(key)
+                if bucket is None:
+                    bucket = buckets[key] = Bucket(config)
+                bucket.params.append(p)
+                bucket.grads.append(grad)
+                bucket.positions.append((g, i))
+        return buckets
+
+    def _init_states(self, buckets: dict[tuple[Any, ...], Bucket]) -> set[int]:
+        """Create missing state; return the ids of parameters whose state is new."""
+        fresh: set[int] = set()
+        for bucket in buckets.values():
+            for p, (g, _) in zip(bucket.params, bucket.positions):
+                if self._init_state(p, self.state[p], self.param_groups[g]):
+                    fresh.add(id(p))
+        return fresh
+
+    def _hyper_tensor(self, device: torch.device) -> Tensor:
+        """The (groups, hypers) tensor for ``device``, refreshed in place."""
+        rows = [self._hyper_row(group) for group in self.param_groups]
+        cached = self._hyper.get(device)
+        if cached is None:
+            hyper_t = torch.empty(
+                (len(rows), len(self._hyper_names)), dtype=scalar_dtype(device), device=device
+            )
+            self._hyper[device] = (rows, hyper_t)
+            hyper_t.copy_(torch.tensor(rows, dtype=hyper_t.dtype))
+            return hyper_t
+        old_rows, hyper_t = cached
+        if rows != old_rows:
+            hyper_t.copy_(torch.tensor(rows, dtype=hyper_t.dtype))
+            self._hyper[device] = (rows, hyper_t)
+        return hyper_t
+
+    def _factor_tensors(
+        self, device: torch.device, bucket: Bucket
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-bucket (group index, lr scales, wd scales), built once per layout."""
+        key = (device, bucket.config, tuple(bucket.positions))
+        cached = self._factors.get(key)
+        if cached is None:
+            groups = self.param_groups
+            dtype = scalar_dtype(device)
+            cached = (
+                torch.tensor([g for g, _ in bucket.positions], dtype=torch.int64, device=device),
+                torch.tensor(
+                    [groups[g]["lr_scales"][i] for g, i in bucket.positions],
+                    dtype=dtype,
+                    device=device,
+                ),
+                torch.tensor(
+                    [groups[g]["wd_scales"][i] for g, i in bucket.positions],
+                    dtype=dtype,
+                    device=device,
+                ),
+            )
+            self._factors[key] = cached
+        return cached
+
+    def _run_bucket(self, device: torch.device, bucket: Bucket, fresh: set[int]) -> None:
+        hyper_t = self._hyper_tensor(device)
+        group_index_t, lr_scales_t, wd_scales_t = self._factor_tensors(device, bucket)
+        state_lists, extra = self._state_lists(bucket, fresh)
+        args = (
+            bucket.params,
+            bucket.grads,
+            *state_lists,
+            hyper_t,
+            group_index_t,
+            lr_scales_t,
+            wd_scales_t,
+        )
+        kwargs = {"config": bucket.config, **extra}
+        engine = self._engine
+        if extra:  # Note [first SGD step]: state-creating steps run eagerly.
+            type(self)._functional(*args, **kwargs)
+        else:
+            engine(type(self)._functional, args, kwargs)
+
+    # -- hooks for the concrete classes -----------------------------------------------
+
+    def _hyper_row(self, group: dict[str, Any]) -> list[float]:
+        raise NotImplementedError
+
+    def _check_hypers(self, group: dict[str, Any], where: str) -> None:
+        raise NotImplementedError
+
+    def _config(self, group: dict[str, Any]) -> Hashable:
+        raise NotImplementedError
+
+    def _init_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> bool:
+        """Create missing state entries for ``p``; return whether any was created."""
+        raise NotImplementedError
+
+    def _state_lists(
+        self, bucket: Bucket, fresh: set[int]
+    ) -> tuple[tuple[list[Tensor], ...], dict[str, Any]]:
+        """The bucket's state lists (functional order) and extra keyword arguments."""
+        raise NotImplementedError
+
+
+def check_tensor_scalar(value: Any, what: str) -> None:
+    """Raise torch's error for a multi-element tensor hyper-parameter."""
+    if isinstance(value, Tensor) and value.numel() != 1:
+        raise ValueError(f"Tensor {what} must be 1-element, got shape {tuple(value.shape)}")
+
+
+def params_list(params: Iterable[Any]) -> Iterable[Any]:
+    """Reject a lone tensor as ``params``, as torch does (it is not an iterable of them)."""
+    if isinstance(params, Tensor):
+        raise TypeError(
+            "params argument given to the optimizer should be an iterable of Tensors or "
+            f"dicts, but got {torch.typename(params)}"
+        )
+    return params

@@ -1,0 +1,163 @@
+"""The core: pure, traceable Adam/AdamW and SGD updates over lists of tensors.
+
+Both engines run these functions: eagerly, or compiled once by ``torch.compile`` into
+fused kernels. Every value a scheduler may change arrives as a tensor (``hyper_t``, one
+row per param group), so a new lr never recompiles; structure (amsgrad, maximize, ...)
+arrives as a frozen config, so changing it does. The only effects are in-place updates
+of the tensors passed in: no ``.item()``, no branching on tensor values, no allocation
+of persistent state.
+
+Per-parameter scalars (effective lr, bias corrections) are computed as short vectors
+first, then split into 0-d tensors, so the per-parameter work is pure tensor math.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+# Columns of ``hyper_t`` (one row per param group).
+ADAM_HYPERS = ("lr", "beta1", "beta2", "eps", "weight_decay")
+SGD_HYPERS = ("lr", "momentum", "dampening", "weight_decay")
+
+WeightDecayMode = Literal["none", "l2", "decoupled"]
+
+
+@dataclass(frozen=True)
+class AdamConfig:
+    """Static structure of an Adam bucket; changing it recompiles on purpose."""
+
+    amsgrad: bool = False
+    maximize: bool = False
+    weight_decay: WeightDecayMode = "none"
+
+
+@dataclass(frozen=True)
+class SGDConfig:
+    """Static structure of an SGD bucket; changing it recompiles on purpose."""
+
+    momentum: bool = False
+    nesterov: bool = False
+    maximize: bool = False
+    weight_decay: bool = False
+
+
+def _per_param(
+    hyper_t: Tensor, group_index_t: Tensor
+) -> tuple[Tensor, ...]:
+    """Expand group rows to one row per parameter, then split the columns."""
+    return hyper_t.index_select(0, group_index_t).unbind(1)
+
+
+def adam_step_(
+    params: list[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    hyper_t: Tensor,
+    group_index_t: Tensor,
+    lr_scales_t: Tensor,
+    wd_scales_t: Tensor,
+    *,
+    config: AdamConfig,
+) -> None:
+    """Apply one u-μP Adam (or AdamW) step in place.
+
+    Args:
+        params, grads, exp_avgs, exp_avg_sqs: aligned lists, one entry per parameter.
+        max_exp_avg_sqs: aligned list when ``config.amsgrad``, else empty.
+        steps: 0-d step counters, incremented here.
+        hyper_t: ``(groups, 5)`` tensor with columns :data:`ADAM_HYPERS`.
+        group_index_t: ``(n,)`` int64, each parameter's row in ``hyper_t``.
+        lr_scales_t, wd_scales_t: ``(n,)`` u-μP factors; effective lr is
+            ``lr * lr_scale`` and effective weight decay ``weight_decay * wd_scale``.
+        config: static structure.
+    """
+    if not params:
+        return
+    torch._foreach_add_(steps, 1)
+    lr, beta1, beta2, eps, weight_decay = _per_param(hyper_t, group_index_t)
+    lrs = lr * lr_scales_t
+    step = torch.stack(steps).to(hyper_t.dtype)
+    bias_correction1 = 1 - beta1.pow(step)
+    bias_correction2_sqrt = (1 - beta2.pow(step)).sqrt()
+    # Folding the step size into the denominator keeps the final update one addcdiv_.
+    neg_inv_step_sizes = -bias_correction1 / lrs
+    one_minus_beta1s = (1 - beta1).unbind()
+    one_minus_beta2s = (1 - beta2).unbind()
+    bc2_sqrts = bias_correction2_sqrt.unbind()
+    epss = eps.unbind()
+    neg_inv_steps = neg_inv_step_sizes.unbind()
+    wds = (weight_decay * wd_scales_t).unbind()
+    decays = (1 - lrs * weight_decay * wd_scales_t).unbind()
+
+    for i, param in enumerate(params):
+        grad = grads[i]
+        if config.maximize:
+            grad = -grad
+        if config.weight_decay == "l2":
+            grad = grad + wds[i] * param
+        elif config.weight_decay == "decoupled":
+            param.mul_(decays[i])
+        exp_avgs[i].lerp_(grad, one_minus_beta1s[i])
+        exp_avg_sqs[i].lerp_(grad.square(), one_minus_beta2s[i])
+        second = exp_avg_sqs[i]
+        if config.amsgrad:
+            torch.maximum(max_exp_avg_sqs[i], second, out=max_exp_avg_sqs[i])
+            second = max_exp_avg_sqs[i]
+        denom = second.sqrt().div_(bc2_sqrts[i]).add_(epss[i]).mul_(neg_inv_steps[i])
+        param.addcdiv_(exp_avgs[i], denom)
+
+
+def sgd_step_(
+    params: list[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: list[Tensor],
+    hyper_t: Tensor,
+    group_index_t: Tensor,
+    lr_scales_t: Tensor,
+    wd_scales_t: Tensor,
+    *,
+    config: SGDConfig,
+    fresh_buffers: Sequence[bool] = (),
+) -> None:
+    """Apply one u-μP SGD step in place.
+
+    Args:
+        params, grads: aligned lists, one entry per parameter.
+        momentum_buffers: aligned list when ``config.momentum``, else empty.
+        hyper_t: ``(groups, 4)`` tensor with columns :data:`SGD_HYPERS`.
+        group_index_t, lr_scales_t, wd_scales_t: as for :func:`adam_step_`.
+        config: static structure.
+        fresh_buffers: per parameter, whether its momentum buffer was just created;
+            a fresh buffer takes the gradient itself, as in torch.optim.SGD. Only
+            the eager engine passes it (see ``Note [first SGD step]``).
+    """
+    if not params:
+        return
+    lr, momentum, dampening, weight_decay = _per_param(hyper_t, group_index_t)
+    neg_lrs = (-(lr * lr_scales_t)).unbind()
+    wds = (weight_decay * wd_scales_t).unbind()
+    momentums = momentum.unbind()
+    one_minus_dampenings = (1 - dampening).unbind()
+
+    for i, param in enumerate(params):
+        grad = grads[i]
+        if config.maximize:
+            grad = -grad
+        if config.weight_decay:
+            grad = grad + wds[i] * param
+        if config.momentum:
+            buf = momentum_buffers[i]
+            if fresh_buffers and fresh_buffers[i]:
+                buf.copy_(grad)
+            else:
+                buf.mul_(momentums[i]).add_(grad * one_minus_dampenings[i])
+            grad = grad + momentums[i] * buf if config.nesterov else buf
+        param.add_(grad * neg_lrs[i])
