@@ -7,7 +7,7 @@ recompile. Fallbacks are chosen in one place, :func:`choose_engine`, and announc
 
 from __future__ import annotations
 
-import functools
+import types
 import warnings
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -22,10 +22,29 @@ def run_eager(fn: StepFn, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None
     fn(*args, **kwargs)
 
 
-def _compile(fn: StepFn, config: Hashable) -> StepFn:
+def _bind_config(fn: StepFn, config: Hashable) -> StepFn:
+    """A copy of ``fn`` with its own code object and ``config`` as a bound default.
+
+    Dynamo keeps its cache and its recompile limit per code object (a
+    ``functools.partial`` would share one wrapper for all). With a private copy, each
+    (optimizer, config) has its own, so one optimizer's shapes never evict or exhaust
+    another's, and ``config`` is a constant of the graph.
+    """
+    if not isinstance(fn, types.FunctionType):
+        raise TypeError(f"expected a plain function to compile, got {fn!r}")
+    bound = types.FunctionType(
+        fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
+    )
+    bound.__kwdefaults__ = {**(fn.__kwdefaults__ or {}), "config": config}
+    bound.__qualname__ = fn.__qualname__
+    return bound
+
+
+def _compile(fn: StepFn, config: Hashable, backend: Any) -> StepFn:
     """Compile ``fn`` with its static config bound: one graph, no dynamic shapes."""
-    bound = functools.partial(fn, config=config)
-    return torch.compile(bound, fullgraph=True, dynamic=False)  # type: ignore[return-value]
+    return torch.compile(  # type: ignore[return-value]
+        _bind_config(fn, config), fullgraph=True, dynamic=False, backend=backend
+    )
 
 
 class CompiledEngine:
@@ -33,10 +52,12 @@ class CompiledEngine:
 
     Args:
         strict: raise instead of falling back when compilation fails.
+        backend: the ``torch.compile`` backend; tests count graphs with a cheap one.
     """
 
-    def __init__(self, strict: bool = False) -> None:
+    def __init__(self, strict: bool = False, backend: Any = "inductor") -> None:
         self.strict = strict
+        self.backend = backend
         self.failed: str | None = None
         self._cache: dict[tuple[StepFn, Hashable], StepFn] = {}
 
@@ -50,7 +71,7 @@ class CompiledEngine:
         key = (fn, config)
         compiled = self._cache.get(key)
         if compiled is None:
-            compiled = self._cache[key] = _compile(fn, config)
+            compiled = self._cache[key] = _compile(fn, config, self.backend)
         try:
             compiled(*args, **rest)
         except Exception as e:  # noqa: BLE001 - any backend failure means "cannot compile"
