@@ -1,0 +1,56 @@
+"""Imports go one way (STYLE.md section 2); unit_scaling is never imported."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "umup_compile"
+
+# module -> the internal modules it may import
+ALLOWED: dict[str, set[str]] = {
+    "parameter": set(),
+    "_rules": {"parameter"},
+    "_plan": {"_rules", "parameter"},
+    "_functional": set(),
+    "_engine": set(),
+    "_env": set(),
+    "_base": {"_engine", "_env", "_plan", "_rules"},
+    "_optimizers": {"_base", "_functional", "_plan", "_rules"},
+    "optim": {"_optimizers", "_plan", "_rules"},
+    "__init__": {"optim", "parameter"},
+    "demo": {"optim", "parameter"},
+}
+
+
+def _imports(path: Path) -> tuple[set[str], set[str]]:
+    internal, external = set(), set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                names = [node.module] if node.module else [a.name for a in node.names]
+                internal.update(n.split(".")[0] for n in names)
+            else:
+                external.add((node.module or "").split(".")[0])
+        elif isinstance(node, ast.Import):
+            external.update(a.name.split(".")[0] for a in node.names)
+    return internal, external
+
+
+def test_layering_covers_every_module() -> None:
+    assert {p.stem for p in PACKAGE.glob("*.py")} == set(ALLOWED)
+
+
+@pytest.mark.parametrize("module", sorted(ALLOWED))
+def test_layering_imports_go_one_way(module: str) -> None:
+    internal, external = _imports(PACKAGE / f"{module}.py")
+    assert internal <= ALLOWED[module], internal - ALLOWED[module]
+    assert "unit_scaling" not in external
+    assert "umup_compile" not in external  # internal imports are relative
+
+
+def test_layering_core_imports_torch_only() -> None:
+    _, external = _imports(PACKAGE / "_functional.py")
+    assert external <= {"__future__", "collections", "dataclasses", "typing", "torch"}
