@@ -46,7 +46,9 @@ def toy_params(
     return out
 
 
-def named_toy_params(dtype: torch.dtype = torch.float32) -> list[tuple[str, nn.Parameter]]:
+def named_toy_params(
+    dtype: torch.dtype = torch.float32,
+) -> list[tuple[str, nn.Parameter]]:
     return [(spec[0], p) for spec, p in zip(TOY_SPECS, toy_params(dtype))]
 
 
@@ -73,7 +75,7 @@ def assert_states_close(
     # Reference optimizers may order params by group; compare by the caller's order.
     assert len(pa) == len(pb)
     for i, (x, y) in enumerate(zip(pa, pb)):
-        torch.testing.assert_close(x, y, **tol, msg=lambda m: f"param {i}: {m}")
+        torch.testing.assert_close(x, y, **tol, msg=lambda m, i=i: f"param {i}: {m}")
         sx, sy = a.state.get(x, {}), b.state.get(y, {})
         assert set(sx) == set(sy), (i, set(sx), set(sy))
         for key in sx:
@@ -81,7 +83,7 @@ def assert_states_close(
                 torch.as_tensor(sx[key]).to(y.device).double(),
                 torch.as_tensor(sy[key]).to(y.device).double(),
                 **tol,
-                msg=lambda m, key=key: f"param {i} state {key}: {m}",
+                msg=lambda m, key=key, i=i: f"param {i} state {key}: {m}",
             )
 
 
@@ -112,7 +114,8 @@ class ToyUmupNet(nn.Module):
         super().__init__()
         self.embed = uc.Parameter(torch.randn(vocab, width), "weight")
         self.blocks = nn.ParameterList(
-            uc.Parameter(torch.randn(width, width), "weight", depth) for _ in range(depth)
+            uc.Parameter(torch.randn(width, width), "weight", depth)
+            for _ in range(depth)
         )
         self.bias = uc.Parameter(torch.zeros(width), "bias", depth)
         self.norm = uc.Parameter(torch.ones(width), "norm")
@@ -122,7 +125,11 @@ class ToyUmupNet(nn.Module):
     def forward(self, tokens: Tensor) -> Tensor:
         x = self.embed[tokens]
         for w in self.blocks:
-            x = x + torch.tanh(x @ w.T / self.width**0.5 + self.bias) / len(self.blocks) ** 0.5
+            x = (
+                x
+                + torch.tanh(x @ w.T / self.width**0.5 + self.bias)
+                / len(self.blocks) ** 0.5
+            )
         x = nn.functional.rms_norm(x, (self.width,)) * self.norm
         return x @ self.head.T / self.width
 

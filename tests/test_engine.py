@@ -8,8 +8,6 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
 
-from umup_compile._engine import CompiledEngine, choose_engine, run_eager
-from umup_compile.optim import SGD, Adam, AdamW
 from tests.helpers import (
     TOLERANCES,
     assert_states_close,
@@ -18,12 +16,18 @@ from tests.helpers import (
     toy_params,
     use_backend,
 )
+from umup_compile._engine import CompiledEngine, choose_engine, run_eager
+from umup_compile.optim import SGD, Adam, AdamW
 
 # Full Inductor numerics on a representative subset: each entry is one compile.
 INDUCTOR_CASES = [
     ("adam_l2_amsgrad", Adam, {"lr": 0.01, "weight_decay": 0.1, "amsgrad": True}),
     ("adamw_maximize", AdamW, {"lr": 0.01, "weight_decay": 0.1, "maximize": True}),
-    ("sgd_nesterov", SGD, {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.1}),
+    (
+        "sgd_nesterov",
+        SGD,
+        {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.1},
+    ),
 ]
 
 
@@ -37,7 +41,7 @@ def test_engine_inductor_matches_eager(cls, kwargs) -> None:  # noqa: ANN001
     eager = cls(ref_params, compile=False, **kwargs)
     sched = torch.optim.lr_scheduler.LambdaLR(compiled, lambda s: 1 / (1 + s))
     ref_sched = torch.optim.lr_scheduler.LambdaLR(eager, lambda s: 1 / (1 + s))
-    for step in range(4):
+    for _ in range(4):
         run_steps([compiled, eager], [params, ref_params], 1)
         sched.step()
         ref_sched.step()
@@ -69,7 +73,7 @@ def test_engine_grad_none_rebuild_is_bounded() -> None:
     opt = Adam(params, lr=0.01)
     counter = CompileCounter()
     use_backend(opt, counter)
-    for step in range(6):
+    for _ in range(6):
         run_steps([opt], [params], 1)
     params[0].grad = None
     opt.step()
@@ -93,7 +97,9 @@ def test_engine_differentiable_uses_eager_with_warning() -> None:
     assert opt._engine is run_eager
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert Adam(toy_params(), differentiable=True, compile=False)._engine is run_eager
+        assert (
+            Adam(toy_params(), differentiable=True, compile=False)._engine is run_eager
+        )
 
 
 def _broken_backend(gm, example_inputs):  # noqa: ANN001, ANN202
@@ -106,7 +112,9 @@ def test_engine_falls_back_to_eager_once_with_warning() -> None:
     opt = Adam(params, lr=0.01)
     opt._engine = CompiledEngine(backend=_broken_backend)
     ref = Adam(ref_params, lr=0.01, compile=False)
-    with pytest.warns(RuntimeWarning, match="falling back to the eager engine") as record:
+    with pytest.warns(
+        RuntimeWarning, match="falling back to the eager engine"
+    ) as record:
         run_steps([opt, ref], [params, ref_params], 3)
     assert len([w for w in record if w.category is RuntimeWarning]) == 1
     assert_states_close(opt, ref, rtol=0, atol=0)
@@ -134,7 +142,7 @@ def test_engine_inlines_inside_outer_compile() -> None:
     def train_step() -> None:
         opt.step()
 
-    for step in range(3):
+    for _ in range(3):
         run_steps([], [params, ref_params], 1)
         train_step()
         ref.step()

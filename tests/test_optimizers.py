@@ -11,7 +11,6 @@ from torch import nn
 from torch._dynamo.testing import CompileCounter
 
 import umup_compile as uc
-from umup_compile.optim import SGD, Adam, AdamW
 from tests.helpers import (
     TOLERANCES,
     ToyUmupNet,
@@ -21,12 +20,24 @@ from tests.helpers import (
     toy_params,
     use_backend,
 )
+from umup_compile.optim import SGD, Adam, AdamW
 
 SCHEDULERS = [
-    ("steplr", lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)),
+    (
+        "steplr",
+        lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5),
+    ),
     ("cosine", lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)),
-    ("onecycle", lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=40)),
-    ("lambda", lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 / (1 + s))),
+    (
+        "onecycle",
+        lambda opt: torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=0.05, total_steps=40
+        ),
+    ),
+    (
+        "lambda",
+        lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 / (1 + s)),
+    ),
 ]
 
 
@@ -61,7 +72,9 @@ def test_adamw_defaults_to_zero_weight_decay() -> None:
 def test_param_groups_stay_as_given() -> None:
     params = toy_params()
     opt = Adam(
-        [{"params": params[:2], "lr": 0.1}, {"params": params[2:]}], lr=0.01, compile=False
+        [{"params": params[:2], "lr": 0.1}, {"params": params[2:]}],
+        lr=0.01,
+        compile=False,
     )
     assert len(opt.param_groups) == 2
     assert [len(g["params"]) for g in opt.param_groups] == [2, len(params) - 2]
@@ -84,7 +97,9 @@ def test_adam_no_recompile_under_scheduler(name: str, make) -> None:  # noqa: AN
     use_backend(opt, counter)
     ref = Adam(ref_params, lr=0.05, weight_decay=0.1, compile=False)
     scheds = [make(opt), make(ref)]
-    run_steps([opt, ref], [params, ref_params], 30, lambda _: [s.step() for s in scheds])
+    run_steps(
+        [opt, ref], [params, ref_params], 30, lambda _: [s.step() for s in scheds]
+    )
     assert counter.frame_count == 1
     for p, q in zip(params, ref_params):
         torch.testing.assert_close(p, q, **TOLERANCES[torch.float32])
@@ -158,7 +173,14 @@ def test_hooks_all_fire() -> None:
     set_grads([params], 0)
     opt.step()
     opt.load_state_dict(opt.state_dict())
-    assert calls == ["step_pre", "step_post", "sd_pre", "sd_post", "load_pre", "load_post"]
+    assert calls == [
+        "step_pre",
+        "step_post",
+        "sd_pre",
+        "sd_post",
+        "load_pre",
+        "load_post",
+    ]
 
 
 def test_step_closure_returns_loss_with_grad_enabled() -> None:
@@ -181,11 +203,15 @@ def test_step_closure_returns_loss_with_grad_enabled() -> None:
 
 
 @pytest.mark.parametrize("engine", ["eager", "aot_eager"])
-@pytest.mark.parametrize("cls,kwargs", [
-    (Adam, {"lr": 0.01, "weight_decay": 0.1, "amsgrad": True}),
-    (AdamW, {"lr": 0.01, "weight_decay": 0.1}),
-    (SGD, {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.1}),
-], ids=["adam_amsgrad", "adamw", "sgd_momentum"])
+@pytest.mark.parametrize(
+    "cls,kwargs",
+    [
+        (Adam, {"lr": 0.01, "weight_decay": 0.1, "amsgrad": True}),
+        (AdamW, {"lr": 0.01, "weight_decay": 0.1}),
+        (SGD, {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.1}),
+    ],
+    ids=["adam_amsgrad", "adamw", "sgd_momentum"],
+)
 def test_state_dict_resume_is_bitwise(cls, kwargs, engine: str) -> None:  # noqa: ANN001
     def make(params):  # noqa: ANN001, ANN202
         opt = cls(params, compile=engine != "eager", **kwargs)
@@ -229,7 +255,9 @@ def test_add_param_group_applies_scaling_after_compiled_steps() -> None:
     use_backend(opt, counter)
     run_steps([opt], [first], 2)
     opt.add_param_group({"params": extra, "lr": 0.02})
-    reference = Adam(toy_params()[3:], lr=0.02, compile=False).param_groups[0]["lr_scales"]
+    reference = Adam(toy_params()[3:], lr=0.02, compile=False).param_groups[0][
+        "lr_scales"
+    ]
     assert opt.param_groups[1]["lr_scales"] == reference
     run_steps([opt], [params], 3)
     assert counter.frame_count == 2  # one rebuild for the new group, then none
@@ -259,16 +287,58 @@ def test_zero_grad_sets_none() -> None:
 CONSTRUCTOR_ERRORS = [
     ("lr_none", Adam, {"lr": None}, ValueError, "lr is None"),
     ("lr_negative", Adam, {"lr": -1.0}, ValueError, "Invalid learning rate: -1.0"),
-    ("lr_tensor_shape", Adam, {"lr": torch.ones(2)}, ValueError, "Tensor lr must be 1-element"),
-    ("beta1", Adam, {"betas": (1.0, 0.9)}, ValueError, "Invalid beta parameter at index 0"),
-    ("beta2", AdamW, {"betas": (0.9, -0.1)}, ValueError, "Invalid beta parameter at index 1"),
+    (
+        "lr_tensor_shape",
+        Adam,
+        {"lr": torch.ones(2)},
+        ValueError,
+        "Tensor lr must be 1-element",
+    ),
+    (
+        "beta1",
+        Adam,
+        {"betas": (1.0, 0.9)},
+        ValueError,
+        "Invalid beta parameter at index 0",
+    ),
+    (
+        "beta2",
+        AdamW,
+        {"betas": (0.9, -0.1)},
+        ValueError,
+        "Invalid beta parameter at index 1",
+    ),
     ("eps", Adam, {"eps": -1.0}, ValueError, "Invalid epsilon value"),
-    ("weight_decay", Adam, {"weight_decay": -1}, ValueError, "Invalid weight_decay value: -1"),
+    (
+        "weight_decay",
+        Adam,
+        {"weight_decay": -1},
+        ValueError,
+        "Invalid weight_decay value: -1",
+    ),
     ("momentum", SGD, {"momentum": -0.5}, ValueError, "Invalid momentum value: -0.5"),
     ("nesterov", SGD, {"nesterov": True}, ValueError, "Nesterov momentum requires"),
-    ("readout", SGD, {"readout_constraint": "bogus"}, ValueError, "readout_constraint='bogus'"),
-    ("compile_flag", Adam, {"compile": "fast"}, ValueError, "compile='fast' is not supported"),
-    ("independent_flag", Adam, {"independent_weight_decay": 1}, TypeError, "must be a bool"),
+    (
+        "readout",
+        SGD,
+        {"readout_constraint": "bogus"},
+        ValueError,
+        "readout_constraint='bogus'",
+    ),
+    (
+        "compile_flag",
+        Adam,
+        {"compile": "fast"},
+        ValueError,
+        "compile='fast' is not supported",
+    ),
+    (
+        "independent_flag",
+        Adam,
+        {"independent_weight_decay": 1},
+        TypeError,
+        "must be a bool",
+    ),
 ]
 
 

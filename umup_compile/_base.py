@@ -31,7 +31,9 @@ def scalar_dtype(device: torch.device) -> torch.dtype:
 
 def step_dtype() -> torch.dtype:
     """Dtype of the ``step`` state, as torch.optim chooses it."""
-    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+    return (
+        torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+    )
 
 
 @dataclass
@@ -99,11 +101,15 @@ class UmupOptimizer(torch.optim.Optimizer):
             TypeError, ValueError: bad options or parameters, before anything changes.
         """
         if not isinstance(param_group, dict):
-            raise TypeError(f"param_group must be a dict, but got {type(param_group).__name__}")
+            raise TypeError(
+                f"param_group must be a dict, but got {type(param_group).__name__}"
+            )
         group = dict(param_group)
         entries = group["params"] if "params" in group else None
         if entries is None:
-            raise ValueError("param group has no 'params'; pass {'params': [...], ...}.")
+            raise ValueError(
+                "param group has no 'params'; pass {'params': [...], ...}."
+            )
         if isinstance(entries, Tensor):
             entries = [entries]
         elif isinstance(entries, set):
@@ -119,7 +125,9 @@ class UmupOptimizer(torch.optim.Optimizer):
                 "all optimizer params should be with/without names. Some param names "
                 "are missing"
             )
-        names: list[str | None] = [e[0] for e in entries] if any(named) else [None] * len(entries)
+        names: list[str | None] = (
+            [e[0] for e in entries] if any(named) else [None] * len(entries)
+        )
         params: list[Tensor] = [e[1] for e in entries] if any(named) else entries
         g = len(self.param_groups)
         merged = {**self.defaults, **group}
@@ -141,7 +149,9 @@ class UmupOptimizer(torch.optim.Optimizer):
         super().add_param_group(group)
         self._invalidate()
 
-    def _check_membership(self, params: list[Tensor], names: list[str | None], g: int) -> None:
+    def _check_membership(
+        self, params: list[Tensor], names: list[str | None], g: int
+    ) -> None:
         seen: set[int] = set()
         for i, p in enumerate(params):
             if not isinstance(p, Tensor):
@@ -156,7 +166,7 @@ class UmupOptimizer(torch.optim.Optimizer):
                 )
             seen.add(id(p))
         for h, other in enumerate(self.param_groups):
-            for j, q in enumerate(other["params"]):
+            for q in other["params"]:
                 if id(q) in seen:
                     i = next(k for k, p in enumerate(params) if p is q)
                     raise ValueError(
@@ -180,7 +190,9 @@ class UmupOptimizer(torch.optim.Optimizer):
         """
         saved = state_dict["param_groups"]
         if len(saved) != len(self.param_groups):
-            raise ValueError("loaded state dict has a different number of parameter groups")
+            raise ValueError(
+                "loaded state dict has a different number of parameter groups"
+            )
         for g, (ours, theirs) in enumerate(zip(self.param_groups, saved)):
             if len(ours["params"]) != len(theirs["params"]):
                 raise ValueError(
@@ -203,12 +215,14 @@ class UmupOptimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 state = self.state.get(p)
                 if state and isinstance(state.get("step"), Tensor):
-                    state["step"] = state["step"].to(device=p.device, dtype=step_dtype())
+                    state["step"] = state["step"].to(
+                        device=p.device, dtype=step_dtype()
+                    )
         self._invalidate()
 
     # -- step -----------------------------------------------------------------------
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step.
 
         Args:
@@ -271,7 +285,9 @@ class UmupOptimizer(torch.optim.Optimizer):
         cached = self._hyper.get(device)
         if cached is None:
             hyper_t = torch.empty(
-                (len(rows), len(self._hyper_names)), dtype=scalar_dtype(device), device=device
+                (len(rows), len(self._hyper_names)),
+                dtype=scalar_dtype(device),
+                device=device,
             )
             self._hyper[device] = (rows, hyper_t)
             hyper_t.copy_(torch.tensor(rows, dtype=hyper_t.dtype))
@@ -292,7 +308,9 @@ class UmupOptimizer(torch.optim.Optimizer):
             groups = self.param_groups
             dtype = scalar_dtype(device)
             cached = (
-                torch.tensor([g for g, _ in bucket.positions], dtype=torch.int64, device=device),
+                torch.tensor(
+                    [g for g, _ in bucket.positions], dtype=torch.int64, device=device
+                ),
                 torch.tensor(
                     [groups[g]["lr_scales"][i] for g, i in bucket.positions],
                     dtype=dtype,
@@ -307,7 +325,9 @@ class UmupOptimizer(torch.optim.Optimizer):
             self._factors[key] = cached
         return cached
 
-    def _run_bucket(self, device: torch.device, bucket: Bucket, fresh: set[int]) -> None:
+    def _run_bucket(
+        self, device: torch.device, bucket: Bucket, fresh: set[int]
+    ) -> None:
         hyper_t = self._hyper_tensor(device)
         group_index_t, lr_scales_t, wd_scales_t = self._factor_tensors(device, bucket)
         state_lists, extra = self._state_lists(bucket, fresh)
@@ -338,7 +358,9 @@ class UmupOptimizer(torch.optim.Optimizer):
     def _config(self, group: dict[str, Any]) -> Hashable:
         raise NotImplementedError
 
-    def _init_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> bool:
+    def _init_state(
+        self, p: Tensor, state: dict[str, Any], group: dict[str, Any]
+    ) -> bool:
         """Create missing state entries for ``p``; return whether any was created."""
         raise NotImplementedError
 
@@ -352,7 +374,9 @@ class UmupOptimizer(torch.optim.Optimizer):
 def check_tensor_scalar(value: Any, what: str) -> None:
     """Raise torch's error for a multi-element tensor hyper-parameter."""
     if isinstance(value, Tensor) and value.numel() != 1:
-        raise ValueError(f"Tensor {what} must be 1-element, got shape {tuple(value.shape)}")
+        raise ValueError(
+            f"Tensor {what} must be 1-element, got shape {tuple(value.shape)}"
+        )
 
 
 def params_list(params: Iterable[Any]) -> Iterable[Any]:

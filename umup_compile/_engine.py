@@ -33,7 +33,11 @@ def _bind_config(fn: StepFn, config: Hashable) -> StepFn:
     if not isinstance(fn, types.FunctionType):
         raise TypeError(f"expected a plain function to compile, got {fn!r}")
     bound = types.FunctionType(
-        fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
+        fn.__code__.replace(),
+        fn.__globals__,
+        fn.__name__,
+        fn.__defaults__,
+        fn.__closure__,
     )
     bound.__kwdefaults__ = {**(fn.__kwdefaults__ or {}), "config": config}
     bound.__qualname__ = fn.__qualname__
@@ -42,7 +46,7 @@ def _bind_config(fn: StepFn, config: Hashable) -> StepFn:
 
 def _compile(fn: StepFn, config: Hashable, backend: Any) -> StepFn:
     """Compile ``fn`` with its static config bound: one graph, no dynamic shapes."""
-    return torch.compile(  # type: ignore[return-value]
+    return torch.compile(
         _bind_config(fn, config), fullgraph=True, dynamic=False, backend=backend
     )
 
@@ -61,7 +65,9 @@ class CompiledEngine:
         self.failed: str | None = None
         self._cache: dict[tuple[StepFn, Hashable], StepFn] = {}
 
-    def __call__(self, fn: StepFn, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def __call__(
+        self, fn: StepFn, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
         config = kwargs["config"]
         rest = {k: v for k, v in kwargs.items() if k != "config"}
         # Note [nested compile]: inside a user's compiled region, inline the raw function.
@@ -77,7 +83,9 @@ class CompiledEngine:
         except Exception as e:  # noqa: BLE001 - any backend failure means "cannot compile"
             if self.strict or not _is_compile_failure(e):
                 raise
-            self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            self.failed = (
+                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            )
             warnings.warn(
                 "umup_compile: torch.compile failed, falling back to the eager engine "
                 f"(same numbers, slower). Reason: {self.failed}. Pass compile=False to "
@@ -115,7 +123,9 @@ def choose_engine(
         ValueError: ``compile`` is not one of the accepted values.
     """
     if compile not in (True, False, "strict"):
-        raise ValueError(f"compile={compile!r} is not supported; use True, False or 'strict'.")
+        raise ValueError(
+            f"compile={compile!r} is not supported; use True, False or 'strict'."
+        )
     mode = compile if env is None else env
     if mode is False:
         return run_eager, None

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import os
 
-_VALUES = {"": None, "1": True, "true": True, "0": False, "false": False, "strict": "strict"}
+_VALUES = {
+    "": None,
+    "1": True,
+    "true": True,
+    "0": False,
+    "false": False,
+    "strict": "strict",
+}
 
 
 def compile_from_env() -> bool | str | None:

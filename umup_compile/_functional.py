@@ -46,9 +46,7 @@ class SGDConfig:
     weight_decay: bool = False
 
 
-def _per_param(
-    hyper_t: Tensor, group_index_t: Tensor
-) -> tuple[Tensor, ...]:
+def _per_param(hyper_t: Tensor, group_index_t: Tensor) -> tuple[Tensor, ...]:
     """Expand group rows to one row per parameter, then split the columns."""
     return hyper_t.index_select(0, group_index_t).unbind(1)
 

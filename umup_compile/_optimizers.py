@@ -29,14 +29,24 @@ from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
 from ._base import Bucket, UmupOptimizer, check_tensor_scalar, params_list, step_dtype
-from ._functional import ADAM_HYPERS, SGD_HYPERS, AdamConfig, SGDConfig, adam_step_, sgd_step_
+from ._functional import (
+    ADAM_HYPERS,
+    SGD_HYPERS,
+    AdamConfig,
+    SGDConfig,
+    WeightDecayMode,
+    adam_step_,
+    sgd_step_,
+)
 from ._plan import as_float
 from ._rules import lr_scale_func_adam, lr_scale_func_sgd
 
 
 def _check_lr(lr: Any, where: str) -> None:
     if lr is None:
-        raise ValueError(f"{where}: lr is None; pass lr=<float> or give the group an 'lr'.")
+        raise ValueError(
+            f"{where}: lr is None; pass lr=<float> or give the group an 'lr'."
+        )
     check_tensor_scalar(lr, "lr")
     if not as_float(lr, "lr") >= 0.0:
         raise ValueError(f"Invalid learning rate: {lr} ({where}); lr must be >= 0.")
@@ -131,9 +141,13 @@ class Adam(UmupOptimizer, torch.optim.Adam):
         _check_nonneg(group["weight_decay"], "weight_decay", where)
         betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r} ({where}).")
+            raise ValueError(
+                f"betas must be a pair (beta1, beta2), got {betas!r} ({where})."
+            )
         if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
-            raise ValueError(f"betas must be either both floats or both Tensors ({where}).")
+            raise ValueError(
+                f"betas must be either both floats or both Tensors ({where})."
+            )
         for k, beta in enumerate(betas):
             check_tensor_scalar(beta, f"betas[{k}]")
             if not 0.0 <= as_float(beta, f"betas[{k}]") < 1.0:
@@ -154,6 +168,7 @@ class Adam(UmupOptimizer, torch.optim.Adam):
         ]
 
     def _config(self, group: dict[str, Any]) -> Hashable:
+        mode: WeightDecayMode
         if group["weight_decay"] == 0:
             mode = "none"
         elif group["decoupled_weight_decay"]:
@@ -161,17 +176,25 @@ class Adam(UmupOptimizer, torch.optim.Adam):
         else:
             mode = "l2"
         return AdamConfig(
-            amsgrad=bool(group["amsgrad"]), maximize=bool(group["maximize"]), weight_decay=mode
+            amsgrad=bool(group["amsgrad"]),
+            maximize=bool(group["maximize"]),
+            weight_decay=mode,
         )
 
-    def _init_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> bool:
+    def _init_state(
+        self, p: Tensor, state: dict[str, Any], group: dict[str, Any]
+    ) -> bool:
         created = "step" not in state
         if created:
             state["step"] = torch.zeros((), dtype=step_dtype(), device=p.device)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(
+                p, memory_format=torch.preserve_format
+            )
         if group["amsgrad"] and "max_exp_avg_sq" not in state:
-            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["max_exp_avg_sq"] = torch.zeros_like(
+                p, memory_format=torch.preserve_format
+            )
         return created
 
     def _state_lists(
@@ -294,7 +317,9 @@ class SGD(UmupOptimizer, torch.optim.SGD):
         _check_nonneg(group["momentum"], "momentum", where)
         _check_nonneg(group["weight_decay"], "weight_decay", where)
         dampening = as_float(group["dampening"], "dampening")
-        if group["nesterov"] and (as_float(group["momentum"], "momentum") <= 0 or dampening != 0):
+        if group["nesterov"] and (
+            as_float(group["momentum"], "momentum") <= 0 or dampening != 0
+        ):
             raise ValueError(
                 f"Nesterov momentum requires a momentum and zero dampening ({where})."
             )
@@ -316,9 +341,13 @@ class SGD(UmupOptimizer, torch.optim.SGD):
             weight_decay=group["weight_decay"] != 0,
         )
 
-    def _init_state(self, p: Tensor, state: dict[str, Any], group: dict[str, Any]) -> bool:
+    def _init_state(
+        self, p: Tensor, state: dict[str, Any], group: dict[str, Any]
+    ) -> bool:
         if group["momentum"] != 0 and state.get("momentum_buffer") is None:
-            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["momentum_buffer"] = torch.zeros_like(
+                p, memory_format=torch.preserve_format
+            )
             return True
         return False
 

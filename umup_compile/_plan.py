@@ -27,7 +27,11 @@ def describe_param(p: Tensor, name: str | None, group: int, index: int) -> str:
 
 
 def check_param(
-    p: Tensor, label: str, *, allow_non_unit_scaling_params: bool, needs_real: bool = True
+    p: Tensor,
+    label: str,
+    *,
+    allow_non_unit_scaling_params: bool,
+    needs_real: bool = True,
 ) -> bool:
     """Validate one parameter; return whether it is u-μP tagged.
 
@@ -136,7 +140,9 @@ def scaled_parameters(
     """
     result: list[dict[str, Any]] = []
     for g, entry in enumerate(params):
-        group = {"params": [entry]} if isinstance(entry, Tensor) else dict(entry)
+        group: dict[str, Any] = (
+            {"params": [entry]} if isinstance(entry, Tensor) else dict(entry)  # type: ignore[call-overload]
+        )
         group.setdefault("lr", lr)
         group.setdefault("weight_decay", weight_decay)
         if group["lr"] is None:
@@ -159,10 +165,16 @@ def scaled_parameters(
             independent_weight_decay=independent_weight_decay,
             allow_non_unit_scaling_params=allow_non_unit_scaling_params,
         )
-        rest = {k: v for k, v in group.items() if k not in ("params", "lr", "weight_decay")}
+        rest = {
+            k: v for k, v in group.items() if k not in ("params", "lr", "weight_decay")
+        }
         for p, scale in zip(group_params, lr_scales):
             # Tensor lrs are cloned so that each group's lr can be scheduled on its own.
-            p_lr = base_lr.clone() * scale if isinstance(base_lr, Tensor) else base_lr * scale
+            p_lr = (
+                base_lr.clone() * scale
+                if isinstance(base_lr, Tensor)
+                else base_lr * scale
+            )
             p_wd = group["weight_decay"]
             if independent_weight_decay and p_wd != 0:
                 p_wd = p_wd / float(p_lr)  # group_scales rejected a zero lr already
@@ -174,9 +186,10 @@ def as_float(value: float | Tensor, what: str) -> float:
     """Read a Python float from a float or 1-element tensor hyper-parameter."""
     if isinstance(value, Tensor):
         if value.numel() != 1:
-            raise ValueError(f"Tensor {what} must be 1-element, got shape {tuple(value.shape)}.")
+            raise ValueError(
+                f"Tensor {what} must be 1-element, got shape {tuple(value.shape)}."
+            )
         return float(value.item())
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{what} must be a float or a 1-element Tensor, got {value!r}.")
     return float(value)
-

@@ -64,7 +64,7 @@ def lr_scale_func_adam(param: ParameterData) -> float:
     if param.mup_type in ("bias", "norm", "output"):
         return scale
     if param.mup_type == "weight":
-        return scale * fan_in(param) ** -0.5
+        return scale * float(fan_in(param) ** -0.5)
     raise _unknown_type(param)
 
 
@@ -76,9 +76,9 @@ def _lr_scale_sgd_to_output(param: ParameterData) -> float:
                 f"a 0-D {param.mup_type!r} parameter has no width for the SGD "
                 "'to_output_scale' rule; give it shape (width,)."
             )
-        return scale * param.shape[0]
+        return scale * float(param.shape[0])
     if param.mup_type == "weight":
-        return scale * fan_in(param) ** 0.5
+        return scale * float(fan_in(param) ** 0.5)
     if param.mup_type == "output":
         return scale
     raise _unknown_type(param)

@@ -39,7 +39,8 @@ class Block(nn.Module):
         x = x + self.tau * (attn @ self.proj.T / width**0.5)
         h = nn.functional.rms_norm(x, (width,)) * self.norm2
         h = nn.functional.gelu(h @ self.up.T / width**0.5)
-        return x + self.tau * (h @ self.down.T / (4 * width) ** 0.5)
+        out: Tensor = x + self.tau * (h @ self.down.T / (4 * width) ** 0.5)
+        return out
 
 
 class TinyUmupLM(nn.Module):
@@ -57,7 +58,8 @@ class TinyUmupLM(nn.Module):
         for block in self.blocks:
             x = block(x)
         x = nn.functional.rms_norm(x, (x.shape[-1],)) * self.norm
-        return x @ self.readout.T / x.shape[-1]
+        logits: Tensor = x @ self.readout.T / x.shape[-1]
+        return logits
 
 
 def batches(vocab: int, seq: int, batch: int, steps: int, seed: int) -> list[Tensor]:
@@ -82,9 +84,11 @@ def train(
     losses, step_times = [], []
     for tokens in data:
         logits = model(tokens[:, :-1])
-        loss = nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        loss = nn.functional.cross_entropy(
+            logits.flatten(0, 1), tokens[:, 1:].flatten()
+        )
         opt.zero_grad()
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         start = time.perf_counter()
         opt.step()
         step_times.append(time.perf_counter() - start)
@@ -108,28 +112,36 @@ def main(argv: list[str] | None = None) -> None:
     model = TinyUmupLM(args.vocab, args.width, args.depth)
     data = batches(args.vocab, seq=32, batch=16, steps=args.steps, seed=1)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"u-μP LM: {n_params:,} parameters in {len(list(model.parameters()))} tensors")
+    print(
+        f"u-μP LM: {n_params:,} parameters in {len(list(model.parameters()))} tensors"
+    )
     runs = {}
     for name, compile in (("eager", False), ("compiled", True)):
         print(f"training with the {name} engine ...", flush=True)
         runs[name] = train(copy.deepcopy(model), data, compile=compile, lr=args.lr)
     (eager_loss, eager_t), (comp_loss, comp_t) = runs["eager"], runs["compiled"]
-    print(f"\n{'step':>5} | {'loss eager':>10} | {'loss compiled':>13} | "
-          f"{'step ms eager':>13} | {'step ms compiled':>16}")
+    print(
+        f"\n{'step':>5} | {'loss eager':>10} | {'loss compiled':>13} | "
+        f"{'step ms eager':>13} | {'step ms compiled':>16}"
+    )
     for i in range(args.every, args.steps + 1, args.every):
         i = min(i, args.steps - 1)
         window = slice(max(1, i - args.every + 1), i + 1)  # step 0 compiles: skip it
         ms_e = 1e3 * sum(eager_t[window]) / max(1, len(eager_t[window]))
         ms_c = 1e3 * sum(comp_t[window]) / max(1, len(comp_t[window]))
-        print(f"{i:>5} | {eager_loss[i]:>10.4f} | {comp_loss[i]:>13.4f} | "
-              f"{ms_e:>13.3f} | {ms_c:>16.3f}")
+        print(
+            f"{i:>5} | {eager_loss[i]:>10.4f} | {comp_loss[i]:>13.4f} | "
+            f"{ms_e:>13.3f} | {ms_c:>16.3f}"
+        )
     steady = slice(1, None)
     print(f"\nfinal loss: eager {eager_loss[-1]:.4f}, compiled {comp_loss[-1]:.4f}")
     print(f"first compiled step (includes compiling): {comp_t[0]:.1f} s")
     median_e = sorted(eager_t[steady])[len(eager_t[steady]) // 2]
     median_c = sorted(comp_t[steady])[len(comp_t[steady]) // 2]
-    print(f"median optimizer step: eager {1e3 * median_e:.3f} ms, "
-          f"compiled {1e3 * median_c:.3f} ms")
+    print(
+        f"median optimizer step: eager {1e3 * median_e:.3f} ms, "
+        f"compiled {1e3 * median_c:.3f} ms"
+    )
 
 
 if __name__ == "__main__":
