@@ -17,9 +17,10 @@ ALLOWED: dict[str, set[str]] = {
     "_functional": set(),
     "_engine": set(),
     "_env": set(),
-    "_base": {"_engine", "_env", "_plan", "_rules"},
+    "_describe": {"_plan", "_rules"},
+    "_base": {"_describe", "_engine", "_env", "_plan", "_rules"},
     "_optimizers": {"_base", "_functional", "_plan", "_rules"},
-    "optim": {"_optimizers", "_plan", "_rules"},
+    "optim": {"_describe", "_optimizers", "_plan", "_rules"},
     "__init__": {"optim", "parameter"},
     "demo": {"optim", "parameter"},
 }

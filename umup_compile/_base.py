@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._describe import param_row, render
 from ._engine import Engine, StepFn, choose_engine
 from ._env import compile_from_env
 from ._plan import as_float, describe_param, group_scales
@@ -219,6 +220,37 @@ class UmupOptimizer(torch.optim.Optimizer):
                         device=p.device, dtype=step_dtype()
                     )
         self._invalidate()
+
+    def describe(self) -> str:
+        """Tabulate every parameter's u-μP factors, effective lr/weight decay and bucket.
+
+        Returns:
+            One row per parameter (named when the optimizer was given
+            ``named_parameters()``, else ``g<group>[<index>]``), with a totals line.
+        """
+        buckets: dict[tuple[Any, ...], int] = {}
+        rows = []
+        for g, group in enumerate(self.param_groups):
+            config = self._config(group)
+            names = group.get("param_names")
+            lr = as_float(group["lr"], "lr")
+            weight_decay = as_float(group["weight_decay"], "weight_decay")
+            for i, p in enumerate(group["params"]):
+                bucket = buckets.setdefault((p.device, p.dtype, config), len(buckets))
+                rows.append(
+                    param_row(
+                        p,
+                        names[i] if names else f"g{g}[{i}]",
+                        lr_scale=group["lr_scales"][i],
+                        lr=lr,
+                        wd_scale=group["wd_scales"][i],
+                        weight_decay=weight_decay,
+                        bucket=bucket,
+                    )
+                )
+        return render(
+            rows, sum(p.numel() for g in self.param_groups for p in g["params"])
+        )
 
     # -- step -----------------------------------------------------------------------
 

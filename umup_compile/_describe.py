@@ -1,0 +1,138 @@
+"""Readable per-parameter tables of the u-μP factors (``describe``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+from ._plan import as_float, group_scales
+from ._rules import fan_in, lr_scale_func_adam, lr_scale_func_sgd
+
+COLUMNS = (
+    "parameter", "shape", "mup_type", "depth", "fan_in",
+    "lr scale", "lr", "wd scale", "wd", "bucket",
+)  # fmt: skip
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if value is None:
+        return "-"
+    return str(value)
+
+
+def _fan_in_or_dash(p: Tensor) -> int | None:
+    if getattr(p, "mup_type", None) != "weight":
+        return None
+    try:
+        return fan_in(p)  # type: ignore[arg-type]
+    except ValueError:
+        return None
+
+
+def render(rows: Sequence[Sequence[Any]], numel: int) -> str:
+    """Render rows under :data:`COLUMNS` as an aligned text table with a totals line."""
+    cells = [list(COLUMNS)] + [[_fmt(v) for v in row] for row in rows]
+    widths = [max(len(r[c]) for r in cells) for c in range(len(COLUMNS))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append(f"total: {len(rows)} tensors, {numel:,} elements")
+    return "\n".join(lines)
+
+
+def param_row(
+    p: Tensor,
+    name: str | None,
+    *,
+    lr_scale: float,
+    lr: float,
+    wd_scale: float,
+    weight_decay: float,
+    bucket: int,
+) -> list[Any]:
+    """One table row for a parameter."""
+    return [
+        name or "-",
+        tuple(p.shape),
+        getattr(p, "mup_type", None),
+        getattr(p, "mup_scaling_depth", None),
+        _fan_in_or_dash(p),
+        lr_scale,
+        lr * lr_scale,
+        wd_scale,
+        weight_decay * wd_scale,
+        bucket,
+    ]
+
+
+def describe(
+    model_or_params: nn.Module | Iterable[Tensor] | Iterable[tuple[str, Tensor]],
+    *,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    optimizer: str = "adam",
+    readout_constraint: str | None = None,
+    independent_weight_decay: bool = True,
+    allow_non_unit_scaling_params: bool = False,
+) -> str:
+    """Tabulate the u-μP factors a model's parameters would get, before any optimizer.
+
+    Args:
+        model_or_params: a module (names come from ``named_parameters()``), parameters,
+            or ``(name, parameter)`` pairs.
+        lr, weight_decay: the base values the effective columns are computed from.
+        optimizer: ``"adam"`` (Adam and AdamW) or ``"sgd"``.
+        readout_constraint: SGD's readout constraint (see ``lr_scale_func_sgd``).
+        independent_weight_decay, allow_non_unit_scaling_params: as the optimizers.
+
+    Returns:
+        The table, one row per parameter, with a totals line; buckets are the
+        (device, dtype) groups the compiled engine would update together.
+
+    Raises:
+        ValueError: as the optimizers would for these parameters or options.
+    """
+    if optimizer not in ("adam", "sgd"):
+        raise ValueError(
+            f"optimizer={optimizer!r} is not supported; use 'adam' or 'sgd'."
+        )
+    rule = (
+        lr_scale_func_adam
+        if optimizer == "adam"
+        else lr_scale_func_sgd(readout_constraint)
+    )
+    if isinstance(model_or_params, nn.Module):
+        entries: list[Any] = list(model_or_params.named_parameters())
+    else:
+        entries = list(model_or_params)
+    names = [e[0] if isinstance(e, tuple) else None for e in entries]
+    params = [e[1] if isinstance(e, tuple) else e for e in entries]
+    lr_scales, wd_scales = group_scales(
+        params,
+        names,
+        0,
+        lr=as_float(lr, "lr"),
+        weight_decay=as_float(weight_decay, "weight_decay"),
+        lr_scale_func=rule,
+        independent_weight_decay=independent_weight_decay,
+        allow_non_unit_scaling_params=allow_non_unit_scaling_params,
+    )
+    buckets: dict[tuple[Any, ...], int] = {}
+    rows = []
+    for p, name, lr_scale, wd_scale in zip(params, names, lr_scales, wd_scales):
+        bucket = buckets.setdefault((p.device, p.dtype), len(buckets))
+        rows.append(
+            param_row(
+                p,
+                name,
+                lr_scale=lr_scale,
+                lr=lr,
+                wd_scale=wd_scale,
+                weight_decay=weight_decay,
+                bucket=bucket,
+            )  # fmt: skip
+        )
+    return render(rows, sum(p.numel() for p in params))
