@@ -181,14 +181,19 @@ class UmupOptimizer(torch.optim.Optimizer):
         self._factors.clear()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load optimizer state, from this class or from the matching torch.optim class.
+        """Load optimizer state from this class, torch.optim, or unit_scaling.optim.
 
         A torch checkpoint carries no ``lr_scales``/``wd_scales``; the current ones are
-        kept. Step counters move to the parameters' device.
+        kept. A ``unit_scaling.optim`` checkpoint (one group per parameter) is
+        recognised and its per-parameter state loaded into this optimizer's groups,
+        which keep their own hyper-parameters (see :meth:`_regroup_per_param`). Step
+        counters move to the parameters' device.
 
         Raises:
-            ValueError: the checkpoint's groups do not match this optimizer's.
+            ValueError: the checkpoint's groups or state shapes do not match this
+                optimizer's; nothing is changed.
         """
+        state_dict = self._regroup_per_param(state_dict)
         saved = state_dict["param_groups"]
         if len(saved) != len(self.param_groups):
             raise ValueError(
@@ -208,6 +213,7 @@ class UmupOptimizer(torch.optim.Optimizer):
                         f"{key} for {len(ours['params'])} parameters; it was saved from "
                         "another model."
                     )
+        self._check_state_shapes(state_dict)
         kept = [(g["lr_scales"], g["wd_scales"]) for g in self.param_groups]
         super().load_state_dict(state_dict)
         for group, (lr_scales, wd_scales) in zip(self.param_groups, kept):
@@ -220,6 +226,45 @@ class UmupOptimizer(torch.optim.Optimizer):
                         device=p.device, dtype=step_dtype()
                     )
         self._invalidate()
+
+    def _regroup_per_param(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Map a one-group-per-parameter checkpoint (unit_scaling's) onto our groups.
+
+        Its groups hold ``lr × scale`` and ``weight_decay / lr``; ours hold the base
+        values and the factors, so only the per-parameter state is taken, in order.
+        """
+        saved = state_dict["param_groups"]
+        flat = [p for g in self.param_groups for p in g["params"]]
+        if (
+            len(saved) == len(self.param_groups)
+            or len(saved) != len(flat)
+            or any(len(g["params"]) != 1 or "lr_scales" in g for g in saved)
+        ):
+            return state_dict
+        groups, start = [], 0
+        for group in self.param_groups:
+            n = len(group["params"])
+            groups.append({**group, "params": list(range(start, start + n))})
+            start += n
+        saved_state = state_dict["state"]
+        state = {
+            k: saved_state[g["params"][0]]
+            for k, g in enumerate(saved)
+            if g["params"][0] in saved_state
+        }
+        return {"state": state, "param_groups": groups}
+
+    def _check_state_shapes(self, state_dict: dict[str, Any]) -> None:
+        ids = (i for g in state_dict["param_groups"] for i in g["params"])
+        flat = (p for g in self.param_groups for p in g["params"])
+        for k, (i, p) in enumerate(zip(ids, flat)):
+            for key, value in state_dict["state"].get(i, {}).items():
+                if isinstance(value, Tensor) and value.ndim and value.shape != p.shape:
+                    raise ValueError(
+                        f"loaded state dict's {key!r} for parameter {k} has shape "
+                        f"{tuple(value.shape)}, but the parameter has shape "
+                        f"{tuple(p.shape)}; the checkpoint is from another model."
+                    )
 
     def describe(self) -> str:
         """Tabulate every parameter's u-μP factors, effective lr/weight decay and bucket.
