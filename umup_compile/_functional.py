@@ -7,8 +7,11 @@ arrives as a frozen config, so changing it does. The only effects are in-place u
 of the tensors passed in: no ``.item()``, no branching on tensor values, no allocation
 of persistent state.
 
-Per-parameter scalars (effective lr, bias corrections) are computed as short vectors
-first, then split into 0-d tensors, so the per-parameter work is pure tensor math.
+Note [realized coefficients]: per-parameter scalars (effective lr, bias corrections)
+are computed as short vectors and stacked into one ``(k, n)`` tensor before the
+per-parameter loop. Inductor materialises a stack as a buffer, so the elementwise
+kernels load each coefficient once; left as loose pointwise expressions, Inductor inlines
+them into every vector iteration (a double ``pow`` per 8 elements: 10x slower on CPU).
 """
 
 from __future__ import annotations
@@ -51,6 +54,14 @@ def _per_param(hyper_t: Tensor, group_index_t: Tensor) -> tuple[Tensor, ...]:
     return hyper_t.index_select(0, group_index_t).unbind(1)
 
 
+def _coefficients(*vectors: Tensor) -> list[tuple[Tensor, ...]]:
+    """Stack ``(n,)`` coefficient vectors, then split them into 0-d tensors.
+
+    See Note [realized coefficients].
+    """
+    return [row.unbind() for row in torch.stack(vectors)]
+
+
 def adam_step_(
     params: list[Tensor],
     grads: Sequence[Tensor],
@@ -85,22 +96,26 @@ def adam_step_(
     step = torch.stack(steps).to(hyper_t.dtype)
     bias_correction1 = 1 - beta1.pow(step)
     bias_correction2_sqrt = (1 - beta2.pow(step)).sqrt()
+    wds = weight_decay * wd_scales_t
     # Folding the step size into the denominator keeps the final update one addcdiv_.
-    neg_inv_step_sizes = -bias_correction1 / lrs
-    one_minus_beta1s = (1 - beta1).unbind()
-    one_minus_beta2s = (1 - beta2).unbind()
-    bc2_sqrts = bias_correction2_sqrt.unbind()
-    epss = eps.unbind()
-    neg_inv_steps = neg_inv_step_sizes.unbind()
-    wds = (weight_decay * wd_scales_t).unbind()
-    decays = (1 - lrs * weight_decay * wd_scales_t).unbind()
+    one_minus_beta1s, one_minus_beta2s, bc2_sqrts, epss, neg_inv_steps, l2s, decays = (
+        _coefficients(
+            1 - beta1,
+            1 - beta2,
+            bias_correction2_sqrt,
+            eps,
+            -bias_correction1 / lrs,
+            wds,
+            1 - lrs * wds,
+        )
+    )
 
     for i, param in enumerate(params):
         grad = grads[i]
         if config.maximize:
             grad = -grad
         if config.weight_decay == "l2":
-            grad = grad + wds[i] * param
+            grad = grad + l2s[i] * param
         elif config.weight_decay == "decoupled":
             param.mul_(decays[i])
         exp_avgs[i].lerp_(grad, one_minus_beta1s[i])
@@ -140,10 +155,9 @@ def sgd_step_(
     if not params:
         return
     lr, momentum, dampening, weight_decay = _per_param(hyper_t, group_index_t)
-    neg_lrs = (-(lr * lr_scales_t)).unbind()
-    wds = (weight_decay * wd_scales_t).unbind()
-    momentums = momentum.unbind()
-    one_minus_dampenings = (1 - dampening).unbind()
+    neg_lrs, wds, momentums, one_minus_dampenings = _coefficients(
+        -(lr * lr_scales_t), weight_decay * wd_scales_t, momentum, 1 - dampening
+    )
 
     for i, param in enumerate(params):
         grad = grads[i]

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import time
 
 import torch
 from torch import Tensor, nn
 
-from .optim import AdamW
+from .optim import AdamW, describe
 from .parameter import Parameter
 
 
@@ -75,8 +76,18 @@ def batches(vocab: int, seq: int, batch: int, steps: int, seed: int) -> list[Ten
     return out
 
 
+def progress(label: str, done: int, total: int, loss: float) -> None:
+    """Draw a one-line progress bar on stderr."""
+    filled = 30 * done // total
+    bar = "#" * filled + "." * (30 - filled)
+    end = "\n" if done == total else ""
+    print(
+        f"\r{label:>8} [{bar}] {done}/{total} loss {loss:.4f}", end=end, file=sys.stderr
+    )
+
+
 def train(
-    model: TinyUmupLM, data: list[Tensor], *, compile: bool, lr: float
+    model: TinyUmupLM, data: list[Tensor], *, compile: bool, lr: float, label: str
 ) -> tuple[list[float], list[float]]:
     """Train on ``data``; return the losses and optimizer-step times (seconds)."""
     opt = AdamW(model.parameters(), lr=lr, weight_decay=1e-4, compile=compile)
@@ -94,7 +105,30 @@ def train(
         step_times.append(time.perf_counter() - start)
         sched.step()
         losses.append(loss.item())
+        if len(losses) % max(1, len(data) // 30) == 0 or len(losses) == len(data):
+            progress(label, len(losses), len(data), losses[-1])
     return losses, step_times
+
+
+def plot(path: str, curves: dict[str, list[float]]) -> None:
+    """Write a PNG of the loss curves (needs matplotlib: ``pip install .[demo]``)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise SystemExit(
+            f"--plot needs matplotlib ({e}); pip install matplotlib"
+        ) from e
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, losses in curves.items():
+        ax.plot(losses, label=name, linestyle="--" if name == "compiled" else "-")
+    ax.set(xlabel="step", ylabel="training loss", yscale="log", title="u-μP AdamW")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -106,6 +140,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab", type=int, default=256)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--every", type=int, default=25, help="print every N steps")
+    parser.add_argument(
+        "--plot", metavar="FILE", help="write a PNG of both loss curves"
+    )
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
@@ -115,10 +152,12 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"u-μP LM: {n_params:,} parameters in {len(list(model.parameters()))} tensors"
     )
+    print(describe(model, lr=args.lr, weight_decay=1e-4), "\n", flush=True)
     runs = {}
     for name, compile in (("eager", False), ("compiled", True)):
-        print(f"training with the {name} engine ...", flush=True)
-        runs[name] = train(copy.deepcopy(model), data, compile=compile, lr=args.lr)
+        runs[name] = train(
+            copy.deepcopy(model), data, compile=compile, lr=args.lr, label=name
+        )
     (eager_loss, eager_t), (comp_loss, comp_t) = runs["eager"], runs["compiled"]
     print(
         f"\n{'step':>5} | {'loss eager':>10} | {'loss compiled':>13} | "
