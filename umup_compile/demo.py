@@ -181,6 +181,8 @@ def main(argv: list[str] | None = None) -> None:
         f"median optimizer step: eager {1e3 * median_e:.3f} ms, "
         f"compiled {1e3 * median_c:.3f} ms"
     )
+    if args.plot:
+        plot(args.plot, {"eager": eager_loss, "compiled": comp_loss})
 
 
 if __name__ == "__main__":
