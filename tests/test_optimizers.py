@@ -264,6 +264,27 @@ def test_add_param_group_applies_scaling_after_compiled_steps() -> None:
     assert all(opt.state[p]["step"].item() == 3 for p in extra)
 
 
+@pytest.mark.parametrize("engine", ["eager", "inductor"])
+def test_add_param_group_matches_unit_scaling_groups(engine: str) -> None:
+    import unit_scaling.optim as uo
+
+    params = toy_params()
+    ref_params = clone_params(params)
+    opt = AdamW(params[:3], lr=0.01, weight_decay=0.1, compile=engine == "inductor")
+    run_steps([opt], [params[:3]], 2)
+    opt.add_param_group({"params": params[3:], "lr": 0.02})
+    # The reference scales only at construction: give it the final layout up front.
+    ref = uo.AdamW(
+        [{"params": ref_params[:3]}, {"params": ref_params[3:], "lr": 0.02}],
+        lr=0.01,
+        weight_decay=0.1,
+    )
+    run_steps([ref], [ref_params[:3]], 2)
+    run_steps([opt, ref], [params, ref_params], 3)
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p, q, **TOLERANCES[torch.float32])
+
+
 def test_params_without_grad_are_skipped() -> None:
     params = toy_params()
     opt = Adam(params, compile=False)
