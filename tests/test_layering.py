@@ -54,4 +54,11 @@ def test_layering_imports_go_one_way(module: str) -> None:
 
 def test_layering_core_imports_torch_only() -> None:
     _, external = _imports(PACKAGE / "_functional.py")
-    assert external <= {"__future__", "collections", "dataclasses", "typing", "torch"}
+    assert external <= {
+        "__future__",
+        "collections",
+        "dataclasses",
+        "math",
+        "typing",
+        "torch",
+    }

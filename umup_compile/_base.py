@@ -42,6 +42,7 @@ class Bucket:
     """Parameters that share (device, dtype, static config), gathered for one step."""
 
     config: Hashable
+    has_scalars: bool = False
     params: list[Tensor] = field(default_factory=list)
     grads: list[Tensor] = field(default_factory=list)
     positions: list[tuple[int, int]] = field(default_factory=list)
@@ -342,6 +343,7 @@ class UmupOptimizer(torch.optim.Optimizer):
                 bucket = buckets.get(key)
                 if bucket is None:
                     bucket = buckets[key] = Bucket(config)
+                bucket.has_scalars |= p.ndim == 0
                 bucket.params.append(p)
                 bucket.grads.append(grad)
                 bucket.positions.append((g, i))
@@ -408,21 +410,39 @@ class UmupOptimizer(torch.optim.Optimizer):
         hyper_t = self._hyper_tensor(device)
         group_index_t, lr_scales_t, wd_scales_t = self._factor_tensors(device, bucket)
         state_lists, extra = self._state_lists(bucket, fresh)
+        tensor_lists = (bucket.params, bucket.grads, *state_lists)
+        if bucket.has_scalars:
+            # Dynamo (torch 2.13) drops in-place updates of 0-d float64 graph inputs;
+            # 1-element views of them update correctly, in both engines alike.
+            tensor_lists = tuple([_at_least_1d(t) for t in ts] for ts in tensor_lists)
         args = (
-            bucket.params,
-            bucket.grads,
-            *state_lists,
+            *tensor_lists,
             hyper_t,
             group_index_t,
             lr_scales_t,
             wd_scales_t,
         )
-        kwargs = {"config": bucket.config, **extra}
+        kwargs = {"config": bucket.config, **extra, **self._amp_kwargs(device)}
         engine = self._engine
         if extra:  # Note [first SGD step]: state-creating steps run eagerly.
             type(self)._functional(*args, **kwargs)
         else:
             engine(type(self)._functional, args, kwargs)
+
+    def _amp_kwargs(self, device: torch.device) -> dict[str, Tensor]:
+        """A GradScaler's ``grad_scale``/``found_inf``, set on us for this step only.
+
+        With ``_step_supports_amp_scaling`` the scaler neither unscales nor syncs; the
+        core divides by the scale and masks a step with infs (Note [skipped steps]).
+        """
+        out = {}
+        for attr, key in (("grad_scale", "grad_scale_t"), ("found_inf", "found_inf_t")):
+            value = getattr(self, attr, None)
+            if value is not None:
+                out[key] = value.to(
+                    device=device, dtype=torch.float32, non_blocking=True
+                )
+        return out
 
     # -- hooks for the concrete classes -----------------------------------------------
 
@@ -446,6 +466,10 @@ class UmupOptimizer(torch.optim.Optimizer):
     ) -> tuple[tuple[list[Tensor], ...], dict[str, Any]]:
         """The bucket's state lists (functional order) and extra keyword arguments."""
         raise NotImplementedError
+
+
+def _at_least_1d(t: Tensor) -> Tensor:
+    return t.view(1) if t.ndim == 0 else t
 
 
 def check_tensor_scalar(value: Any, what: str) -> None:

@@ -7,6 +7,12 @@ arrives as a frozen config, so changing it does. The only effects are in-place u
 of the tensors passed in: no ``.item()``, no branching on tensor values, no allocation
 of persistent state.
 
+Note [skipped steps]: under a GradScaler, ``found_inf_t`` (a device tensor) marks a
+step to skip. The core cannot branch on it without a host sync, so it masks instead:
+gradients become 0, moment weights 0, decays 1, the step counter adds 0 and the step
+size vanishes, leaving parameters and state bit-for-bit unchanged (up to the sign of
+zero) at no extra memory traffic in a fused kernel.
+
 Note [realized coefficients]: per-parameter scalars (effective lr, bias corrections)
 are computed as short vectors and stacked into one ``(k, n)`` tensor before the
 per-parameter loop. Inductor materialises a stack as a buffer, so the elementwise
@@ -16,6 +22,7 @@ them into every vector iteration (a double ``pow`` per 8 elements: 10x slower on
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -54,12 +61,27 @@ def _per_param(hyper_t: Tensor, group_index_t: Tensor) -> tuple[Tensor, ...]:
     return hyper_t.index_select(0, group_index_t).unbind(1)
 
 
-def _coefficients(*vectors: Tensor) -> list[tuple[Tensor, ...]]:
+def _coefficients(dtype: torch.dtype, *vectors: Tensor) -> list[tuple[Tensor, ...]]:
     """Stack ``(n,)`` coefficient vectors, then split them into 0-d tensors.
 
-    See Note [realized coefficients].
+    The values are computed in the hyper-parameters' (float64) precision and rounded
+    once to the parameters' dtype, as a kernel rounds a Python scalar; a float64 0-d
+    coefficient would otherwise promote a 0-d parameter's arithmetic to float64. See
+    Note [realized coefficients].
     """
-    return [row.unbind() for row in torch.stack(vectors)]
+    return [row.unbind() for row in torch.stack(vectors).to(dtype)]
+
+
+def _unscale(grad: Tensor, grad_scale_t: Tensor | None, maximize: bool) -> Tensor:
+    """Undo the GradScaler's scale (as torch's fused kernels do), then negate."""
+    if grad_scale_t is not None:
+        grad = grad / grad_scale_t
+    return -grad if maximize else grad
+
+
+def _skip_mask(found_inf_t: Tensor | None) -> Tensor | None:
+    """A 0-d bool tensor that is True when the step must be skipped."""
+    return None if found_inf_t is None else found_inf_t.reshape(()) > 0
 
 
 def adam_step_(
@@ -75,6 +97,8 @@ def adam_step_(
     wd_scales_t: Tensor,
     *,
     config: AdamConfig,
+    grad_scale_t: Tensor | None = None,
+    found_inf_t: Tensor | None = None,
 ) -> None:
     """Apply one u-μP Adam (or AdamW) step in place.
 
@@ -87,36 +111,50 @@ def adam_step_(
         lr_scales_t, wd_scales_t: ``(n,)`` u-μP factors; effective lr is
             ``lr * lr_scale`` and effective weight decay ``weight_decay * wd_scale``.
         config: static structure.
+        grad_scale_t, found_inf_t: a GradScaler's scale (gradients are divided by
+            it) and inf flag (the step is skipped, see Note [skipped steps]).
     """
     if not params:
         return
-    torch._foreach_add_(steps, 1)
+    skip = _skip_mask(found_inf_t)
+    if skip is None:
+        torch._foreach_add_(steps, 1)
+    else:
+        torch._foreach_add_(steps, (~skip).to(steps[0].dtype))
     lr, beta1, beta2, eps, weight_decay = _per_param(hyper_t, group_index_t)
     lrs = lr * lr_scales_t
-    step = torch.stack(steps).to(hyper_t.dtype)
+    # reshape: 0-d parameters arrive as 1-element views (see UmupOptimizer._run_bucket).
+    step = torch.stack(steps).to(hyper_t.dtype).reshape(-1)
     bias_correction1 = 1 - beta1.pow(step)
     bias_correction2_sqrt = (1 - beta2.pow(step)).sqrt()
     wds = weight_decay * wd_scales_t
+    weight1, weight2 = 1 - beta1, 1 - beta2
     # Folding the step size into the denominator keeps the final update one addcdiv_.
+    neg_inv_step, decay = -bias_correction1 / lrs, 1 - lrs * wds
+    if skip is not None:
+        weight1, weight2 = weight1.where(~skip, 0.0), weight2.where(~skip, 0.0)
+        neg_inv_step = neg_inv_step.where(~skip, -math.inf)
+        decay = decay.where(~skip, 1.0)
     one_minus_beta1s, one_minus_beta2s, bc2_sqrts, epss, neg_inv_steps, l2s, decays = (
         _coefficients(
-            1 - beta1,
-            1 - beta2,
+            params[0].dtype,
+            weight1,
+            weight2,
             bias_correction2_sqrt,
             eps,
-            -bias_correction1 / lrs,
+            neg_inv_step,
             wds,
-            1 - lrs * wds,
+            decay,
         )
     )
 
     for i, param in enumerate(params):
-        grad = grads[i]
-        if config.maximize:
-            grad = -grad
+        grad = _unscale(grads[i], grad_scale_t, config.maximize)
         if config.weight_decay == "l2":
             grad = grad + l2s[i] * param
-        elif config.weight_decay == "decoupled":
+        if skip is not None:
+            grad = grad.where(~skip, 0.0)  # drop the infs and nans
+        if config.weight_decay == "decoupled":
             param.mul_(decays[i])
         exp_avgs[i].lerp_(grad, one_minus_beta1s[i])
         exp_avg_sqs[i].lerp_(grad.square(), one_minus_beta2s[i])
@@ -139,6 +177,8 @@ def sgd_step_(
     *,
     config: SGDConfig,
     fresh_buffers: Sequence[bool] = (),
+    grad_scale_t: Tensor | None = None,
+    found_inf_t: Tensor | None = None,
 ) -> None:
     """Apply one u-μP SGD step in place.
 
@@ -151,25 +191,39 @@ def sgd_step_(
         fresh_buffers: per parameter, whether its momentum buffer was just created;
             a fresh buffer takes the gradient itself, as in torch.optim.SGD. Only
             the eager engine passes it (see ``Note [first SGD step]``).
+        grad_scale_t, found_inf_t: as for :func:`adam_step_`.
     """
     if not params:
         return
     lr, momentum, dampening, weight_decay = _per_param(hyper_t, group_index_t)
-    neg_lrs, wds, momentums, one_minus_dampenings = _coefficients(
-        -(lr * lr_scales_t), weight_decay * wd_scales_t, momentum, 1 - dampening
+    neg_lr, buffer_decay, grad_weight = -(lr * lr_scales_t), momentum, 1 - dampening
+    skip = _skip_mask(found_inf_t)
+    if skip is not None:  # Note [skipped steps]
+        neg_lr = neg_lr.where(~skip, 0.0)
+        buffer_decay, grad_weight = (
+            momentum.where(~skip, 1.0),
+            grad_weight.where(~skip, 0.0),
+        )
+    neg_lrs, wds, momentums, buffer_decays, grad_weights = _coefficients(
+        params[0].dtype,
+        neg_lr,
+        weight_decay * wd_scales_t,
+        momentum,
+        buffer_decay,
+        grad_weight,
     )
 
     for i, param in enumerate(params):
-        grad = grads[i]
-        if config.maximize:
-            grad = -grad
+        grad = _unscale(grads[i], grad_scale_t, config.maximize)
         if config.weight_decay:
             grad = grad + wds[i] * param
+        if skip is not None:
+            grad = grad.where(~skip, 0.0)
         if config.momentum:
             buf = momentum_buffers[i]
             if fresh_buffers and fresh_buffers[i]:
                 buf.copy_(grad)
             else:
-                buf.mul_(momentums[i]).add_(grad * one_minus_dampenings[i])
+                buf.mul_(buffer_decays[i]).add_(grad * grad_weights[i])
             grad = grad + momentums[i] * buf if config.nesterov else buf
         param.add_(grad * neg_lrs[i])

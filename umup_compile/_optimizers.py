@@ -134,6 +134,7 @@ class Adam(UmupOptimizer, torch.optim.Adam):
             differentiable=differentiable,
         )
         torch.optim.Optimizer.__init__(self, params_list(params), defaults)
+        self._step_supports_amp_scaling = True  # see UmupOptimizer._amp_kwargs
 
     def _check_hypers(self, group: dict[str, Any], where: str) -> None:
         _check_lr(group["lr"], where)
@@ -311,6 +312,7 @@ class SGD(UmupOptimizer, torch.optim.SGD):
             differentiable=differentiable,
         )
         torch.optim.Optimizer.__init__(self, params_list(params), defaults)
+        self._step_supports_amp_scaling = True  # see UmupOptimizer._amp_kwargs
 
     def _check_hypers(self, group: dict[str, Any], where: str) -> None:
         _check_lr(group["lr"], where)

