@@ -87,7 +87,7 @@ class UmupOptimizer(torch.optim.Optimizer):
                 UserWarning,
                 stacklevel=3,
             )
-        self._hyper: dict[torch.device, tuple[list[list[float]], Tensor]] = {}
+        self._hyper: dict[torch.device, tuple[list[list[float | Tensor]], Tensor]] = {}
         self._factors: dict[tuple[Any, ...], tuple[Tensor, Tensor, Tensor]] = {}
 
     # -- groups ---------------------------------------------------------------------
@@ -312,6 +312,7 @@ class UmupOptimizer(torch.optim.Optimizer):
         Raises:
             ValueError: a sparse gradient, raised before anything is updated.
         """
+        self._opt_called = True  # what an lr scheduler's wrapper would record
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -323,6 +324,41 @@ class UmupOptimizer(torch.optim.Optimizer):
             for key, bucket in buckets.items():
                 self._run_bucket(key[0], bucket, fresh)
         return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset the gradients of all optimized parameters, as torch's ``zero_grad``.
+
+        Unlike torch's, it can be traced (see Note [fullgraph step]).
+
+        Args:
+            set_to_none: set ``.grad`` to ``None`` instead of filling it with zeros.
+        """
+        grads = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                    continue
+                if p.grad.grad_fn is not None:
+                    p.grad.detach_()
+                else:
+                    p.grad.requires_grad_(False)
+                grads.append(p.grad)
+        if grads:
+            torch._foreach_zero_(grads)
+
+    # Note [fullgraph step]: ``torch.compile(train_step, fullgraph=True)`` can include
+    # ``opt.step()`` and ``opt.zero_grad()``. torch's ``zero_grad`` is Dynamo-disabled,
+    # so ours is a plain loop; lr schedulers wrap ``opt.step`` in a function from a file
+    # Dynamo never traces, so this step records the call itself (``_opt_called`` above)
+    # and is marked as already wrapped, which makes schedulers leave it alone. Dynamo
+    # drops attribute writes on optimizers inside a traced region, so there the
+    # scheduler's one-time "lr_scheduler.step() before optimizer.step()" warning shows
+    # spuriously; and, as for torch's optimizers, a float lr is a graph constant there:
+    # pass ``lr=torch.tensor(...)`` so that schedulers fill it in place.
+    step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
 
     def _gather(self) -> dict[tuple[Any, ...], Bucket]:
         buckets: dict[tuple[Any, ...], Bucket] = {}
@@ -359,8 +395,29 @@ class UmupOptimizer(torch.optim.Optimizer):
         return fresh
 
     def _hyper_tensor(self, device: torch.device) -> Tensor:
-        """The (groups, hypers) tensor for ``device``, refreshed in place."""
+        """The (groups, hypers) tensor for ``device``.
+
+        Python floats are cached in one tensor refreshed in place when they change.
+        Tensor hyper-parameters (a scheduled ``lr=torch.tensor(...)``), and any value
+        while an outer ``torch.compile`` traces us, are stacked with tensor ops
+        instead: no ``.item()``, so no host sync and no graph break.
+        """
         rows = [self._hyper_row(group) for group in self.param_groups]
+        if torch.compiler.is_compiling() or any(
+            isinstance(v, Tensor) for row in rows for v in row
+        ):
+            dtype = scalar_dtype(device)
+            return torch.stack(
+                [
+                    torch.stack(
+                        [
+                            torch.as_tensor(v, dtype=dtype, device=device).reshape(())
+                            for v in row
+                        ]
+                    )
+                    for row in rows
+                ]
+            )
         cached = self._hyper.get(device)
         if cached is None:
             hyper_t = torch.empty(
@@ -383,7 +440,7 @@ class UmupOptimizer(torch.optim.Optimizer):
         """Per-bucket (group index, lr scales, wd scales), built once per layout."""
         key = (device, bucket.config, tuple(bucket.positions))
         cached = self._factors.get(key)
-        if cached is None:
+        if cached is None or torch.compiler.is_compiling():
             groups = self.param_groups
             dtype = scalar_dtype(device)
             cached = (
@@ -401,7 +458,8 @@ class UmupOptimizer(torch.optim.Optimizer):
                     device=device,
                 ),
             )
-            self._factors[key] = cached
+            if not torch.compiler.is_compiling():  # traced: graph constants, no cache
+                self._factors[key] = cached
         return cached
 
     def _run_bucket(
@@ -446,7 +504,8 @@ class UmupOptimizer(torch.optim.Optimizer):
 
     # -- hooks for the concrete classes -----------------------------------------------
 
-    def _hyper_row(self, group: dict[str, Any]) -> list[float]:
+    def _hyper_row(self, group: dict[str, Any]) -> list[float | Tensor]:
+        """The group's values in ``_hyper_names`` order, floats or 1-element tensors."""
         raise NotImplementedError
 
     def _check_hypers(self, group: dict[str, Any], where: str) -> None:

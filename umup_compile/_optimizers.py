@@ -158,15 +158,9 @@ class Adam(UmupOptimizer, torch.optim.Adam):
                 )
         _check_exclusive_flags(group, where)
 
-    def _hyper_row(self, group: dict[str, Any]) -> list[float]:
+    def _hyper_row(self, group: dict[str, Any]) -> list[float | Tensor]:
         beta1, beta2 = group["betas"]
-        return [
-            as_float(group["lr"], "lr"),
-            as_float(beta1, "beta1"),
-            as_float(beta2, "beta2"),
-            as_float(group["eps"], "eps"),
-            as_float(group["weight_decay"], "weight_decay"),
-        ]
+        return [group["lr"], beta1, beta2, group["eps"], group["weight_decay"]]
 
     def _config(self, group: dict[str, Any]) -> Hashable:
         mode: WeightDecayMode
@@ -327,13 +321,8 @@ class SGD(UmupOptimizer, torch.optim.SGD):
             )
         _check_exclusive_flags(group, where)
 
-    def _hyper_row(self, group: dict[str, Any]) -> list[float]:
-        return [
-            as_float(group["lr"], "lr"),
-            as_float(group["momentum"], "momentum"),
-            as_float(group["dampening"], "dampening"),
-            as_float(group["weight_decay"], "weight_decay"),
-        ]
+    def _hyper_row(self, group: dict[str, Any]) -> list[float | Tensor]:
+        return [group[name] for name in SGD_HYPERS]
 
     def _config(self, group: dict[str, Any]) -> Hashable:
         return SGDConfig(

@@ -1,0 +1,71 @@
+"""opt.step() inside a user's torch.compile(train_step, fullgraph=True)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounter
+
+from tests.helpers import TOLERANCES, ToyUmupNet
+from umup_compile.optim import SGD, AdamW
+
+CASES = [
+    ("adamw", AdamW, {"weight_decay": 0.1, "amsgrad": True}),
+    ("sgd_nesterov", SGD, {"momentum": 0.9, "nesterov": True}),
+]
+
+
+@pytest.mark.parametrize(
+    "cls,kwargs", [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+@pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")
+def test_fullgraph_train_step_no_breaks_no_recompiles(cls, kwargs) -> None:  # noqa: ANN001
+    net, ref_net = ToyUmupNet(), ToyUmupNet()
+    ref_net.load_state_dict(net.state_dict())
+    # A tensor lr, filled in place by the scheduler: no graph constant to recompile on.
+    opt = cls(net.parameters(), lr=torch.tensor(0.05), **kwargs)
+    ref = cls(ref_net.parameters(), lr=0.05, compile=False, **kwargs)
+    scheds = [
+        torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1 / (1 + s)) for o in (opt, ref)
+    ]
+    tokens = torch.randint(0, 32, (4, 8))
+    counter = CompileCounter()
+
+    @torch.compile(fullgraph=True, backend=counter)  # fullgraph: any break raises
+    def train_step(tokens: torch.Tensor) -> torch.Tensor:
+        loss = net.loss(tokens, tokens)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss.detach()
+
+    frames = []
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        for _ in range(30):
+            loss = train_step(tokens)
+            ref_loss = ref_net.loss(tokens, tokens)
+            ref_loss.backward()
+            ref.step()
+            ref.zero_grad()
+            for s in scheds:
+                s.step()
+            frames.append(counter.frame_count)
+            torch.testing.assert_close(
+                loss, ref_loss.detach(), **TOLERANCES[torch.float32]
+            )
+    # The first step creates the state; every later step reuses one graph.
+    assert frames[1:] == [2] * 29
+    for p, q in zip(net.parameters(), ref_net.parameters()):
+        torch.testing.assert_close(p, q, **TOLERANCES[torch.float32])
+        assert p.grad is None
+
+
+def test_zero_grad_set_to_none_false_keeps_zeroed_tensors() -> None:
+    net = ToyUmupNet()
+    opt = AdamW(net.parameters(), compile=False)
+    net.loss(
+        torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long)
+    ).backward()
+    grads = [p.grad for p in net.parameters()]
+    opt.zero_grad(set_to_none=False)
+    assert all(p.grad is g and not g.any() for p, g in zip(net.parameters(), grads))
