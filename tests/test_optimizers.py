@@ -499,3 +499,32 @@ def test_load_state_dict_mismatch_is_clear_and_mutates_nothing() -> None:
     with pytest.raises(ValueError, match="doesn't match the size"):
         opt.load_state_dict(other.state_dict())
     assert opt.state_dict() == before
+
+
+@pytest.mark.parametrize("engine", ["eager", "aot_eager"])
+@pytest.mark.parametrize("eps", [1e-8, 0.0])
+def test_adam_zero_lr_warmup_leaves_params_unchanged(engine: str, eps: float) -> None:
+    # Warm-up from lr 0 with gradients that are exactly zero in places (unused
+    # embedding rows) must not move or poison parameters. (With eps=0 torch computes
+    # 0 * 0/0 = nan there; we keep the parameter.)
+    params = [nn.Parameter(torch.randn(4, 3))]
+    before = params[0].detach().clone()
+    ref_params = clone_params(params)
+    opt = Adam(params, lr=0.0, eps=eps, allow_non_unit_scaling_params=True)
+    if engine != "eager":
+        use_backend(opt, engine)
+    ref = torch.optim.Adam(ref_params, lr=0.0, eps=eps)
+    for p in params + ref_params:
+        p.grad = torch.zeros(4, 3)
+        p.grad[0] = 1.0
+    opt.step()
+    ref.step()
+    assert torch.equal(params[0], before)
+    if eps == 0.0:
+        return
+    assert torch.equal(params[0], ref_params[0])
+    for group in (opt.param_groups[0], ref.param_groups[0]):
+        group["lr"] = 0.1
+    opt.step()
+    ref.step()
+    torch.testing.assert_close(params[0], ref_params[0], **TOLERANCES[torch.float32])

@@ -129,22 +129,24 @@ def adam_step_(
     bias_correction2_sqrt = (1 - beta2.pow(step)).sqrt()
     wds = weight_decay * wd_scales_t
     weight1, weight2 = 1 - beta1, 1 - beta2
-    # Folding the step size into the denominator keeps the final update one addcdiv_.
-    neg_inv_step, decay = -bias_correction1 / lrs, 1 - lrs * wds
+    # The step size -lr / bc1 is folded into the denominator, as torch's capturable
+    # path does: update = m / (sqrt(v) * root_scale + eps_scaled), one addcdiv_.
+    neg_inv_step = -bias_correction1 / lrs
+    root_scale = neg_inv_step / bias_correction2_sqrt
+    eps_scaled = eps * neg_inv_step
+    decay = 1 - lrs * wds
+    # No update (lr 0, e.g. warm-up, or a skipped step): a denominator of -inf makes
+    # the update +-0 even where sqrt(v) is 0, where -inf * 0 would give nan.
+    frozen = lrs == 0
     if skip is not None:
+        frozen = frozen | skip
         weight1, weight2 = weight1.where(~skip, 0.0), weight2.where(~skip, 0.0)
-        neg_inv_step = neg_inv_step.where(~skip, -math.inf)
         decay = decay.where(~skip, 1.0)
-    one_minus_beta1s, one_minus_beta2s, bc2_sqrts, epss, neg_inv_steps, l2s, decays = (
+    root_scale = root_scale.where(~frozen, 0.0)
+    eps_scaled = eps_scaled.where(~frozen, -math.inf)
+    one_minus_beta1s, one_minus_beta2s, root_scales, eps_scaleds, l2s, decays = (
         _coefficients(
-            params[0].dtype,
-            weight1,
-            weight2,
-            bias_correction2_sqrt,
-            eps,
-            neg_inv_step,
-            wds,
-            decay,
+            params[0].dtype, weight1, weight2, root_scale, eps_scaled, wds, decay
         )
     )
 
@@ -162,7 +164,7 @@ def adam_step_(
         if config.amsgrad:
             torch.maximum(max_exp_avg_sqs[i], second, out=max_exp_avg_sqs[i])
             second = max_exp_avg_sqs[i]
-        denom = second.sqrt().div_(bc2_sqrts[i]).add_(epss[i]).mul_(neg_inv_steps[i])
+        denom = second.sqrt().mul_(root_scales[i]).add_(eps_scaleds[i])
         param.addcdiv_(exp_avgs[i], denom)
 
 
