@@ -14,12 +14,14 @@ import umup_compile as uc
 from tests.helpers import (
     TOLERANCES,
     ToyUmupNet,
+    assert_states_close,
     clone_params,
     run_steps,
     set_grads,
     toy_params,
     use_backend,
 )
+from umup_compile._engine import run_eager
 from umup_compile.optim import SGD, Adam, AdamW
 
 SCHEDULERS = [
@@ -528,3 +530,34 @@ def test_adam_zero_lr_warmup_leaves_params_unchanged(engine: str, eps: float) ->
     opt.step()
     ref.step()
     torch.testing.assert_close(params[0], ref_params[0], **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize(
+    "cls,kwargs",
+    [
+        (Adam, {"amsgrad": True}),
+        (SGD, {"momentum": 0.9, "readout_constraint": "to_output_scale"}),
+    ],
+    ids=["adam", "sgd"],
+)
+def test_optimizer_deepcopy_and_pickle_keep_working(cls, kwargs) -> None:  # noqa: ANN001
+    import pickle
+
+    params = toy_params()
+    opt = cls(
+        params, lr=0.01, weight_decay=0.1, independent_weight_decay=False, **kwargs
+    )
+    use_backend(opt, "aot_eager")
+    run_steps([opt], [params], 2)
+    for copy_of in (copy.deepcopy, lambda o: pickle.loads(pickle.dumps(o))):
+        other = copy_of(opt)
+        assert other.independent_weight_decay is False
+        assert getattr(other, "readout_constraint", None) == kwargs.get(
+            "readout_constraint"
+        )
+        other_params = [p for g in other.param_groups for p in g["params"]]
+        ref = copy.deepcopy(opt)
+        ref_params = [p for g in ref.param_groups for p in g["params"]]
+        ref._engine = run_eager
+        run_steps([other, ref], [other_params, ref_params], 2)
+        assert_states_close(other, ref, **TOLERANCES[torch.float32])

@@ -73,6 +73,13 @@ class UmupOptimizer(torch.optim.Optimizer):
         ):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {flag!r}.")
+        self._umup_options = {
+            "lr_scale_func": lr_scale_func,
+            "independent_weight_decay": independent_weight_decay,
+            "allow_non_unit_scaling_params": allow_non_unit_scaling_params,
+            "compile": compile,
+            "differentiable": differentiable,
+        }
         self._lr_scale_func = lr_scale_func
         self.independent_weight_decay = independent_weight_decay
         self.allow_non_unit_scaling_params = allow_non_unit_scaling_params
@@ -89,6 +96,24 @@ class UmupOptimizer(torch.optim.Optimizer):
             )
         self._hyper: dict[torch.device, tuple[list[list[float | Tensor]], Tensor]] = {}
         self._factors: dict[tuple[Any, ...], tuple[Tensor, Tensor, Tensor]] = {}
+
+    # torch pickles (and deep-copies) only defaults, state and param_groups; the u-μP
+    # options travel beside them, and the engine and caches are rebuilt on arrival.
+    _EXTRA_ATTRS = ("readout_constraint",)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state: dict[str, Any] = super().__getstate__()
+        extra = {k: getattr(self, k) for k in self._EXTRA_ATTRS if hasattr(self, k)}
+        state["_umup"] = {"options": self._umup_options, "extra": extra}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        umup = state.pop("_umup", None)
+        super().__setstate__(state)
+        if umup is not None:  # unpickling; load_state_dict passes no "_umup"
+            self.__dict__.update(umup["extra"])
+            self._setup_umup(**umup["options"])
 
     # -- groups ---------------------------------------------------------------------
 
