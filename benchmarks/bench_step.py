@@ -272,6 +272,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def param_specs(args: argparse.Namespace) -> list[common.ParamSpec]:
+    # The large GPU workloads of ``python -m benchmarks`` (untied head, vocab 50304).
+    if args.set == "gpt-124m":  # GPT-2 small: 12 x 768 (163M with the untied head)
+        return common.gpt_like_specs(d_model=768, n_layers=12, vocab=50304)
+    if args.set == "gpt-1.2b":  # 20 x 2048: 1.21B
+        return common.gpt_like_specs(d_model=2048, n_layers=20, vocab=50304)
     if args.set == "gpt":
         if args.smoke:
             return common.gpt_like_specs(d_model=16, n_layers=1, vocab=32)
@@ -313,7 +318,18 @@ def target_lines(rows: dict[str, dict[str, Any]]) -> list[str]:
 
 def run(
     args: argparse.Namespace,
+    *,
+    progress: Callable[[int, int], Any] | None = None,
+    contestants_out: dict[str, Contestant] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, str], list[str]]:
+    """Build, first-step and time every contestant; return rows, header, target lines.
+
+    ``progress(done, total)`` is called after every build and every timed window;
+    ``contestants_out``, when given, receives the built contestants (for state sizes).
+    Each row also carries ``state_bytes`` (tensors in ``optimizer.state``) and, on
+    CUDA, ``peak_extra_bytes``: peak allocated memory during build + first step,
+    over what was allocated before (the parameters and gradients).
+    """
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -330,15 +346,28 @@ def run(
     contestants: dict[str, Contestant] = {}
     first: dict[str, float] = {}
     first_graphs: dict[str, int] = {}
-    for name in args.contestants:
+    n_names = len(args.contestants)
+    total = n_names * (1 + args.warmup + args.repeats)
+    peak_extra: dict[str, int | None] = {}
+    for i, name in enumerate(args.contestants):
         gc.collect()
-        c = build_contestant(name, common.copy_params(master))
+        params = common.copy_params(master)
+        if device.type == "cuda":
+            common.synchronize(device)
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        c = build_contestant(name, params)
         graphs_before = GraphTracker.read()
         t0 = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             first[name] = common.time_once(c.step, device)
         first_graphs[name] = GraphTracker.read() - graphs_before
+        peak_extra[name] = (
+            torch.cuda.max_memory_allocated(device) - before
+            if device.type == "cuda"
+            else None
+        )
         for w in caught:
             if "umup_compile" in str(w.message):  # e.g. a fallback to the eager engine
                 c.note = "WARNING: " + str(w.message).splitlines()[0][:80]
@@ -351,6 +380,8 @@ def run(
             f"({time.perf_counter() - t0:.1f} s wall)",
             flush=True,
         )
+        if progress is not None:
+            progress(i + 1, total)
 
     tracker = GraphTracker()
 
@@ -374,8 +405,15 @@ def run(
         repeats=args.repeats,
         window=args.window,
         between=between,
+        progress=(
+            None
+            if progress is None
+            else lambda done, _total: progress(n_names + done, total)
+        ),
     )
     tracker.mark(None)
+    if contestants_out is not None:
+        contestants_out.update(contestants)
 
     rows: dict[str, dict[str, Any]] = {}
     for name, c in contestants.items():
@@ -404,6 +442,8 @@ def run(
             "window": args.window,
             "time_scheduler": args.time_scheduler,
             "note": note,
+            "state_bytes": common.state_bytes(c.optimizer),
+            "peak_extra_bytes": peak_extra[name],
             "_median": t.median,
             **head,
         }

@@ -112,6 +112,7 @@ def time_interleaved(
     repeats: int,
     window: int = 1,
     between: dict[str, Callable[[], Any]] | None = None,
+    progress: Callable[[int, int], Any] | None = None,
 ) -> dict[str, Timing]:
     """Time several callables in round-robin windows; return a :class:`Timing` each.
 
@@ -126,12 +127,18 @@ def time_interleaved(
         repeats: timed windows per callable (the number of samples).
         window: calls per sample; the sample is their mean.
         between: name -> callable run untimed before every call (e.g. a scheduler).
+        progress: called as ``progress(done, total)`` after each warm-up call and
+            each timed window (e.g. a :class:`ProgressBar`'s ``update``).
     """
     between = between or {}
     names = list(fns)
+    total, done = len(names) * (warmup + repeats), 0
     for name in names:
         for _ in range(warmup):
             time_window(fns[name], device, 1, between.get(name))
+            done += 1
+            if progress is not None:
+                progress(done, total)
     samples: dict[str, list[float]] = {name: [] for name in names}
     gc.collect()
     gc_was_enabled = gc.isenabled()
@@ -142,10 +149,91 @@ def time_interleaved(
             for name in names[k:] + names[:k]:
                 t = time_window(fns[name], device, window, between.get(name))
                 samples[name].append(t)
+                done += 1
+                if progress is not None:
+                    progress(done, total)
     finally:
         if gc_was_enabled:
             gc.enable()
     return {name: Timing(tuple(s)) for name, s in samples.items()}
+
+
+class ProgressBar:
+    """A one-line text progress bar on stderr: ``label [#####-----] done/total``.
+
+    On a terminal the line is redrawn in place; otherwise (CI logs, pipes) a new line
+    is printed only every 10 %, so logs stay short.
+    """
+
+    def __init__(self, label: str, width: int = 30, enabled: bool = True) -> None:
+        import sys
+
+        self.label, self.width, self.enabled = label, width, enabled
+        self._stream = sys.stderr
+        self._tty = self._stream.isatty()
+        self._last_decile = -1
+
+    def update(self, done: int, total: int) -> None:
+        if not self.enabled or total <= 0:
+            return
+        frac = min(done / total, 1.0)
+        decile = int(frac * 10)
+        if not self._tty and decile == self._last_decile and done < total:
+            return
+        self._last_decile = decile
+        fill = int(frac * self.width)
+        bar = "#" * fill + "-" * (self.width - fill)
+        line = f"{self.label} [{bar}] {done}/{total}"
+        end = "" if self._tty and done < total else "\n"
+        self._stream.write(("\r" if self._tty else "") + line + end)
+        self._stream.flush()
+
+
+# -- memory and bandwidth -------------------------------------------------------------
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the tensors in ``optimizer.state`` (each storage counted once)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if not isinstance(value, Tensor):
+                continue
+            storage = value.untyped_storage()
+            key = (storage.data_ptr(), storage.nbytes())
+            if key in seen:
+                continue
+            seen.add(key)
+            total += storage.nbytes()
+    return total
+
+
+def copy_bandwidth(
+    device: torch.device,
+    nbytes: int = 256 * 2**20,
+    repeats: int = 10,
+    op: str = "copy",
+) -> float:
+    """Device memory bandwidth in bytes/s, median over ``repeats`` of one large op.
+
+    ``op="copy"``: ``dst.copy_(src)``, counted as ``2 * nbytes`` (one read, one write).
+    On a CPU the write to ``dst`` also reads it first (write-allocate), so the real
+    traffic is nearer ``3 * nbytes`` and this figure understates the bus.
+    ``op="add"``: in place ``dst.add_(src)``, counted as ``3 * nbytes`` (two reads, one
+    write to a line already read): no write-allocate, like an in-place Adam step.
+    """
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.ones_like(src)
+    if op == "copy":
+        fn, moved = (lambda: dst.copy_(src)), 2 * nbytes
+    elif op == "add":
+        fn, moved = (lambda: dst.add_(src)), 3 * nbytes
+    else:
+        raise ValueError(f"op must be 'copy' or 'add', not {op!r}")
+    fn()  # warm-up: page faults, first touch
+    times = [time_once(fn, device) for _ in range(repeats)]
+    return moved / statistics.median(times)
 
 
 # -- parameter sets -----------------------------------------------------------------

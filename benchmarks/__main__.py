@@ -1,0 +1,323 @@
+"""Benchmark harness: optimizer step time, state memory and achieved bandwidth.
+
+Runs ``bench_step``'s contestants with its timer on one workload, adds per contestant
+the optimizer-state bytes (and on CUDA the peak extra memory), the bytes an Adam step
+moves / median step time as a share of this device's copy bandwidth (measured in the
+same run), and writes a markdown table, a JSON file and a PNG bar chart.
+
+Examples (from the repository root):
+    python -m benchmarks --workload gpt --threads 2 --repeats 20
+    python -m benchmarks --workload many-small
+    python -m benchmarks --smoke --out /tmp/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from benchmarks import bench_step
+
+common = bench_step.common  # the module bench_step imported (one copy, one timer)
+torch = bench_step.torch
+
+WORKLOADS = {
+    "gpt": "u-muP GPT-like shapes, 51 tensors, 33.6M elements (CPU and GPU)",
+    "many-small": "256 weights of 64x64: launch/overhead-bound (CPU and GPU)",
+    "gpt-124m": "GPT-2-small shapes, 12 x 768, vocab 50304: 162M elements (GPU only)",
+    "gpt-1.2b": "20 x 2048, vocab 50304: 1.21B elements (GPU only)",
+}
+GPU_ONLY = {"gpt-124m", "gpt-1.2b"}
+# Adam moves, per element: read param, grad, exp_avg, exp_avg_sq; write param,
+# exp_avg, exp_avg_sq (28 B/element in float32).
+ADAM_TENSOR_PASSES = 7
+
+JSON_FIELDS = [
+    "contestant",
+    "description",
+    "first_step_ms",
+    "median_ms",
+    "q1_ms",
+    "q3_ms",
+    "iqr_ms",
+    "min_ms",
+    "max_ms",
+    "ratio_vs_torch_fused",
+    "graphs_first_step",
+    "graphs_later",
+    "state_bytes",
+    "state_over_params",
+    "peak_extra_bytes",
+    "bytes_per_step",
+    "achieved_gb_s",
+    "pct_copy_bw",
+    "pct_inplace_bw",
+    "note",
+]
+TABLE_COLUMNS = [
+    "contestant",
+    "first_step_ms",
+    "median_ms",
+    "iqr_ms",
+    "ratio_vs_torch_fused",
+    "achieved_gb_s",
+    "pct_copy_bw",
+    "pct_inplace_bw",
+    "state_MB",
+    "peak_extra_MB",
+    "graphs_later",
+    "note",
+]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="workloads: " + "; ".join(f"{k}: {v}" for k, v in WORKLOADS.items()),
+    )
+    parser.add_argument("--workload", choices=list(WORKLOADS), default="gpt")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float64"], default="float32"
+    )
+    parser.add_argument("--repeats", type=int, default=20, help="timed samples each")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps each")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads (default: keep)",
+    )
+    parser.add_argument(
+        "--contestants",
+        default=None,
+        help="comma-separated (default: bench_step's list; with --smoke its smoke list); "
+        f"from: {', '.join(bench_step.CONTESTANTS)}",
+    )
+    parser.add_argument(
+        "--copy-mb",
+        type=int,
+        default=256,
+        help="size of the tensor copied to measure the device's copy bandwidth",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default: benchmarks/results/<device>/; with --smoke, a "
+        "temporary directory)",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes, 3 repeats, eager contestants plus one tiny compiled one",
+    )
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar on stderr"
+    )
+    args = parser.parse_args(argv)
+    if args.workload in GPU_ONLY:
+        cuda = args.device.startswith("cuda") and torch.cuda.is_available()
+        if not cuda:
+            parser.error(
+                f"--workload {args.workload} needs a CUDA device "
+                f"({WORKLOADS[args.workload]}); it is refused on CPU-only runs "
+                "(got --device " + args.device + ", cuda available: "
+                f"{torch.cuda.is_available()}). Use --workload gpt or many-small."
+            )
+        if args.smoke:
+            parser.error("--smoke runs tiny sets: use --workload gpt or many-small")
+    if args.smoke:
+        args.copy_mb = min(args.copy_mb, 16)
+    return args
+
+
+def step_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The ``bench_step`` namespace for this run (its defaults for what we do not set)."""
+    set_ = "gpt" if args.workload in GPU_ONLY else args.workload
+    argv = ["--set", set_, "--device", args.device, "--dtype", args.dtype]
+    argv += ["--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+    if args.threads is not None:
+        argv += ["--threads", str(args.threads)]
+    if args.contestants is not None:
+        argv += ["--contestants", args.contestants]
+    if args.smoke:
+        argv.append("--smoke")
+    ns = bench_step.parse_args(argv)
+    ns.set = args.workload  # bench_step.param_specs knows the GPU-only sets too
+    return ns
+
+
+def add_figures(
+    rows: list[dict[str, Any]], copy_bw: float, add_bw: float, elem_size: int
+) -> list[dict[str, Any]]:
+    """Per contestant: state size, bytes moved per step, achieved and % copy bandwidth."""
+    for row in rows:
+        numel = int(row["numel"])
+        param_bytes = numel * elem_size
+        moved = ADAM_TENSOR_PASSES * param_bytes
+        achieved = moved / row["_median"]
+        row["bytes_per_step"] = moved
+        row["achieved_gb_s"] = round(achieved / 1e9, 2)
+        row["pct_copy_bw"] = round(100 * achieved / copy_bw, 1)
+        row["pct_inplace_bw"] = round(100 * achieved / add_bw, 1)
+        row["state_over_params"] = round(row["state_bytes"] / param_bytes, 3)
+        row["state_MB"] = f"{row['state_bytes'] / 2**20:.1f}"
+        peak = row["peak_extra_bytes"]
+        row["peak_extra_MB"] = "-" if peak is None else f"{peak / 2**20:.1f}"
+    return rows
+
+
+def _num(value: Any) -> Any:
+    """Numbers stored as formatted strings by bench_step back to numbers."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def write_png(path: Path, rows: list[dict[str, Any]], title: str) -> None:
+    """Horizontal bars of median step time (IQR whiskers), ratio to torch fused."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["contestant"] for r in rows]
+    med = [float(r["median_ms"]) for r in rows]
+    q1 = [float(r["q1_ms"]) for r in rows]
+    q3 = [float(r["q3_ms"]) for r in rows]
+    err = [[m - lo for m, lo in zip(med, q1)], [hi - m for m, hi in zip(med, q3)]]
+    colors = [
+        "tab:orange"
+        if n == bench_step.BASELINE
+        else "tab:blue"
+        if n.startswith("umup")
+        else "tab:gray"
+        for n in names
+    ]
+    fig, ax = plt.subplots(figsize=(9, 0.55 * len(rows) + 1.8))
+    y = list(range(len(rows)))
+    ax.barh(y, med, xerr=err, color=colors, capsize=3)
+    ax.set_yticks(y, names)
+    ax.invert_yaxis()
+    ax.set_xlabel("median step time, ms (whiskers: IQR)")
+    ax.set_title(title, fontsize=9)
+    right = max(q3) * 1.65
+    ax.set_xlim(0, right)
+    for yi, r in zip(y, rows):
+        label = f"{float(r['median_ms']):.1f} ms"
+        if r.get("ratio_vs_torch_fused", "") != "":
+            label += f"  {float(r['ratio_vs_torch_fused']):.2f}x fused"
+        label += f"  {r['pct_copy_bw']:.0f}% copy bw"
+        label += f" ({r['pct_inplace_bw']:.0f}% in-place)"
+        ax.text(float(r["q3_ms"]) + right * 0.01, yi, label, va="center", fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = " ".join(sys.argv[1:] if argv is None else argv)
+    sargs = step_args(args)
+    bar = common.ProgressBar(f"{args.workload}", enabled=not args.no_progress)
+    device = torch.device(args.device)
+    # A private Inductor cache (as bench_step does), so first_step_ms is a cold compile.
+    with tempfile.TemporaryDirectory(prefix="bench_harness_inductor_") as cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        rows, head, targets = bench_step.run(sargs, progress=bar.update)
+        copy_bw = common.copy_bandwidth(device, args.copy_mb * 2**20)
+        add_bw = common.copy_bandwidth(device, args.copy_mb * 2**20, op="add")
+    elem_size = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
+    add_figures(rows, copy_bw, add_bw, elem_size)
+
+    stem = f"{head['date']}_{args.workload}"
+    if device.type == "cpu":
+        stem += f"_t{head['threads']}"
+    if args.dtype != "float32":
+        stem += f"_{args.dtype}"
+    if args.out is not None:
+        out = args.out
+    elif args.smoke:
+        out = Path(tempfile.mkdtemp(prefix="bench_harness_smoke_"))
+    else:
+        out = common.RESULTS / head["device"]
+    out.mkdir(parents=True, exist_ok=True)
+
+    n_tensors, numel = rows[0]["n_tensors"], rows[0]["numel"]
+    run_info = {
+        "workload": args.workload,
+        "n_tensors": n_tensors,
+        "numel": numel,
+        "dtype": args.dtype,
+        "repeats": sargs.repeats,
+        "warmup": sargs.warmup,
+        "window": sargs.window,
+        "smoke": args.smoke,
+        "inductor_cache": "fresh",
+        "copy_bandwidth_gb_s": round(copy_bw / 1e9, 2),
+        "inplace_add_bandwidth_gb_s": round(add_bw / 1e9, 2),
+        "copy_mb": args.copy_mb,
+        "bytes_per_step": rows[0]["bytes_per_step"],
+        "command": f"python -m benchmarks {command}".strip(),
+    }
+    doc = {
+        "header": head,
+        "run": run_info,
+        "baseline": bench_step.BASELINE,
+        "contestants": [{k: _num(r.get(k)) for k in JSON_FIELDS} for r in rows],
+        "targets": targets,
+    }
+    (out / f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n")
+
+    table = common.markdown_table(rows, TABLE_COLUMNS)
+    smoke_note = "(smoke sizes: the numbers mean nothing)\n\n" if args.smoke else ""
+    md = (
+        f"# benchmarks: {args.workload}\n\n{smoke_note}"
+        + "\n".join(f"- {k}: {v}" for k, v in head.items())
+        + "\n"
+        + "\n".join(f"- {k}: {v}" for k, v in run_info.items() if k != "command")
+        + f"\n- command: `{run_info['command']}`\n\n"
+        + "Times in ms per optimizer step (median, IQR over round-robin samples); "
+        + f"ratio = median / median of {bench_step.BASELINE}; achieved bandwidth = "
+        + f"{ADAM_TENSOR_PASSES} x {elem_size} B x numel / median; % of the copy "
+        + "bandwidth measured in this run (dst.copy_(src), 2 x size; on a CPU the "
+        + "write-allocate makes this understate the bus, so an in-place step can exceed "
+        + "100 %); % in-place = of an in-place dst.add_(src) (3 x size); "
+        + "state = tensors in optimizer.state; "
+        + "peak extra = CUDA peak over the parameters during build + first step.\n\n"
+        + table
+        + "\n\nTargets:\n\n"
+        + "\n".join(targets)
+        + f"\n\n![step time]({stem}.png)\n"
+    )
+    (out / f"{stem}.md").write_text(md)
+    title = (
+        f"{args.workload} ({n_tensors} tensors, {numel:,} elements, {args.dtype}) on "
+        f"{head['device_name']}, {head['threads']} threads\n"
+        f"torch {head['torch']}, commit {head['commit']}, {head['date']}; "
+        f"copy bw {copy_bw / 1e9:.1f} GB/s, in-place add bw {add_bw / 1e9:.1f} GB/s"
+    )
+    write_png(out / f"{stem}.png", rows, title)
+
+    print()
+    print(table)
+    print()
+    print("\n".join(targets))
+    print(f"\nwrote {out / stem}.{{md,json,png}}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
