@@ -345,9 +345,17 @@ class UmupOptimizer(torch.optim.Optimizer):
         buckets = self._gather()
         fresh = self._init_states(buckets)
         differentiable = any(g["differentiable"] for g in self.param_groups)
+        # Hyper-parameters and a GradScaler's tensors are per device, not per bucket.
+        per_device: dict[torch.device, tuple[Tensor, dict[str, Tensor]]] = {}
         with torch.set_grad_enabled(differentiable):
             for key, bucket in buckets.items():
-                self._run_bucket(key[0], bucket, fresh)
+                device = key[0]
+                if device not in per_device:
+                    per_device[device] = (
+                        self._hyper_tensor(device),
+                        self._amp_kwargs(device),
+                    )
+                self._run_bucket(device, bucket, fresh, *per_device[device])
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -488,9 +496,13 @@ class UmupOptimizer(torch.optim.Optimizer):
         return cached
 
     def _run_bucket(
-        self, device: torch.device, bucket: Bucket, fresh: set[int]
+        self,
+        device: torch.device,
+        bucket: Bucket,
+        fresh: set[int],
+        hyper_t: Tensor,
+        amp_kwargs: dict[str, Tensor],
     ) -> None:
-        hyper_t = self._hyper_tensor(device)
         group_index_t, lr_scales_t, wd_scales_t = self._factor_tensors(device, bucket)
         state_lists, extra = self._state_lists(bucket, fresh)
         tensor_lists = (bucket.params, bucket.grads, *state_lists)
@@ -505,7 +517,7 @@ class UmupOptimizer(torch.optim.Optimizer):
             lr_scales_t,
             wd_scales_t,
         )
-        kwargs = {"config": bucket.config, **extra, **self._amp_kwargs(device)}
+        kwargs = {"config": bucket.config, **extra, **amp_kwargs}
         engine = self._engine
         if extra:  # Note [first SGD step]: state-creating steps run eagerly.
             type(self)._functional(*args, **kwargs)
