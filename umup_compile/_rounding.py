@@ -1,0 +1,166 @@
+"""Stochastic rounding from float32 to bfloat16: pure, seeded and traceable.
+
+An optimizer that keeps bf16 parameters computes its update in float32 and writes the
+result back. Round-to-nearest loses every update smaller than half a bf16 ulp (at 1.0,
+updates below ~0.004 vanish), so long runs stall. Stochastic rounding rounds up or down
+at random, with probabilities that make the rounded value correct *on average*.
+
+Note [stochastic rounding]: the scheme works on the float32 bit pattern. A bf16 value is
+a float32 whose low 16 bits are zero, and within one binade (and across the subnormals)
+the bit pattern of a non-negative float grows linearly with its value. For ``x`` between
+two adjacent bf16 values ``lo`` and ``hi = lo + u`` (magnitudes), write its low 16 bits
+as ``f`` (so ``|x| = |lo| + u * f / 2**16``). Adding 16 uniform random bits
+``r ∈ [0, 2**16)`` to the pattern and clearing the low 16 bits carries into ``hi``
+exactly when ``r >= 2**16 - f``: probability ``f / 2**16``. Hence
+
+    E[round(x)] = lo + u * f / 2**16 = x,
+
+unbiased for every finite float32, with no float arithmetic at all: the bf16 result is
+the high half of the pattern, so no float conversion (whose NaN handling differs
+between vectorised and scalar kernels) is involved. Exact bf16 values
+(``f = 0``) never move. The sign bit is not touched, so negative values round their
+magnitude the same way (the result stays unbiased), and ``±0`` stays ``±0``.
+
+Specials, all bitwise identical eager vs compiled:
+
+* NaN stays NaN, quieted, with its sign and the high bits of its payload (no noise is
+  added: a NaN's low payload plus ``r`` could carry into ``inf``).
+* ``±inf`` stays ``±inf``: adding ``r`` to its pattern never reaches the next one.
+* float32 subnormals round stochastically onto bf16's subnormal grid (spacing
+  ``2**-133``), unbiased like any other value; no flush to zero.
+* Above the largest finite bf16 (``(2 - 2**-7) * 2**127``), the next pattern is
+  ``inf``: the scheme rounds up to ``±inf`` with probability ``f / 2**16``, exactly as
+  if ``inf`` were ``2**128`` on the grid. This matches round-to-nearest, which sends
+  these values to ``inf`` from half an ulp up; only float32 values beyond bf16's range
+  are affected.
+
+Note [counter-based hash]: ``torch.Generator`` cannot be traced, so the random bits
+are a hash of (element index, seed, offset) built from integer tensor ops that Dynamo
+traces and Inductor fuses into the rounding kernel; the index comes from
+``torch.arange``, which Inductor turns into the loop index (nothing is materialised).
+The mixer is ``lowbias32`` (Wellons' hash-prospector, ``[16 21f0aaad 15 735a2d97
+15]``), a bijection on 32 bits. It runs on int64 holding values below ``2**32``: both
+multipliers are below ``2**31``, so no product reaches ``2**63``; signed overflow, which
+is undefined in Inductor's C++ and not guaranteed to wrap identically eager vs compiled,
+never happens, and masking with ``2**32 - 1`` gives the wrapped uint32 product.
+(seed, offset) is first hashed into a 64-bit key ``(k1, k2)`` on 0-d tensors; each
+element then takes ``lowbias32(lowbias32(index_lo ^ k1) ^ k2 ^ index_hi)`` and keeps
+the top 16 bits. Distinct offsets give unrelated streams, so any scheme works: the step
+counter, or ``step * num_tensors + tensor_index`` for independent tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_MASK32 = 0xFFFFFFFF
+# float32 patterns: magnitude mask, +inf (anything above it is NaN), quiet-NaN bit.
+_ABS = 0x7FFFFFFF
+_INF = 0x7F800000
+_QUIET = 0x00400000
+# Arbitrary odd constants (golden ratio, murmur3) so that an all-zero input does not
+# hit lowbias32's fixed point at 0.
+_SEED_SALT = 0x9E3779B9
+_OFFSET_SALT = 0x85EBCA6B
+
+
+def _lowbias32_(h: Tensor) -> Tensor:
+    """Wellons' ``lowbias32``, in place, on int64 values in ``[0, 2**32)``.
+
+    Only ever applied to temporaries of this module. In place because eager CPU spends
+    most of an out-of-place op on fresh pages for its result (6x slower at 16M
+    elements); compiled, it is the same fused kernel.
+    """
+    h ^= h >> 16
+    h.mul_(0x21F0AAAD).bitwise_and_(_MASK32)
+    h ^= h >> 15
+    h.mul_(0x735A2D97).bitwise_and_(_MASK32)
+    h ^= h >> 15
+    return h
+
+
+def _key(seed_t: Tensor, offset_t: Tensor) -> Tensor:
+    """Hash (seed, offset) into two 32-bit keys, materialised as one ``(2,)`` tensor.
+
+    Stacking makes Inductor compute the keys once into a buffer, instead of inlining
+    this chain of 0-d ops into every element of the rounding kernel.
+    """
+    seed = seed_t.reshape(())
+    offset = offset_t.reshape(())
+    offset_lo = offset & _MASK32
+    seed_digest = _lowbias32_((seed & _MASK32) ^ _SEED_SALT)
+    seed_digest = _lowbias32_(seed_digest ^ ((seed >> 32) & _MASK32))
+    k1 = _lowbias32_(_lowbias32_(seed_digest ^ offset_lo) ^ ((offset >> 32) & _MASK32))
+    # Not a function of k1 alone: a k2 tied to k1 can cancel it for a fixed element
+    # (k2 = lowbias32(k1) would give index 0 the bits 0 for every offset).
+    k2 = _lowbias32_(k1 ^ offset_lo ^ _OFFSET_SALT)
+    return torch.stack([k1, k2])
+
+
+def random_bits16(
+    numel: int, seed_t: Tensor, offset_t: Tensor, device: torch.device | None = None
+) -> Tensor:
+    """Uniform random integers in ``[0, 2**16)``, one per element index.
+
+    Args:
+        numel: number of values.
+        seed_t: 0-d or one-element int64 tensor, the stream's seed.
+        offset_t: 0-d or one-element int64 tensor; distinct offsets give independent
+            streams. See Note [counter-based hash].
+        device: where to build the result; ``seed_t``'s device by default.
+
+    Returns:
+        An int64 tensor of shape ``(numel,)``, a pure function of (index, seed,
+        offset).
+    """
+    k1, k2 = _key(seed_t, offset_t).unbind()
+    index = torch.arange(numel, dtype=torch.int64, device=device or seed_t.device)
+    h = _lowbias32_((index & _MASK32) ^ k1)
+    h ^= k2
+    h ^= index >> 32
+    return _lowbias32_(h).bitwise_right_shift_(16)
+
+
+def stochastic_round_bf16(x: Tensor, seed_t: Tensor, offset_t: Tensor) -> Tensor:
+    """Round float32 to bfloat16 stochastically: unbiased, seeded, reproducible.
+
+    Each element rounds to one of its two bf16 neighbours, up with probability equal
+    to its distance from the lower one in ulps, so ``E[result] = x``. The random bits
+    depend only on (element index in ``x.flatten()``, seed, offset): the same inputs
+    give bitwise the same result, eager or compiled, and new values of ``seed_t`` /
+    ``offset_t`` never recompile. Round-to-nearest is ``x.to(torch.bfloat16)``.
+
+    Args:
+        x: float32 tensor, any shape and strides.
+        seed_t: 0-d or one-element int64 tensor, on ``x``'s device or the CPU.
+        offset_t: 0-d or one-element int64 tensor like ``seed_t``, e.g. the step
+            counter; distinct offsets give independent streams.
+
+    Returns:
+        A bfloat16 tensor of ``x``'s shape. NaN, ``±inf`` and ``±0`` pass through; see
+        Note [stochastic rounding] for subnormals and values beyond bf16's range.
+
+    Raises:
+        TypeError: if ``x`` is not float32 or ``seed_t`` / ``offset_t`` are not int64.
+    """
+    if x.dtype != torch.float32:
+        raise TypeError(
+            f"stochastic_round_bf16 rounds float32 values, got {x.dtype}: "
+            "convert with x.float() first"
+        )
+    if seed_t.dtype != torch.int64 or offset_t.dtype != torch.int64:
+        raise TypeError(
+            f"seed_t and offset_t must be int64 tensors, got {seed_t.dtype} and "
+            f"{offset_t.dtype}: build them with torch.tensor(n, dtype=torch.int64)"
+        )
+    bits = random_bits16(x.numel(), seed_t, offset_t, x.device).reshape(x.shape)
+    pattern = x.view(torch.int32)
+    # NaN adds no noise (its pattern plus r could carry into inf or, for +NaN,
+    # overflow int32) and gets the quiet bit, which lies in the kept high half.
+    nan = (pattern & _ABS) > _INF
+    summed = torch.where(nan, pattern | _QUIET, pattern)
+    summed += bits.to(torch.int32).masked_fill_(nan, 0)
+    # The high half of the pattern *is* the bf16 pattern: no float conversion, whose
+    # NaN handling could differ between eager and compiled kernels.
+    return summed.bitwise_right_shift_(16).to(torch.int16).view(torch.bfloat16)
