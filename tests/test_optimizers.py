@@ -561,3 +561,18 @@ def test_optimizer_deepcopy_and_pickle_keep_working(cls, kwargs) -> None:  # noq
         ref._engine = run_eager
         run_steps([other, ref], [other_params, ref_params], 2)
         assert_states_close(other, ref, **TOLERANCES[torch.float32])
+
+
+def test_capturable_on_cpu_raises_before_any_change() -> None:
+    """torch refuses capturable=True for CPU parameters at step time; so do we."""
+    params = toy_params()
+    before = [p.detach().clone() for p in params]
+    opt = Adam(params, lr=0.01, capturable=True)
+    set_grads([params], seed=0)
+    with pytest.raises(
+        ValueError, match="capturable=True needs parameters on a device"
+    ):
+        opt.step()
+    assert not opt.state
+    for p, q in zip(params, before):
+        assert torch.equal(p, q)

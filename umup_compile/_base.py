@@ -21,8 +21,20 @@ from torch import Tensor
 from ._describe import param_row, render
 from ._engine import Engine, StepFn, choose_engine
 from ._env import compile_from_env
+from ._pack import (
+    Layout,
+    build_layout,
+    chunk_lists,
+    factor_tensors,
+    is_current,
+    pack_lists,
+    unpack,
+)
 from ._plan import as_float, describe_param, group_scales
 from ._rules import LrScaleFunc
+
+# Devices whose kernels can be captured into graphs (torch.optim's list, less xla).
+CAPTURABLE_DEVICES = ("cuda", "xpu", "hpu")
 
 
 def scalar_dtype(device: torch.device) -> torch.dtype:
@@ -94,8 +106,10 @@ class UmupOptimizer(torch.optim.Optimizer):
                 UserWarning,
                 stacklevel=3,
             )
-        self._hyper: dict[torch.device, tuple[list[list[float | Tensor]], Tensor]] = {}
+        self._hyper: dict[torch.device, tuple[list[list[float]], Tensor]] = {}
         self._factors: dict[tuple[Any, ...], tuple[Tensor, Tensor, Tensor]] = {}
+        self._layouts: dict[tuple[Any, ...], Layout] = {}
+        self.layout_builds = 0  # see ``_pack``: counted so that tests can bound it
 
     # torch pickles (and deep-copies) only defaults, state and param_groups; the u-μP
     # options travel beside them, and the engine and caches are rebuilt on arrival.
@@ -205,6 +219,7 @@ class UmupOptimizer(torch.optim.Optimizer):
     def _invalidate(self) -> None:
         self._hyper.clear()
         self._factors.clear()
+        self._layouts.clear()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load optimizer state from this class, torch.optim, or unit_scaling.optim.
@@ -355,7 +370,7 @@ class UmupOptimizer(torch.optim.Optimizer):
                         self._hyper_tensor(device),
                         self._amp_kwargs(device),
                     )
-                self._run_bucket(device, bucket, fresh, *per_device[device])
+                self._run_bucket(key, bucket, fresh, *per_device[device])
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -397,10 +412,19 @@ class UmupOptimizer(torch.optim.Optimizer):
         buckets: dict[tuple[Any, ...], Bucket] = {}
         for g, group in enumerate(self.param_groups):
             config = self._config(group)
+            capturable = group.get("capturable", False)
             for i, p in enumerate(group["params"]):
                 grad = p.grad
                 if grad is None:
                     continue
+                if capturable and p.device.type not in CAPTURABLE_DEVICES:
+                    names = group.get("param_names")
+                    raise ValueError(
+                        "capturable=True needs parameters on a device that graph "
+                        f"capture supports ({', '.join(CAPTURABLE_DEVICES)}), but "
+                        f"{describe_param(p, names[i] if names else None, g, i)} is on "
+                        f"{p.device}; pass capturable=False (the default) there."
+                    )
                 if grad.is_sparse:
                     names = group.get("param_names")
                     raise ValueError(
@@ -428,18 +452,19 @@ class UmupOptimizer(torch.optim.Optimizer):
         return fresh
 
     def _hyper_tensor(self, device: torch.device) -> Tensor:
-        """The (groups, hypers) tensor for ``device``.
+        """The (groups, hypers) tensor for ``device``, without a host-device sync.
 
-        Python floats are cached in one tensor refreshed in place when they change.
-        Tensor hyper-parameters (a scheduled ``lr=torch.tensor(...)``), and any value
-        while an outer ``torch.compile`` traces us, are stacked with tensor ops
-        instead: no ``.item()``, so no host sync and no graph break.
+        Python floats live in one cached tensor, refreshed only when they change,
+        through pinned memory on accelerators (an asynchronous copy). Tensor
+        hyper-parameters (a scheduled ``lr=torch.tensor(...)``) are written over a
+        copy of it on the device at every step, so a CUDA graph that captured the
+        step reads their current values at replay. While an outer ``torch.compile``
+        traces us, every value is stacked with tensor ops instead: floats become
+        graph constants and no guard is placed on the cache.
         """
         rows = [self._hyper_row(group) for group in self.param_groups]
-        if torch.compiler.is_compiling() or any(
-            isinstance(v, Tensor) for row in rows for v in row
-        ):
-            dtype = scalar_dtype(device)
+        dtype = scalar_dtype(device)
+        if torch.compiler.is_compiling():
             return torch.stack(
                 [
                     torch.stack(
@@ -451,20 +476,32 @@ class UmupOptimizer(torch.optim.Optimizer):
                     for row in rows
                 ]
             )
+        floats = [[0.0 if isinstance(v, Tensor) else v for v in row] for row in rows]
         cached = self._hyper.get(device)
-        if cached is None:
-            hyper_t = torch.empty(
-                (len(rows), len(self._hyper_names)),
-                dtype=scalar_dtype(device),
-                device=device,
+        if cached is None or cached[0] != floats:
+            hyper_t = (
+                torch.empty(
+                    (len(rows), len(self._hyper_names)), dtype=dtype, device=device
+                )
+                if cached is None
+                else cached[1]
             )
-            self._hyper[device] = (rows, hyper_t)
-            hyper_t.copy_(torch.tensor(rows, dtype=hyper_t.dtype))
-            return hyper_t
-        old_rows, hyper_t = cached
-        if rows != old_rows:
-            hyper_t.copy_(torch.tensor(rows, dtype=hyper_t.dtype))
-            self._hyper[device] = (rows, hyper_t)
+            host = torch.tensor(floats, dtype=dtype)
+            if device.type != "cpu":
+                host = host.pin_memory()
+            hyper_t.copy_(host, non_blocking=True)
+            cached = self._hyper[device] = (floats, hyper_t)
+        hyper_t = cached[1]
+        tensors = [
+            (g, j, v)
+            for g, row in enumerate(rows)
+            for j, v in enumerate(row)
+            if isinstance(v, Tensor)
+        ]
+        if tensors:
+            hyper_t = hyper_t.clone()
+            for g, j, v in tensors:
+                hyper_t[g, j] = v.reshape(())
         return hyper_t
 
     def _factor_tensors(
@@ -475,21 +512,12 @@ class UmupOptimizer(torch.optim.Optimizer):
         cached = self._factors.get(key)
         if cached is None or torch.compiler.is_compiling():
             groups = self.param_groups
-            dtype = scalar_dtype(device)
-            cached = (
-                torch.tensor(
-                    [g for g, _ in bucket.positions], dtype=torch.int64, device=device
-                ),
-                torch.tensor(
-                    [groups[g]["lr_scales"][i] for g, i in bucket.positions],
-                    dtype=dtype,
-                    device=device,
-                ),
-                torch.tensor(
-                    [groups[g]["wd_scales"][i] for g, i in bucket.positions],
-                    dtype=dtype,
-                    device=device,
-                ),
+            cached = factor_tensors(
+                bucket.positions,
+                [g["lr_scales"] for g in groups],
+                [g["wd_scales"] for g in groups],
+                device,
+                scalar_dtype(device),
             )
             if not torch.compiler.is_compiling():  # traced: graph constants, no cache
                 self._factors[key] = cached
@@ -497,32 +525,81 @@ class UmupOptimizer(torch.optim.Optimizer):
 
     def _run_bucket(
         self,
-        device: torch.device,
+        key: tuple[Any, ...],
         bucket: Bucket,
         fresh: set[int],
         hyper_t: Tensor,
         amp_kwargs: dict[str, Tensor],
     ) -> None:
-        group_index_t, lr_scales_t, wd_scales_t = self._factor_tensors(device, bucket)
-        state_lists, extra = self._state_lists(bucket, fresh)
-        tensor_lists = (bucket.params, bucket.grads, *state_lists)
+        extra = self._extra_kwargs(bucket, fresh)
+        kwargs = {"config": bucket.config, **extra, **amp_kwargs}
+        fn = type(self)._functional
+        if extra:  # Note [first SGD step]: state-creating steps run eagerly.
+            fn(*self._list_args(key[0], bucket, hyper_t), **kwargs)
+        elif self._engine.packs and not torch.compiler.is_compiling():
+            self._run_layout(key, bucket, fresh, hyper_t, kwargs)
+        else:
+            self._engine(fn, self._list_args(key[0], bucket, hyper_t), kwargs)
+
+    def _list_args(
+        self, device: torch.device, bucket: Bucket, hyper_t: Tensor
+    ) -> tuple[Any, ...]:
+        """One list per tensor argument, one entry per parameter (eager, traced)."""
+        states = [self.state[p] for p in bucket.params]
+        tensor_lists = (
+            bucket.params,
+            bucket.grads,
+            *([s[k] for s in states] if k else [] for k in self._keys(bucket)),
+        )
         if bucket.has_scalars:
             # Dynamo (torch 2.13) drops in-place updates of 0-d float64 graph inputs;
             # 1-element views of them update correctly, in both engines alike.
             tensor_lists = tuple([_at_least_1d(t) for t in ts] for ts in tensor_lists)
-        args = (
-            *tensor_lists,
-            hyper_t,
-            group_index_t,
-            lr_scales_t,
-            wd_scales_t,
-        )
-        kwargs = {"config": bucket.config, **extra, **amp_kwargs}
-        engine = self._engine
-        if extra:  # Note [first SGD step]: state-creating steps run eagerly.
-            type(self)._functional(*args, **kwargs)
-        else:
-            engine(type(self)._functional, args, kwargs)
+        return (*tensor_lists, hyper_t, *self._factor_tensors(device, bucket))
+
+    def _run_layout(
+        self,
+        key: tuple[Any, ...],
+        bucket: Bucket,
+        fresh: set[int],
+        hyper_t: Tensor,
+        kwargs: dict[str, Any],
+    ) -> None:
+        """Run the bucket as the compiled engine's units (see ``_pack``)."""
+        states = [self.state[p] for p in bucket.params]
+        keys = self._keys(bucket)
+        layout = self._layouts.get(key)
+        if (
+            layout is None
+            or fresh.intersection(map(id, bucket.params))
+            or not is_current(layout, bucket.positions, states, keys)
+        ):
+            groups = self.param_groups
+            layout = self._layouts[key] = build_layout(
+                bucket.params,
+                bucket.positions,
+                states,
+                keys,
+                self._scalar_state_keys,
+                [g["lr_scales"] for g in groups],
+                [g["wd_scales"] for g in groups],
+                scalar_dtype(key[0]),
+            )
+            self.layout_builds += 1
+        fn = type(self)._functional
+        pack = layout.pack
+        if pack is not None:
+            lists = pack_lists(pack, bucket.params, bucket.grads)
+            args = (*lists, hyper_t, *pack.unit.factors)
+            self._engine(fn, args, {**kwargs, "segment_t": pack.segment_t}, "pack")
+            unpack(pack, bucket.params)
+        for unit in layout.chunks:
+            lists = chunk_lists(unit, bucket.params, bucket.grads)
+            args = (*lists, hyper_t, *unit.factors)
+            self._engine(fn, args, kwargs, f"chunk{len(unit.members)}")
+
+    def _keys(self, bucket: Bucket) -> tuple[str | None, ...]:
+        return self._state_keys(bucket.config)
 
     def _amp_kwargs(self, device: torch.device) -> dict[str, Tensor]:
         """A GradScaler's ``grad_scale``/``found_inf``, set on us for this step only.
@@ -557,11 +634,15 @@ class UmupOptimizer(torch.optim.Optimizer):
         """Create missing state entries for ``p``; return whether any was created."""
         raise NotImplementedError
 
-    def _state_lists(
-        self, bucket: Bucket, fresh: set[int]
-    ) -> tuple[tuple[list[Tensor], ...], dict[str, Any]]:
-        """The bucket's state lists (functional order) and extra keyword arguments."""
+    _scalar_state_keys: frozenset[str] = frozenset()
+
+    def _state_keys(self, config: Hashable) -> tuple[str | None, ...]:
+        """State keys in the functional's argument order; ``None``: an empty list."""
         raise NotImplementedError
+
+    def _extra_kwargs(self, bucket: Bucket, fresh: set[int]) -> dict[str, Any]:
+        """Extra keyword arguments of the functional for this bucket and step."""
+        return {}
 
 
 def _at_least_1d(t: Tensor) -> Tensor:

@@ -1,8 +1,10 @@
 """Engines that run a functional update: eager, or compiled once per static config.
 
 ``torch.compile`` appears only in :func:`_compile`. A compiled engine keeps one compiled
-callable per (function, config); hyper-parameters are tensors, so schedules never
-recompile. Fallbacks are chosen in one place, :func:`choose_engine`, and announced once.
+callable per (function, config, kind); hyper-parameters are tensors, so schedules never
+recompile, and the 1-D tensors of a call (flat parameters, state and factor vectors, see
+``_pack``) have dynamic sizes, so new sizes never recompile either. Fallbacks are chosen
+in one place, :func:`choose_engine`, and announced once.
 """
 
 from __future__ import annotations
@@ -10,16 +12,44 @@ from __future__ import annotations
 import types
 import warnings
 from collections.abc import Callable, Hashable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
+import torch.fx.experimental._config as fx_config
 
 StepFn = Callable[..., None]
 
 
-def run_eager(fn: StepFn, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    """Run ``fn`` directly (also the path used when an outer compile is tracing)."""
-    fn(*args, **kwargs)
+class Engine(Protocol):
+    """Runs a functional update; ``packs`` says whether it wants ``_pack`` layouts."""
+
+    packs: bool
+
+    def __call__(
+        self,
+        fn: StepFn,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        kind: str = "",
+    ) -> None: ...
+
+
+class EagerEngine:
+    """Runs ``fn`` directly over the per-parameter lists (no layouts, no copies)."""
+
+    packs = False
+
+    def __call__(
+        self,
+        fn: StepFn,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        kind: str = "",
+    ) -> None:
+        fn(*args, **kwargs)
+
+
+run_eager = EagerEngine()
 
 
 def _bind_config(fn: StepFn, config: Hashable) -> StepFn:
@@ -45,10 +75,10 @@ def _bind_config(fn: StepFn, config: Hashable) -> StepFn:
 
 
 def _compile(fn: StepFn, config: Hashable, backend: Any) -> StepFn:
-    """Compile ``fn`` with its static config bound: one graph, no dynamic shapes.
+    """Compile ``fn`` with its static config bound: one graph per call signature.
 
-    Inductor's per-input size/stride asserts are dropped: the guards already pin every
-    shape, and the asserts cost ~2 µs per tensor per step (measured: 3 % of a
+    Inductor's per-input size/stride asserts are dropped: the guards already check
+    every input, and the asserts cost ~2 µs per tensor per step (measured: 3 % of a
     33.6M-parameter CPU step, more with many small tensors).
     """
     options: dict[str, Any] | None = (
@@ -57,10 +87,21 @@ def _compile(fn: StepFn, config: Hashable, backend: Any) -> StepFn:
     return torch.compile(
         _bind_config(fn, config),
         fullgraph=True,
-        dynamic=False,
+        dynamic=None,
         backend=backend,
         options=options,
     )
+
+
+def _mark_dynamic(args: tuple[Any, ...]) -> None:
+    """Let every 1-D tensor of a call vary in size without recompiling.
+
+    ``maybe_mark_dynamic`` tolerates sizes 0 and 1, which stay specialized.
+    """
+    for arg in args:
+        for t in arg if isinstance(arg, list) else (arg,):
+            if isinstance(t, torch.Tensor) and t.ndim == 1:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
 
 
 class CompiledEngine:
@@ -71,27 +112,44 @@ class CompiledEngine:
         backend: the ``torch.compile`` backend; tests count graphs with a cheap one.
     """
 
+    packs = True  # the caller lays buckets out in units (see ``_pack``)
+
     def __init__(self, strict: bool = False, backend: Any = "inductor") -> None:
         self.strict = strict
         self.backend = backend
         self.failed: str | None = None
-        self._cache: dict[tuple[StepFn, Hashable], StepFn] = {}
+        self._cache: dict[tuple[StepFn, Hashable, str], StepFn] = {}
 
     def __call__(
-        self, fn: StepFn, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        fn: StepFn,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        kind: str = "",
     ) -> None:
+        """Run ``fn(*args, **kwargs)`` compiled.
+
+        Args:
+            kind: names the call's shape class (e.g. ``"pack"``, ``"chunk8"``); each
+                kind gets its own compiled callable, so Dynamo's recompile limit
+                counts variants per kind, not across all of them.
+        """
         config = kwargs["config"]
         rest = {k: v for k, v in kwargs.items() if k != "config"}
         # Note [nested compile]: inside a user's compiled region, inline the raw function.
         if self.failed is not None or torch.compiler.is_compiling():
             fn(*args, **kwargs)
             return
-        key = (fn, config)
+        key = (fn, config, kind)
         compiled = self._cache.get(key)
         if compiled is None:
             compiled = self._cache[key] = _compile(fn, config, self.backend)
+        _mark_dynamic(args)
         try:
-            compiled(*args, **rest)
+            # Without duck shaping, equal sizes get no equality guard: the next
+            # chunk's different sizes reuse the graph.
+            with fx_config.patch(use_duck_shape=False):  # type: ignore[attr-defined]
+                compiled(*args, **rest)
         except Exception as e:  # noqa: BLE001 - any backend failure means "cannot compile"
             if self.strict or not _is_compile_failure(e):
                 raise
@@ -114,9 +172,6 @@ def _is_compile_failure(e: Exception) -> bool:
     if module.startswith(("torch._dynamo", "torch._inductor")):
         return True
     return "compile" in type(e).__name__.lower() or "inductor" in str(e).lower()
-
-
-Engine = Callable[[StepFn, tuple[Any, ...], dict[str, Any]], None]
 
 
 def choose_engine(

@@ -61,15 +61,21 @@ def _per_param(hyper_t: Tensor, group_index_t: Tensor) -> tuple[Tensor, ...]:
     return hyper_t.index_select(0, group_index_t).unbind(1)
 
 
-def _coefficients(dtype: torch.dtype, *vectors: Tensor) -> list[tuple[Tensor, ...]]:
-    """Stack ``(n,)`` coefficient vectors, then split them into 0-d tensors.
+def _coefficients(
+    dtype: torch.dtype, segment_t: Tensor | None, *vectors: Tensor
+) -> list[tuple[Tensor, ...]]:
+    """Stack ``(n,)`` coefficient vectors, then split them per parameter.
 
     The values are computed in the hyper-parameters' (float64) precision and rounded
     once to the parameters' dtype, as a kernel rounds a Python scalar; a float64 0-d
     coefficient would otherwise promote a 0-d parameter's arithmetic to float64. See
-    Note [realized coefficients].
+    Note [realized coefficients]. For a pack (``segment_t`` given) each coefficient
+    becomes one per-element vector, gathered by the elements' parameter index.
     """
-    return [row.unbind() for row in torch.stack(vectors).to(dtype)]
+    table = torch.stack(vectors).to(dtype)
+    if segment_t is not None:
+        return [(row,) for row in table.index_select(1, segment_t)]
+    return [row.unbind() for row in table]
 
 
 def _unscale(grad: Tensor, grad_scale_t: Tensor | None, maximize: bool) -> Tensor:
@@ -97,6 +103,7 @@ def adam_step_(
     wd_scales_t: Tensor,
     *,
     config: AdamConfig,
+    segment_t: Tensor | None = None,
     grad_scale_t: Tensor | None = None,
     found_inf_t: Tensor | None = None,
 ) -> None:
@@ -111,6 +118,9 @@ def adam_step_(
         lr_scales_t, wd_scales_t: ``(n,)`` u-μP factors; effective lr is
             ``lr * lr_scale`` and effective weight decay ``weight_decay * wd_scale``.
         config: static structure.
+        segment_t: for a pack (see ``_pack``): the lists hold one flat tensor each,
+            holding ``n`` parameters; element ``e`` belongs to parameter
+            ``segment_t[e]``, and ``steps`` holds one ``(n,)`` vector.
         grad_scale_t, found_inf_t: a GradScaler's scale (gradients are divided by
             it) and inf flag (the step is skipped, see Note [skipped steps]).
     """
@@ -146,7 +156,14 @@ def adam_step_(
     eps_scaled = eps_scaled.where(~frozen, -math.inf)
     one_minus_beta1s, one_minus_beta2s, root_scales, eps_scaleds, l2s, decays = (
         _coefficients(
-            params[0].dtype, weight1, weight2, root_scale, eps_scaled, wds, decay
+            params[0].dtype,
+            segment_t,
+            weight1,
+            weight2,
+            root_scale,
+            eps_scaled,
+            wds,
+            decay,
         )
     )
 
@@ -179,6 +196,7 @@ def sgd_step_(
     *,
     config: SGDConfig,
     fresh_buffers: Sequence[bool] = (),
+    segment_t: Tensor | None = None,
     grad_scale_t: Tensor | None = None,
     found_inf_t: Tensor | None = None,
 ) -> None:
@@ -193,7 +211,7 @@ def sgd_step_(
         fresh_buffers: per parameter, whether its momentum buffer was just created;
             a fresh buffer takes the gradient itself, as in torch.optim.SGD. Only
             the eager engine passes it (see ``Note [first SGD step]``).
-        grad_scale_t, found_inf_t: as for :func:`adam_step_`.
+        segment_t, grad_scale_t, found_inf_t: as for :func:`adam_step_`.
     """
     if not params:
         return
@@ -208,6 +226,7 @@ def sgd_step_(
         )
     neg_lrs, wds, momentums, buffer_decays, grad_weights = _coefficients(
         params[0].dtype,
+        segment_t,
         neg_lr,
         weight_decay * wd_scales_t,
         momentum,

@@ -192,20 +192,11 @@ class Adam(UmupOptimizer, torch.optim.Adam):
             )
         return created
 
-    def _state_lists(
-        self, bucket: Bucket, fresh: set[int]
-    ) -> tuple[tuple[list[Tensor], ...], dict[str, Any]]:
-        states = [self.state[p] for p in bucket.params]
-        amsgrad = bucket.config.amsgrad  # type: ignore[attr-defined]
-        return (
-            (
-                [s["exp_avg"] for s in states],
-                [s["exp_avg_sq"] for s in states],
-                [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
-                [s["step"] for s in states],
-            ),
-            {},
-        )
+    _scalar_state_keys = frozenset({"step"})
+
+    def _state_keys(self, config: Hashable) -> tuple[str | None, ...]:
+        amsgrad = config.amsgrad  # type: ignore[attr-defined]
+        return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq" if amsgrad else None, "step")
 
 
 class AdamW(Adam, torch.optim.AdamW):
@@ -342,12 +333,10 @@ class SGD(UmupOptimizer, torch.optim.SGD):
             return True
         return False
 
-    def _state_lists(
-        self, bucket: Bucket, fresh: set[int]
-    ) -> tuple[tuple[list[Tensor], ...], dict[str, Any]]:
-        if not bucket.config.momentum:  # type: ignore[attr-defined]
-            return ([],), {}
-        buffers = [self.state[p]["momentum_buffer"] for p in bucket.params]
-        if not fresh:
-            return (buffers,), {}
-        return (buffers,), {"fresh_buffers": [id(p) in fresh for p in bucket.params]}
+    def _state_keys(self, config: Hashable) -> tuple[str | None, ...]:
+        return ("momentum_buffer" if config.momentum else None,)  # type: ignore[attr-defined]
+
+    def _extra_kwargs(self, bucket: Bucket, fresh: set[int]) -> dict[str, Any]:
+        if not fresh or not bucket.config.momentum:  # type: ignore[attr-defined]
+            return {}
+        return {"fresh_buffers": [id(p) in fresh for p in bucket.params]}

@@ -1,0 +1,169 @@
+"""Compiled-engine layouts (``_pack``): packs and chunks give the eager numbers, with a
+bounded number of graphs and layout rebuilds whatever the parameter count."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from expecttest import assert_expected_inline
+from torch._dynamo.testing import CompileCounter
+
+import umup_compile as uc
+from tests.helpers import clone_params, run_steps, set_grads, toy_params, use_backend
+from umup_compile import _pack
+from umup_compile.optim import SGD, Adam, AdamW
+
+CASES = [
+    ("adam_l2_amsgrad", Adam, {"lr": 0.01, "weight_decay": 0.1, "amsgrad": True}),
+    ("adamw_maximize", AdamW, {"lr": 0.01, "weight_decay": 0.1, "maximize": True}),
+    ("sgd_nesterov", SGD, {"lr": 0.1, "momentum": 0.9, "nesterov": True}),
+]
+
+
+@pytest.fixture(params=["packed", "mixed"])
+def threshold(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """All toy parameters packed, or the four matrices chunked and the rest packed."""
+    if request.param == "mixed":
+        monkeypatch.setattr(_pack, "PACK_MAX_NUMEL", 100)
+    return str(request.param)
+
+
+def assert_same(a: torch.optim.Optimizer, b: torch.optim.Optimizer) -> None:
+    """Bitwise equal parameters and state: same ops, only laid out differently."""
+    pa = [p for g in a.param_groups for p in g["params"]]
+    pb = [p for g in b.param_groups for p in g["params"]]
+    for i, (x, y) in enumerate(zip(pa, pb)):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=f"param {i}")
+        sx, sy = a.state.get(x, {}), b.state.get(y, {})
+        assert set(sx) == set(sy), i
+        for key in sx:
+            torch.testing.assert_close(sx[key], sy[key], rtol=0, atol=0, msg=key)
+
+
+def test_chunk_sizes() -> None:
+    sizes = {n: _pack.chunk_sizes(n) for n in (0, 1, 3, 7, 8, 9, 15, 20, 34)}
+    assert_expected_inline(
+        str(sizes),
+        """{0: [], 1: [1], 3: [2, 1], 7: [4, 2, 1], 8: [8], 9: [8, 1], 15: [8, 4, 2, 1], 20: [8, 8, 4], 34: [8, 8, 8, 8, 2]}""",
+    )
+
+
+@pytest.mark.parametrize(
+    "cls,kwargs", [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_layout_matches_eager(cls, kwargs, threshold: str) -> None:  # noqa: ANN001
+    params = toy_params()
+    ref_params = clone_params(params)
+    opt = cls(params, **kwargs)
+    use_backend(opt, "aot_eager")
+    ref = cls(ref_params, compile=False, **kwargs)
+    for s in range(4):
+        run_steps([opt, ref], [params, ref_params], 1)
+        if s == 1:  # a parameter without a gradient is skipped, as in torch
+            set_grads([params, ref_params], seed=10)
+            params[1].grad = ref_params[1].grad = None
+            opt.step()
+            ref.step()
+        assert_same(opt, ref)
+    chunks = threshold == "mixed"
+    layout = next(iter(opt._layouts.values()))
+    assert (len(layout.chunks) > 0) == chunks
+    # state_dict keeps torch's per-parameter layout: views shaped like the params
+    for i, p in enumerate(params):
+        for key, value in opt.state_dict()["state"][i].items():
+            if key != "step":
+                assert value.shape == p.shape, (i, key)
+
+
+def test_rebuilds_and_graphs_are_bounded(threshold: str) -> None:
+    params = toy_params()
+    ref_params = clone_params(params)
+    opt = Adam(params, lr=0.01, weight_decay=0.1)
+    ref = Adam(ref_params, lr=0.01, weight_decay=0.1, compile=False)
+    counter = CompileCounter()
+    use_backend(opt, counter)
+    run_steps([opt, ref], [params, ref_params], 3)
+    assert opt.layout_builds == 1
+    for s in range(6):  # alternate which parameter lacks a gradient
+        set_grads([params, ref_params], seed=20 + s)
+        params[s % 2].grad = ref_params[s % 2].grad = None
+        opt.step()
+        ref.step()
+    assert opt.layout_builds == 1 + 6
+    params[2].requires_grad_(False)
+    ref_params[2].requires_grad_(False)
+    for s in range(3):
+        set_grads([params, ref_params], seed=30 + s)
+        params[2].grad = ref_params[2].grad = None
+        opt.step()
+        ref.step()
+    assert opt.layout_builds == 1 + 6 + 1
+    assert_same(opt, ref)
+    # one graph per kind (pack, chunk sizes): sizes and membership never recompile
+    kinds = {k for _, _, k in opt._engine._cache}
+    assert counter.frame_count == len(kinds), (counter.frame_count, kinds)
+
+
+def test_add_param_group_rebuilds_once() -> None:
+    params = toy_params()
+    ref_params = clone_params(params)
+    opt = Adam(params[:3], lr=0.01)
+    ref = Adam(ref_params[:3], lr=0.01, compile=False)
+    counter = CompileCounter()
+    use_backend(opt, counter)
+    run_steps([opt, ref], [params, ref_params], 2)
+    opt.add_param_group({"params": params[3:], "lr": 0.02})
+    ref.add_param_group({"params": ref_params[3:], "lr": 0.02})
+    run_steps([opt, ref], [params, ref_params], 3)
+    assert_same(opt, ref)
+    assert opt.layout_builds == 2
+    assert counter.frame_count <= 2  # the hyper-parameter rows grow once
+
+
+def test_replaced_state_tensor_is_used(threshold: str) -> None:
+    params = toy_params()
+    ref_params = clone_params(params)
+    opt = Adam(params, lr=0.01)
+    use_backend(opt, "aot_eager")
+    ref = Adam(ref_params, lr=0.01, compile=False)
+    run_steps([opt, ref], [params, ref_params], 2)
+    for o, ps in ((opt, params), (ref, ref_params)):
+        for p in ps[::2]:
+            o.state[p]["exp_avg"] = torch.full_like(p, 0.5)
+    run_steps([opt, ref], [params, ref_params], 2)
+    assert_same(opt, ref)
+
+
+def test_checkpoint_roundtrip_resumes_bitwise(threshold: str) -> None:
+    params = toy_params()
+    twin = clone_params(params)
+    opt = Adam(params, lr=0.01, weight_decay=0.1)
+    use_backend(opt, "aot_eager")
+    run_steps([opt], [params], 3)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    with torch.no_grad():
+        for p, q in zip(twin, params):
+            p.copy_(q)
+    resumed = Adam(twin, lr=0.01, weight_decay=0.1)
+    use_backend(resumed, "aot_eager")
+    buffer.seek(0)
+    resumed.load_state_dict(torch.load(buffer))
+    run_steps([opt, resumed], [params, twin], 3)
+    assert_same(opt, resumed)
+
+
+def test_many_tensors_one_pack_graph() -> None:
+    """600 small tensors and 20 large ones: three graphs (pack, chunk8, chunk4)."""
+    params = [uc.Parameter(torch.randn(4, 4), "weight") for _ in range(600)]
+    params += [uc.Parameter(torch.randn(130, 128), "weight") for _ in range(20)]
+    opt = Adam(params, lr=0.01)
+    counter = CompileCounter()
+    use_backend(opt, counter)
+    run_steps([opt], [params], 2)
+    assert counter.frame_count == 3
+    layout = next(iter(opt._layouts.values()))
+    assert layout.pack is not None and len(layout.pack.unit.members) == 600
+    assert [len(u.members) for u in layout.chunks] == [8, 8, 4]

@@ -1,0 +1,283 @@
+"""Layouts for the compiled engine: few calls per step, each over many tensors.
+
+Compiling one graph that unrolls every parameter costs ~0.9 s per tensor on a 2-core
+CPU (500 tensors: minutes). A layout instead splits a bucket into *units*, and every
+unit runs through a graph whose tensor sizes are dynamic, so each graph compiles once
+whatever the sizes and the parameter count:
+
+- the **pack**: small parameters (fewer than :data:`PACK_MAX_NUMEL` elements, or not
+  contiguous). Their state lives in one flat buffer per state key (``state[p][key]``
+  is a view into it, so ``state_dict`` keeps torch's per-parameter layout); gradients
+  and parameters are copied into flat scratch buffers, updated by one kernel, and
+  copied back. ``segment_t`` maps each element to its parameter's coefficients.
+- **chunks** of up to :data:`CHUNK` large contiguous parameters, passed as flat views
+  (no copies). Chunk lengths are powers of two, so at most ``log2(CHUNK) + 1``
+  graphs exist per static config.
+
+Measured on 2 CPU cores (torch 2.13): 500 tensors of 64x64 compile in ~13 s, where the
+unrolled graph took ~3 minutes; a compiled call costs ~60 us, so chunks keep the
+per-step overhead of a GPT-like model (34 large tensors: 5 calls) below 1 %. Packing
+copies (~24 B/element) only pay off below ~16K elements, hence the threshold.
+
+A layout is cached per bucket and rebuilt (counted in ``builds``) when the set of
+parameters with gradients changes, a parameter's state is created, or a state tensor
+was replaced behind our back (e.g. ``load_state_dict``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+PACK_MAX_NUMEL = 16384
+CHUNK = 8
+
+# A state key is elementwise (shaped like the parameter) unless listed as scalar.
+State = dict[str, Tensor]
+
+
+@dataclass
+class Unit:
+    """One compiled call: the members' bucket indices and their factor tensors."""
+
+    members: list[int]
+    factors: tuple[Tensor, Tensor, Tensor]  # group index, lr scales, wd scales
+    state_views: list[list[Tensor]]  # chunks: flat views; packs: the flat buffers
+
+
+@dataclass
+class Pack:
+    """Small parameters' flat state and scratch buffers (see the module docstring)."""
+
+    unit: Unit
+    segment_t: Tensor
+    flat_param: Tensor
+    flat_grad: Tensor
+    param_views: list[Tensor]
+    grad_views: list[Tensor]
+
+
+@dataclass
+class Layout:
+    """A bucket's units, valid while membership and state tensors stay the same."""
+
+    positions: tuple[tuple[int, int], ...]
+    states: list[list[Tensor | None]]  # per member, its state tensors (identity check)
+    pack: Pack | None
+    chunks: list[Unit]
+
+
+def is_large(p: Tensor) -> bool:
+    """Whether ``p`` is updated through flat views (else it joins the pack)."""
+    return p.numel() >= PACK_MAX_NUMEL and p.is_contiguous()
+
+
+def chunk_sizes(n: int) -> list[int]:
+    """Split ``n`` into chunks of :data:`CHUNK`, then powers of two (8 8 4 1)."""
+    sizes = [CHUNK] * (n // CHUNK)
+    rest, size = n % CHUNK, CHUNK
+    while rest:
+        size //= 2
+        if rest >= size:
+            sizes.append(size)
+            rest -= size
+    return sizes
+
+
+def factor_tensors(
+    positions: Sequence[tuple[int, int]],
+    lr_scales: Sequence[Sequence[float]],
+    wd_scales: Sequence[Sequence[float]],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(group index, lr scale, wd scale) vectors of the given parameters."""
+    return (
+        torch.tensor([g for g, _ in positions], dtype=torch.int64, device=device),
+        torch.tensor(
+            [lr_scales[g][i] for g, i in positions], dtype=dtype, device=device
+        ),
+        torch.tensor(
+            [wd_scales[g][i] for g, i in positions], dtype=dtype, device=device
+        ),
+    )
+
+
+def build_layout(
+    params: Sequence[Tensor],
+    positions: Sequence[tuple[int, int]],
+    states: Sequence[State],
+    keys: Sequence[str | None],
+    scalar_keys: frozenset[str],
+    lr_scales: Sequence[Sequence[float]],
+    wd_scales: Sequence[Sequence[float]],
+    scalar_dtype: torch.dtype,
+) -> Layout:
+    """Lay out one bucket, moving its small parameters' state into flat buffers.
+
+    Args:
+        params, positions, states: the bucket's parameters, their (group, index)
+            and their state dicts, aligned.
+        keys: the state keys in the functional's order (``None``: an empty list).
+        scalar_keys: keys holding one 0-d tensor per parameter (e.g. ``step``).
+        lr_scales, wd_scales: every group's u-μP factors.
+        scalar_dtype: dtype of the factor tensors.
+    """
+    device = params[0].device
+    small = [k for k, p in enumerate(params) if not is_large(p)]
+    large = [k for k, p in enumerate(params) if is_large(p)]
+    for k in large:  # flat views need contiguous state
+        for key in keys:
+            if key is not None and not states[k][key].is_contiguous():
+                states[k][key] = states[k][key].contiguous()
+
+    def factors(members: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+        return factor_tensors(
+            [positions[k] for k in members], lr_scales, wd_scales, device, scalar_dtype
+        )
+
+    pack = None
+    if small:
+        pack = _build_pack(
+            small,
+            factors(small),
+            [params[k] for k in small],
+            [states[k] for k in small],
+            keys,
+            scalar_keys,
+        )
+    chunks, start = [], 0
+    for size in chunk_sizes(len(large)):
+        members = large[start : start + size]
+        views = [
+            [_flat(states[k][key]) for k in members] if key else [] for key in keys
+        ]
+        chunks.append(Unit(members, factors(members), views))
+        start += size
+    return Layout(
+        positions=tuple(positions),
+        states=[[s[key] if key else None for key in keys] for s in states],
+        pack=pack,
+        chunks=chunks,
+    )
+
+
+def _flat(t: Tensor) -> Tensor:
+    """A 1-D alias of contiguous ``t`` that is not a view (0-d: one element).
+
+    Dynamo guards on a view's base (its sizes and strides), so flat views of
+    differently shaped parameters would recompile; an alias made with ``set_`` shares
+    the storage without a base. It also never is 0-d (see ``_base``).
+    """
+    flat = t.new_empty(0)
+    return flat.set_(
+        t.untyped_storage(), t.storage_offset(), (max(t.numel(), 1),), (1,)
+    )
+
+
+def _build_pack(
+    members: list[int],
+    factors: tuple[Tensor, Tensor, Tensor],
+    params: Sequence[Tensor],
+    states: Sequence[State],
+    keys: Sequence[str | None],
+    scalar_keys: frozenset[str],
+) -> Pack:
+    p0 = params[0]
+    sizes = [p.numel() for p in params]
+    total = sum(sizes)
+    device = p0.device
+    counts = torch.tensor(sizes, device=device)
+    segment_t = torch.repeat_interleave(
+        torch.arange(len(params), dtype=torch.int32, device=device),
+        counts,
+        output_size=total,
+    )
+    flat_param = torch.empty(total, dtype=p0.dtype, device=device)
+    flat_grad = torch.empty_like(flat_param)
+    flat_state: list[list[Tensor]] = []
+    for key in keys:
+        if key is None:
+            flat_state.append([])
+            continue
+        if key in scalar_keys:
+            flat = torch.stack([s[key].reshape(()) for s in states])
+            views = list(flat.unbind())
+        else:
+            flat = torch.empty(total, dtype=states[0][key].dtype, device=device)
+            views = _views(flat, params)
+            torch._foreach_copy_(views, [s[key] for s in states])
+        for s, view in zip(states, views):
+            s[key] = view  # state_dict keeps per-parameter tensors: views
+        flat_state.append([flat])
+    return Pack(
+        unit=Unit(members, factors, flat_state),
+        segment_t=segment_t,
+        flat_param=flat_param,
+        flat_grad=flat_grad,
+        param_views=_views(flat_param, params),
+        grad_views=_views(flat_grad, params),
+    )
+
+
+def _views(flat: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
+    sizes = [p.numel() for p in params]
+    return [v.view(p.shape) for v, p in zip(torch.split(flat, sizes), params)]
+
+
+def is_current(
+    layout: Layout,
+    positions: Sequence[tuple[int, int]],
+    states: Sequence[State],
+    keys: Sequence[str | None],
+) -> bool:
+    """Whether ``layout`` still describes the bucket (same members, same tensors)."""
+    if layout.positions != tuple(positions):
+        return False
+    for s, cached in zip(states, layout.states):
+        for key, t in zip(keys, cached):
+            if key is not None and s.get(key) is not t:
+                return False
+    return True
+
+
+TensorLists = tuple[list[Tensor], ...]
+
+
+def pack_lists(
+    pack: Pack, params: Sequence[Tensor], grads: Sequence[Tensor]
+) -> TensorLists:
+    """Copy the members' parameters and gradients in; return the call's tensor lists."""
+    members = pack.unit.members
+    torch._foreach_copy_(pack.grad_views, [grads[k] for k in members])
+    torch._foreach_copy_(pack.param_views, [params[k] for k in members])
+    return ([pack.flat_param], [pack.flat_grad], *pack.unit.state_views)
+
+
+def unpack(pack: Pack, params: Sequence[Tensor]) -> None:
+    """Copy the updated parameters back out of the pack."""
+    torch._foreach_copy_([params[k] for k in pack.unit.members], pack.param_views)
+
+
+def chunk_lists(
+    unit: Unit, params: Sequence[Tensor], grads: Sequence[Tensor]
+) -> TensorLists:
+    """Flat aliases of a chunk's parameters and gradients, with its state aliases.
+
+    Updates through an alias do not bump the parameter's version counter, so it is
+    bumped here, as an in-place update would (autograd then catches a step taken
+    between a forward and its backward).
+    """
+    chunk = [params[k] for k in unit.members]
+    torch.autograd.graph.increment_version(chunk)
+    return (
+        [_flat(p) for p in chunk],
+        [
+            _flat(g) if g.is_contiguous() else g.reshape(-1)
+            for g in (grads[k] for k in unit.members)
+        ],
+        *unit.state_views,
+    )
