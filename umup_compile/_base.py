@@ -22,6 +22,7 @@ from ._describe import param_row, render
 from ._engine import Engine, StepFn, choose_engine
 from ._env import compile_from_env
 from ._pack import (
+    Factors,
     Layout,
     build_layout,
     chunk_lists,
@@ -32,6 +33,15 @@ from ._pack import (
 )
 from ._plan import as_float, describe_param, group_scales
 from ._rules import LrScaleFunc
+
+# Group keys this package adds to torch's; kept when a checkpoint lacks them.
+UMUP_GROUP_KEYS = (
+    "lr_scales",
+    "wd_scales",
+    "state_dtype",
+    "stochastic_rounding",
+    "sr_seed",
+)
 
 # Devices whose kernels can be captured into graphs (torch.optim's list, less xla).
 CAPTURABLE_DEVICES = ("cuda", "xpu", "hpu")
@@ -107,7 +117,7 @@ class UmupOptimizer(torch.optim.Optimizer):
                 stacklevel=3,
             )
         self._hyper: dict[torch.device, tuple[list[list[float]], Tensor]] = {}
-        self._factors: dict[tuple[Any, ...], tuple[Tensor, Tensor, Tensor]] = {}
+        self._factors: dict[tuple[Any, ...], Factors] = {}
         self._layouts: dict[tuple[Any, ...], Layout] = {}
         self.layout_builds = 0  # see ``_pack``: counted so that tests can bound it
 
@@ -173,6 +183,7 @@ class UmupOptimizer(torch.optim.Optimizer):
         g = len(self.param_groups)
         merged = {**self.defaults, **group}
         self._check_hypers(merged, f"param group {g}")
+        _check_low_precision(merged, params, names, g)
         self._check_membership(params, names, g)
         lr_scales, wd_scales = group_scales(
             params,
@@ -255,17 +266,41 @@ class UmupOptimizer(torch.optim.Optimizer):
                         "another model."
                     )
         self._check_state_shapes(state_dict)
-        kept = [(g["lr_scales"], g["wd_scales"]) for g in self.param_groups]
+        kept = [{k: g[k] for k in UMUP_GROUP_KEYS if k in g} for g in self.param_groups]
         super().load_state_dict(state_dict)
-        for group, (lr_scales, wd_scales) in zip(self.param_groups, kept):
-            group.setdefault("lr_scales", lr_scales)
-            group.setdefault("wd_scales", wd_scales)
+        # torch casts floating state to the parameter's dtype, which would round the
+        # float32 moments of bf16 parameters: take the saved tensors again instead.
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved_of = dict(zip(map(id, params), saved_ids))
+        converted: set[str] = set()
+        for group, keep in zip(self.param_groups, kept):
+            for k, v in keep.items():  # a torch checkpoint lacks the u-μP keys
+                group.setdefault(k, v)
+            # The state dtype is this run's memory layout, not a saved setting.
+            group["state_dtype"] = keep.get("state_dtype")
             for p in group["params"]:
-                state = self.state.get(p)
-                if state and isinstance(state.get("step"), Tensor):
-                    state["step"] = state["step"].to(
-                        device=p.device, dtype=step_dtype()
-                    )
+                state = self.state.get(p, {})
+                saved = state_dict["state"].get(saved_of[id(p)], {})
+                for k, v in state.items():
+                    if not isinstance(v, Tensor):
+                        continue
+                    if k == "step":
+                        state[k] = v.to(device=p.device, dtype=step_dtype())
+                    elif v.is_floating_point() and p.is_floating_point():
+                        v = saved.get(k, v)
+                        dtype = group.get("state_dtype") or p.dtype
+                        if v.dtype != dtype:
+                            converted.add(f"{v.dtype} -> {dtype}")
+                        state[k] = v.to(device=p.device, dtype=dtype)
+        if converted:
+            warnings.warn(
+                "umup_compile: the loaded optimizer state was converted to this "
+                f"optimizer's state dtype ({', '.join(sorted(converted))}); pass "
+                "state_dtype=<the checkpoint's dtype> to keep it.",
+                UserWarning,
+                stacklevel=2,
+            )
         self._invalidate()
 
     def _regroup_per_param(self, state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -322,7 +357,9 @@ class UmupOptimizer(torch.optim.Optimizer):
             lr = as_float(group["lr"], "lr")
             weight_decay = as_float(group["weight_decay"], "weight_decay")
             for i, p in enumerate(group["params"]):
-                bucket = buckets.setdefault((p.device, p.dtype, config), len(buckets))
+                bucket = buckets.setdefault(
+                    (p.device, p.dtype, config, group.get("state_dtype")), len(buckets)
+                )
                 rows.append(
                     param_row(
                         p,
@@ -432,7 +469,7 @@ class UmupOptimizer(torch.optim.Optimizer):
                         f"sparse gradient, which {type(self).__name__} does not support; "
                         "use a dense gradient (e.g. nn.Embedding(sparse=False))."
                     )
-                key = (p.device, p.dtype, config)
+                key = (p.device, p.dtype, config, group.get("state_dtype"))
                 bucket = buckets.get(key)
                 if bucket is None:
                     bucket = buckets[key] = Bucket(config)
@@ -504,9 +541,7 @@ class UmupOptimizer(torch.optim.Optimizer):
                 hyper_t[g, j] = v.reshape(())
         return hyper_t
 
-    def _factor_tensors(
-        self, device: torch.device, bucket: Bucket
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    def _factor_tensors(self, device: torch.device, bucket: Bucket) -> Factors:
         """Per-bucket (group index, lr scales, wd scales), built once per layout."""
         key = (device, bucket.config, tuple(bucket.positions))
         cached = self._factors.get(key)
@@ -516,6 +551,7 @@ class UmupOptimizer(torch.optim.Optimizer):
                 bucket.positions,
                 [g["lr_scales"] for g in groups],
                 [g["wd_scales"] for g in groups],
+                [g.get("sr_seed", 0) for g in groups],
                 device,
                 scalar_dtype(device),
             )
@@ -534,16 +570,19 @@ class UmupOptimizer(torch.optim.Optimizer):
         extra = self._extra_kwargs(bucket, fresh)
         kwargs = {"config": bucket.config, **extra, **amp_kwargs}
         fn = type(self)._functional
-        if extra:  # Note [first SGD step]: state-creating steps run eagerly.
-            fn(*self._list_args(key[0], bucket, hyper_t), **kwargs)
-        elif self._engine.packs and not torch.compiler.is_compiling():
+        if self._engine.packs and not extra and not torch.compiler.is_compiling():
             self._run_layout(key, bucket, fresh, hyper_t, kwargs)
+            return
+        factors = self._factor_tensors(key[0], bucket)
+        args = (*self._list_args(bucket), hyper_t, *factors[:3])
+        if _rounds(bucket):
+            kwargs["sr_seeds_t"] = factors[3]
+        if extra:  # Note [first SGD step]: state-creating steps run eagerly.
+            fn(*args, **kwargs)
         else:
-            self._engine(fn, self._list_args(key[0], bucket, hyper_t), kwargs)
+            self._engine(fn, args, kwargs)
 
-    def _list_args(
-        self, device: torch.device, bucket: Bucket, hyper_t: Tensor
-    ) -> tuple[Any, ...]:
+    def _list_args(self, bucket: Bucket) -> tuple[list[Tensor], ...]:
         """One list per tensor argument, one entry per parameter (eager, traced)."""
         states = [self.state[p] for p in bucket.params]
         tensor_lists = (
@@ -555,7 +594,7 @@ class UmupOptimizer(torch.optim.Optimizer):
             # Dynamo (torch 2.13) drops in-place updates of 0-d float64 graph inputs;
             # 1-element views of them update correctly, in both engines alike.
             tensor_lists = tuple([_at_least_1d(t) for t in ts] for ts in tensor_lists)
-        return (*tensor_lists, hyper_t, *self._factor_tensors(device, bucket))
+        return tensor_lists
 
     def _run_layout(
         self,
@@ -583,20 +622,29 @@ class UmupOptimizer(torch.optim.Optimizer):
                 self._scalar_state_keys,
                 [g["lr_scales"] for g in groups],
                 [g["wd_scales"] for g in groups],
+                [g.get("sr_seed", 0) for g in groups],
                 scalar_dtype(key[0]),
             )
             self.layout_builds += 1
         fn = type(self)._functional
+        rounds = _rounds(bucket)
         pack = layout.pack
         if pack is not None:
             lists = pack_lists(pack, bucket.params, bucket.grads)
-            args = (*lists, hyper_t, *pack.unit.factors)
-            self._engine(fn, args, {**kwargs, "segment_t": pack.segment_t}, "pack")
+            args = (*lists, hyper_t, *pack.unit.factors[:3])
+            pack_kwargs = {**kwargs, "segment_t": pack.segment_t}
+            if rounds:
+                pack_kwargs["local_index_t"] = pack.local_index_t
+                pack_kwargs["sr_seeds_t"] = pack.unit.factors[3]
+            self._engine(fn, args, pack_kwargs, "pack")
             unpack(pack, bucket.params)
         for unit in layout.chunks:
             lists = chunk_lists(unit, bucket.params, bucket.grads)
-            args = (*lists, hyper_t, *unit.factors)
-            self._engine(fn, args, kwargs, f"chunk{len(unit.members)}")
+            args = (*lists, hyper_t, *unit.factors[:3])
+            chunk_kwargs = (
+                {**kwargs, "sr_seeds_t": unit.factors[3]} if rounds else kwargs
+            )
+            self._engine(fn, args, chunk_kwargs, f"chunk{len(unit.members)}")
 
     def _keys(self, bucket: Bucket) -> tuple[str | None, ...]:
         return self._state_keys(bucket.config)
@@ -643,6 +691,37 @@ class UmupOptimizer(torch.optim.Optimizer):
     def _extra_kwargs(self, bucket: Bucket, fresh: set[int]) -> dict[str, Any]:
         """Extra keyword arguments of the functional for this bucket and step."""
         return {}
+
+
+def _check_low_precision(
+    group: dict[str, Any], params: list[Tensor], names: list[str | None], g: int
+) -> None:
+    """Validate ``state_dtype`` and ``stochastic_rounding`` (Note [low precision])."""
+    dtype = group.get("state_dtype")
+    if dtype is not None and not (
+        isinstance(dtype, torch.dtype) and dtype.is_floating_point
+    ):
+        raise TypeError(
+            f"state_dtype must be None (the parameter's dtype) or a floating dtype such "
+            f"as torch.float32, got {dtype!r} (param group {g})."
+        )
+    rounding = group.get("stochastic_rounding", False)
+    if not isinstance(rounding, bool):
+        raise TypeError(
+            f"stochastic_rounding must be a bool, got {rounding!r} (param group {g})."
+        )
+    for i, p in enumerate(params):
+        if rounding and p.dtype == torch.float16:
+            raise ValueError(
+                f"stochastic_rounding=True rounds bfloat16 parameters, but "
+                f"{describe_param(p, names[i], g, i)} is float16; use bfloat16 "
+                "parameters or stochastic_rounding=False."
+            )
+
+
+def _rounds(bucket: Bucket) -> bool:
+    """Whether the bucket's bf16 parameters round stochastically."""
+    return bool(getattr(bucket.config, "stochastic_rounding", False))
 
 
 def _at_least_1d(t: Tensor) -> Tensor:

@@ -13,6 +13,14 @@ gradients become 0, moment weights 0, decays 1, the step counter adds 0 and the 
 size vanishes, leaving parameters and state bit-for-bit unchanged (up to the sign of
 zero) at no extra memory traffic in a fused kernel.
 
+Note [low precision]: bf16/fp16 parameters or state (``state_dtype``) take a second
+loop that loads every tensor, computes the whole update in float32 ("opmath", as torch's
+kernels compute a bf16 op) and stores each result once: compiled, one kernel reads and
+writes the storage dtypes, so bf16 parameters with float32 moments move 20 bytes per
+element instead of fp32 Adam's 28. With ``stochastic_rounding`` the parameter store
+rounds bf16 stochastically (``_rounding``), keyed by each parameter's seed and step.
+float32/float64 training keeps the in-place loop below (no temporaries when eager).
+
 Note [realized coefficients]: per-parameter scalars (effective lr, bias corrections)
 are computed as short vectors and stacked into one ``(k, n)`` tensor before the
 per-parameter loop. Inductor materialises a stack as a buffer, so the elementwise
@@ -30,6 +38,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ._rounding import bits16, round_bf16_with_bits, stream_keys
+
 # Columns of ``hyper_t`` (one row per param group).
 ADAM_HYPERS = ("lr", "beta1", "beta2", "eps", "weight_decay")
 SGD_HYPERS = ("lr", "momentum", "dampening", "weight_decay")
@@ -44,6 +54,7 @@ class AdamConfig:
     amsgrad: bool = False
     maximize: bool = False
     weight_decay: WeightDecayMode = "none"
+    stochastic_rounding: bool = False
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,52 @@ def _unscale(grad: Tensor, grad_scale_t: Tensor | None, maximize: bool) -> Tenso
     return -grad if maximize else grad
 
 
+def compute_dtype(param_dtype: torch.dtype, state_dtype: torch.dtype) -> torch.dtype:
+    """The update's arithmetic dtype: float32 at least (torch's "opmath")."""
+    return torch.promote_types(
+        torch.promote_types(param_dtype, state_dtype), torch.float32
+    )
+
+
+def _noise(
+    sr_seeds_t: Tensor | None,
+    step: Tensor,
+    segment_t: Tensor | None,
+    local_index_t: Tensor | None,
+    params: Sequence[Tensor],
+) -> list[tuple[Tensor, Tensor, Tensor]] | None:
+    """Per parameter, the (index, k1, k2) of its stochastic-rounding stream.
+
+    A parameter's stream is keyed by its own seed and step, and indexed by the
+    element's position in the parameter, so the bits do not depend on how the engine
+    laid the parameters out (Note [stochastic rounding] in ``_rounding``).
+    """
+    if sr_seeds_t is None:
+        return None
+    keys = stream_keys(sr_seeds_t, step.to(torch.int64))
+    if segment_t is not None and local_index_t is not None:
+        k1, k2 = keys.index_select(1, segment_t).unbind()
+        return [(local_index_t.to(torch.int64), k1, k2)]
+    k1s, k2s = keys.unbind()
+    return [
+        (
+            torch.arange(p.numel(), dtype=torch.int64, device=p.device).view(p.shape),
+            k1s[i],
+            k2s[i],
+        )
+        for i, p in enumerate(params)
+    ]
+
+
+def _store(
+    param: Tensor, value: Tensor, noise: tuple[Tensor, Tensor, Tensor] | None
+) -> None:
+    """Write an update computed in float32 back to a low-precision parameter."""
+    if noise is not None and param.dtype == torch.bfloat16:
+        value = round_bf16_with_bits(value.float(), bits16(*noise))
+    param.copy_(value)
+
+
 def _skip_mask(found_inf_t: Tensor | None) -> Tensor | None:
     """A 0-d bool tensor that is True when the step must be skipped."""
     return None if found_inf_t is None else found_inf_t.reshape(()) > 0
@@ -104,6 +161,8 @@ def adam_step_(
     *,
     config: AdamConfig,
     segment_t: Tensor | None = None,
+    local_index_t: Tensor | None = None,
+    sr_seeds_t: Tensor | None = None,
     grad_scale_t: Tensor | None = None,
     found_inf_t: Tensor | None = None,
 ) -> None:
@@ -121,6 +180,9 @@ def adam_step_(
         segment_t: for a pack (see ``_pack``): the lists hold one flat tensor each,
             holding ``n`` parameters; element ``e`` belongs to parameter
             ``segment_t[e]``, and ``steps`` holds one ``(n,)`` vector.
+        local_index_t: for a pack, each element's index within its parameter.
+        sr_seeds_t: ``(n,)`` int64 seeds: round bf16 parameters stochastically
+            (see Note [low precision]); ``None``: round to nearest.
         grad_scale_t, found_inf_t: a GradScaler's scale (gradients are divided by
             it) and inf flag (the step is skipped, see Note [skipped steps]).
     """
@@ -154,9 +216,10 @@ def adam_step_(
         decay = decay.where(~skip, 1.0)
     root_scale = root_scale.where(~frozen, 0.0)
     eps_scaled = eps_scaled.where(~frozen, -math.inf)
+    cdt = compute_dtype(params[0].dtype, exp_avgs[0].dtype)
     one_minus_beta1s, one_minus_beta2s, root_scales, eps_scaleds, l2s, decays = (
         _coefficients(
-            params[0].dtype,
+            cdt,
             segment_t,
             weight1,
             weight2,
@@ -167,6 +230,27 @@ def adam_step_(
         )
     )
 
+    if cdt != params[0].dtype or cdt != exp_avgs[0].dtype:  # Note [low precision]
+        noise = _noise(sr_seeds_t, step, segment_t, local_index_t, params)
+        for i, param in enumerate(params):
+            grad = _unscale(grads[i].to(cdt), grad_scale_t, config.maximize)
+            p = param.to(cdt)
+            if config.weight_decay == "l2":
+                grad = grad + l2s[i] * p
+            if skip is not None:
+                grad = grad.where(~skip, 0.0)
+            if config.weight_decay == "decoupled":
+                p = p * decays[i]
+            m = exp_avgs[i].to(cdt).lerp(grad, one_minus_beta1s[i])
+            v = exp_avg_sqs[i].to(cdt).lerp(grad.square(), one_minus_beta2s[i])
+            exp_avgs[i].copy_(m)
+            exp_avg_sqs[i].copy_(v)
+            if config.amsgrad:
+                v = torch.maximum(max_exp_avg_sqs[i].to(cdt), v)
+                max_exp_avg_sqs[i].copy_(v)
+            p = p.addcdiv(m, v.sqrt() * root_scales[i] + eps_scaleds[i])
+            _store(param, p, noise[i] if noise else None)
+        return
     for i, param in enumerate(params):
         grad = _unscale(grads[i], grad_scale_t, config.maximize)
         if config.weight_decay == "l2":
@@ -224,8 +308,10 @@ def sgd_step_(
             momentum.where(~skip, 1.0),
             grad_weight.where(~skip, 0.0),
         )
+    state_dtype = momentum_buffers[0].dtype if momentum_buffers else params[0].dtype
+    cdt = compute_dtype(params[0].dtype, state_dtype)
     neg_lrs, wds, momentums, buffer_decays, grad_weights = _coefficients(
-        params[0].dtype,
+        cdt,
         segment_t,
         neg_lr,
         weight_decay * wd_scales_t,
@@ -234,6 +320,24 @@ def sgd_step_(
         grad_weight,
     )
 
+    if cdt != params[0].dtype or cdt != state_dtype:  # Note [low precision]
+        for i, param in enumerate(params):
+            grad = _unscale(grads[i].to(cdt), grad_scale_t, config.maximize)
+            p = param.to(cdt)
+            if config.weight_decay:
+                grad = grad + wds[i] * p
+            if skip is not None:
+                grad = grad.where(~skip, 0.0)
+            if config.momentum:
+                buf = momentum_buffers[i]
+                if fresh_buffers and fresh_buffers[i]:
+                    b = grad
+                else:
+                    b = buf.to(cdt) * buffer_decays[i] + grad * grad_weights[i]
+                buf.copy_(b)
+                grad = grad + momentums[i] * b if config.nesterov else b
+            param.copy_(p + grad * neg_lrs[i])
+        return
     for i, param in enumerate(params):
         grad = _unscale(grads[i], grad_scale_t, config.maximize)
         if config.weight_decay:

@@ -65,6 +65,17 @@ def _check_exclusive_flags(group: dict[str, Any], where: str) -> None:
         raise ValueError(f"`fused` does not support `differentiable` ({where}).")
 
 
+def _zeros_state(p: Tensor, group: dict[str, Any]) -> Tensor:
+    """A zero state tensor like ``p``, in the group's ``state_dtype``."""
+    dtype = group.get("state_dtype") or p.dtype
+    return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+
+
+def _default_seed() -> int:
+    """The rounding seed: reproducible under ``torch.manual_seed``, 31 bits."""
+    return torch.initial_seed() & 0x7FFFFFFF
+
+
 class Adam(UmupOptimizer, torch.optim.Adam):
     """u-μP Adam: ``torch.optim.Adam`` with per-parameter u-μP lr and weight-decay scales.
 
@@ -79,6 +90,11 @@ class Adam(UmupOptimizer, torch.optim.Adam):
         lr, betas, eps, weight_decay, amsgrad, foreach, maximize, capturable,
             differentiable, fused, decoupled_weight_decay: as ``torch.optim.Adam``
             (``foreach``/``fused`` are accepted for compatibility; the engine decides).
+        state_dtype: dtype of the moments (``None``: the parameter's), e.g.
+            ``torch.float32`` for bf16 parameters; the update is computed in float32.
+        stochastic_rounding: round bf16 parameters stochastically on write-back
+            (unbiased); the streams are seeded from ``torch.initial_seed()`` at
+            construction (group key ``sr_seed``, saved in checkpoints).
         independent_weight_decay: divide weight decay by each parameter's initial
             effective lr (unit_scaling's default).
         allow_non_unit_scaling_params: give untagged parameters lr scale 1 instead of
@@ -108,6 +124,8 @@ class Adam(UmupOptimizer, torch.optim.Adam):
         differentiable: bool = False,
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
         independent_weight_decay: bool = True,
         allow_non_unit_scaling_params: bool = False,
         compile: bool | str = True,
@@ -124,6 +142,9 @@ class Adam(UmupOptimizer, torch.optim.Adam):
             "differentiable": differentiable,
             "fused": fused,
             "decoupled_weight_decay": decoupled_weight_decay,
+            "state_dtype": state_dtype,
+            "stochastic_rounding": stochastic_rounding,
+            "sr_seed": _default_seed(),
         }
         self._check_hypers(defaults, "optimizer defaults")
         self._setup_umup(
@@ -174,6 +195,7 @@ class Adam(UmupOptimizer, torch.optim.Adam):
             amsgrad=bool(group["amsgrad"]),
             maximize=bool(group["maximize"]),
             weight_decay=mode,
+            stochastic_rounding=bool(group.get("stochastic_rounding", False)),
         )
 
     def _init_state(
@@ -182,14 +204,10 @@ class Adam(UmupOptimizer, torch.optim.Adam):
         created = "step" not in state
         if created:
             state["step"] = torch.zeros((), dtype=step_dtype(), device=p.device)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(
-                p, memory_format=torch.preserve_format
-            )
+            state["exp_avg"] = _zeros_state(p, group)
+            state["exp_avg_sq"] = _zeros_state(p, group)
         if group["amsgrad"] and "max_exp_avg_sq" not in state:
-            state["max_exp_avg_sq"] = torch.zeros_like(
-                p, memory_format=torch.preserve_format
-            )
+            state["max_exp_avg_sq"] = _zeros_state(p, group)
         return created
 
     _scalar_state_keys = frozenset({"step"})
@@ -220,6 +238,8 @@ class AdamW(Adam, torch.optim.AdamW):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
         independent_weight_decay: bool = True,
         allow_non_unit_scaling_params: bool = False,
         compile: bool | str = True,
@@ -237,6 +257,8 @@ class AdamW(Adam, torch.optim.AdamW):
             differentiable=differentiable,
             fused=fused,
             decoupled_weight_decay=True,
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
             independent_weight_decay=independent_weight_decay,
             allow_non_unit_scaling_params=allow_non_unit_scaling_params,
             compile=compile,
@@ -271,6 +293,7 @@ class SGD(UmupOptimizer, torch.optim.SGD):
         foreach: bool | None = None,
         differentiable: bool = False,
         fused: bool | None = None,
+        state_dtype: torch.dtype | None = None,
         independent_weight_decay: bool = True,
         allow_non_unit_scaling_params: bool = False,
         readout_constraint: str | None = None,
@@ -286,6 +309,7 @@ class SGD(UmupOptimizer, torch.optim.SGD):
             "foreach": foreach,
             "differentiable": differentiable,
             "fused": fused,
+            "state_dtype": state_dtype,
         }
         self._check_hypers(defaults, "optimizer defaults")
         self.readout_constraint = readout_constraint
@@ -327,9 +351,7 @@ class SGD(UmupOptimizer, torch.optim.SGD):
         self, p: Tensor, state: dict[str, Any], group: dict[str, Any]
     ) -> bool:
         if group["momentum"] != 0 and state.get("momentum_buffer") is None:
-            state["momentum_buffer"] = torch.zeros_like(
-                p, memory_format=torch.preserve_format
-            )
+            state["momentum_buffer"] = _zeros_state(p, group)
             return True
         return False
 

@@ -39,12 +39,16 @@ CHUNK = 8
 State = dict[str, Tensor]
 
 
+# Per parameter: group index, lr scale, wd scale, stochastic-rounding seed.
+Factors = tuple[Tensor, Tensor, Tensor, Tensor]
+
+
 @dataclass
 class Unit:
     """One compiled call: the members' bucket indices and their factor tensors."""
 
     members: list[int]
-    factors: tuple[Tensor, Tensor, Tensor]  # group index, lr scales, wd scales
+    factors: Factors
     state_views: list[list[Tensor]]  # chunks: flat views; packs: the flat buffers
 
 
@@ -54,6 +58,7 @@ class Pack:
 
     unit: Unit
     segment_t: Tensor
+    local_index_t: Tensor  # each element's index within its parameter
     flat_param: Tensor
     flat_grad: Tensor
     param_views: list[Tensor]
@@ -91,10 +96,15 @@ def factor_tensors(
     positions: Sequence[tuple[int, int]],
     lr_scales: Sequence[Sequence[float]],
     wd_scales: Sequence[Sequence[float]],
+    sr_seeds: Sequence[int],
     device: torch.device,
     dtype: torch.dtype,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(group index, lr scale, wd scale) vectors of the given parameters."""
+) -> Factors:
+    """(group index, lr scale, wd scale, rounding seed) vectors of the parameters.
+
+    A parameter's rounding seed mixes its group's ``sr_seed`` with its position, so
+    every parameter draws its own stream (see ``_rounding``).
+    """
     return (
         torch.tensor([g for g, _ in positions], dtype=torch.int64, device=device),
         torch.tensor(
@@ -102,6 +112,11 @@ def factor_tensors(
         ),
         torch.tensor(
             [wd_scales[g][i] for g, i in positions], dtype=dtype, device=device
+        ),
+        torch.tensor(
+            [(sr_seeds[g] & 0xFFFFFFFF) | (i << 32) | (g << 52) for g, i in positions],
+            dtype=torch.int64,
+            device=device,
         ),
     )
 
@@ -114,6 +129,7 @@ def build_layout(
     scalar_keys: frozenset[str],
     lr_scales: Sequence[Sequence[float]],
     wd_scales: Sequence[Sequence[float]],
+    sr_seeds: Sequence[int],
     scalar_dtype: torch.dtype,
 ) -> Layout:
     """Lay out one bucket, moving its small parameters' state into flat buffers.
@@ -123,7 +139,7 @@ def build_layout(
             and their state dicts, aligned.
         keys: the state keys in the functional's order (``None``: an empty list).
         scalar_keys: keys holding one 0-d tensor per parameter (e.g. ``step``).
-        lr_scales, wd_scales: every group's u-μP factors.
+        lr_scales, wd_scales, sr_seeds: every group's u-μP factors and rounding seed.
         scalar_dtype: dtype of the factor tensors.
     """
     device = params[0].device
@@ -134,9 +150,14 @@ def build_layout(
             if key is not None and not states[k][key].is_contiguous():
                 states[k][key] = states[k][key].contiguous()
 
-    def factors(members: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+    def factors(members: Sequence[int]) -> Factors:
         return factor_tensors(
-            [positions[k] for k in members], lr_scales, wd_scales, device, scalar_dtype
+            [positions[k] for k in members],
+            lr_scales,
+            wd_scales,
+            sr_seeds,
+            device,
+            scalar_dtype,
         )
 
     pack = None
@@ -180,7 +201,7 @@ def _flat(t: Tensor) -> Tensor:
 
 def _build_pack(
     members: list[int],
-    factors: tuple[Tensor, Tensor, Tensor],
+    factors: Factors,
     params: Sequence[Tensor],
     states: Sequence[State],
     keys: Sequence[str | None],
@@ -196,6 +217,10 @@ def _build_pack(
         counts,
         output_size=total,
     )
+    starts = torch.repeat_interleave(
+        counts.cumsum(0) - counts, counts, output_size=total
+    )
+    local_index_t = (torch.arange(total, device=device) - starts).to(torch.int32)
     flat_param = torch.empty(total, dtype=p0.dtype, device=device)
     flat_grad = torch.empty_like(flat_param)
     flat_state: list[list[Tensor]] = []
@@ -216,6 +241,7 @@ def _build_pack(
     return Pack(
         unit=Unit(members, factors, flat_state),
         segment_t=segment_t,
+        local_index_t=local_index_t,
         flat_param=flat_param,
         flat_grad=flat_grad,
         param_views=_views(flat_param, params),

@@ -80,14 +80,15 @@ def _lowbias32_(h: Tensor) -> Tensor:
     return h
 
 
-def _key(seed_t: Tensor, offset_t: Tensor) -> Tensor:
-    """Hash (seed, offset) into two 32-bit keys, materialised as one ``(2,)`` tensor.
+def stream_keys(seed_t: Tensor, offset_t: Tensor) -> Tensor:
+    """Hash (seed, offset) into two 32-bit keys, materialised as one ``(2, ...)`` tensor.
 
-    Stacking makes Inductor compute the keys once into a buffer, instead of inlining
-    this chain of 0-d ops into every element of the rounding kernel.
+    Elementwise over broadcastable int64 ``seed_t`` and ``offset_t`` (one stream per
+    element: an optimizer passes one seed and step per parameter). Stacking makes
+    Inductor compute the keys once into a buffer, instead of inlining this chain of
+    ops into every element of the rounding kernel.
     """
-    seed = seed_t.reshape(())
-    offset = offset_t.reshape(())
+    seed, offset = seed_t, offset_t
     offset_lo = offset & _MASK32
     seed_digest = _lowbias32_((seed & _MASK32) ^ _SEED_SALT)
     seed_digest = _lowbias32_(seed_digest ^ ((seed >> 32) & _MASK32))
@@ -114,8 +115,16 @@ def random_bits16(
         An int64 tensor of shape ``(numel,)``, a pure function of (index, seed,
         offset).
     """
-    k1, k2 = _key(seed_t, offset_t).unbind()
+    k1, k2 = stream_keys(seed_t.reshape(()), offset_t.reshape(())).unbind()
     index = torch.arange(numel, dtype=torch.int64, device=device or seed_t.device)
+    return bits16(index, k1, k2)
+
+
+def bits16(index: Tensor, k1: Tensor, k2: Tensor) -> Tensor:
+    """The random bits of element ``index`` of the stream with keys ``(k1, k2)``.
+
+    Elementwise over broadcastable int64 tensors (see :func:`stream_keys`).
+    """
     h = _lowbias32_((index & _MASK32) ^ k1)
     h ^= k2
     h ^= index >> 32
@@ -155,6 +164,14 @@ def stochastic_round_bf16(x: Tensor, seed_t: Tensor, offset_t: Tensor) -> Tensor
             f"{offset_t.dtype}: build them with torch.tensor(n, dtype=torch.int64)"
         )
     bits = random_bits16(x.numel(), seed_t, offset_t, x.device).reshape(x.shape)
+    return round_bf16_with_bits(x, bits)
+
+
+def round_bf16_with_bits(x: Tensor, bits: Tensor) -> Tensor:
+    """Round float32 ``x`` to bfloat16, adding the random ``bits`` in ``[0, 2**16)``.
+
+    See Note [stochastic rounding]; :func:`stochastic_round_bf16` draws the bits.
+    """
     pattern = x.view(torch.int32)
     # NaN adds no noise (its pattern plus r could carry into inf or, for +NaN,
     # overflow int32) and gets the quiet bit, which lies in the kept high half.
