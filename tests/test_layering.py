@@ -25,6 +25,7 @@ ALLOWED: dict[str, set[str]] = {
     "optim": {"_describe", "_optimizers", "_plan", "_rules"},
     "__init__": {"optim", "parameter"},
     "demo": {"optim", "parameter"},
+    "distributed": {"parameter"},
 }
 
 

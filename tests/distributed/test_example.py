@@ -1,0 +1,29 @@
+"""examples/distributed_train.py runs under torchrun with 2 CPU processes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_example_distributed_train_runs(mode: str) -> None:
+    cmd = [
+        *(sys.executable, "-m", "torch.distributed.run"),
+        *("--standalone", "--nproc-per-node", "2"),  # --standalone: a free port
+        *("examples/distributed_train.py", "--mode", mode, "--steps", "3"),
+        "--no-compile",
+    ]
+    out = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    losses = [
+        float(line.split()[-1]) for line in out.stdout.splitlines() if "loss" in line
+    ]
+    assert len(losses) == 3 and losses[-1] < losses[0], out.stdout
