@@ -22,11 +22,14 @@ CASES = [
 ]
 
 
-@pytest.fixture(params=["packed", "mixed"])
+@pytest.fixture(params=["packed", "mixed", "dynamic"])
 def threshold(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """All toy parameters packed, or the four matrices chunked and the rest packed."""
-    if request.param == "mixed":
+    """All toy parameters packed; or the four matrices chunked (static graphs per
+    size; or dynamic-shape graphs), the rest packed."""
+    if request.param != "packed":
         monkeypatch.setattr(_pack, "PACK_MAX_NUMEL", 100)
+    if request.param == "dynamic":
+        monkeypatch.setattr(_pack, "MAX_STATIC_SIZES", 0)
     return str(request.param)
 
 
@@ -67,9 +70,9 @@ def test_layout_matches_eager(cls, kwargs, threshold: str) -> None:  # noqa: ANN
             opt.step()
             ref.step()
         assert_same(opt, ref)
-    chunks = threshold == "mixed"
     layout = next(iter(opt._layouts.values()))
-    assert (len(layout.chunks) > 0) == chunks
+    kinds = {u.kind[:5] for u in layout.chunks}
+    assert kinds == {"packed": set(), "mixed": {"stati"}, "dynamic": {"chunk"}}[threshold]
     # state_dict keeps torch's per-parameter layout: views shaped like the params
     for i, p in enumerate(params):
         for key, value in opt.state_dict()["state"][i].items():

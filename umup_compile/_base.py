@@ -47,6 +47,26 @@ UMUP_GROUP_KEYS = (
 CAPTURABLE_DEVICES = ("cuda", "xpu", "hpu")
 
 
+if torch.distributed.is_available():
+    from torch.distributed.tensor import DTensor
+else:  # a torch build without torch.distributed has no DTensor parameters
+    DTensor = ()  # type: ignore[assignment,misc]
+
+
+def local_shard(t: Tensor) -> Tensor:
+    """The local shard of a ``DTensor`` (FSDP2's params, grads, state), else ``t``.
+
+    Note [sharded parameters]: the update is elementwise, so each rank runs it on its
+    shards as plain tensors: no DTensor dispatch per op, no DTensor mixed with the
+    plain hyper-parameter tensors. ``to_local()`` is a view, so the in-place update
+    lands in the DTensor. The u-μP factors come from ``p.shape``, which a DTensor
+    reports globally: those of the full weight. Sharded buckets take the list path,
+    not packs: a pack rebinds the state to views of its flat buffer, and the state
+    must stay DTensors for ``state_dict``/``torch.distributed.checkpoint``.
+    """
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def scalar_dtype(device: torch.device) -> torch.dtype:
     """Dtype of hyper-parameter arithmetic: float64 where the device has it."""
     return torch.float32 if device.type == "mps" else torch.float64
@@ -65,6 +85,7 @@ class Bucket:
 
     config: Hashable
     has_scalars: bool = False
+    sharded: bool = False
     params: list[Tensor] = field(default_factory=list)
     grads: list[Tensor] = field(default_factory=list)
     positions: list[tuple[int, int]] = field(default_factory=list)
@@ -474,6 +495,7 @@ class UmupOptimizer(torch.optim.Optimizer):
                 if bucket is None:
                     bucket = buckets[key] = Bucket(config)
                 bucket.has_scalars |= p.ndim == 0
+                bucket.sharded |= isinstance(p, DTensor)
                 bucket.params.append(p)
                 bucket.grads.append(grad)
                 bucket.positions.append((g, i))
@@ -570,7 +592,12 @@ class UmupOptimizer(torch.optim.Optimizer):
         extra = self._extra_kwargs(bucket, fresh)
         kwargs = {"config": bucket.config, **extra, **amp_kwargs}
         fn = type(self)._functional
-        if self._engine.packs and not extra and not torch.compiler.is_compiling():
+        if (
+            self._engine.packs
+            and not extra
+            and not bucket.sharded  # Note [sharded parameters]
+            and not torch.compiler.is_compiling()
+        ):
             self._run_layout(key, bucket, fresh, hyper_t, kwargs)
             return
         factors = self._factor_tensors(key[0], bucket)
@@ -590,6 +617,8 @@ class UmupOptimizer(torch.optim.Optimizer):
             bucket.grads,
             *([s[k] for s in states] if k else [] for k in self._keys(bucket)),
         )
+        if bucket.sharded:  # Note [sharded parameters]
+            tensor_lists = tuple([local_shard(t) for t in ts] for ts in tensor_lists)
         if bucket.has_scalars:
             # Dynamo (torch 2.13) drops in-place updates of 0-d float64 graph inputs;
             # 1-element views of them update correctly, in both engines alike.
@@ -644,7 +673,7 @@ class UmupOptimizer(torch.optim.Optimizer):
             chunk_kwargs = (
                 {**kwargs, "sr_seeds_t": unit.factors[3]} if rounds else kwargs
             )
-            self._engine(fn, args, chunk_kwargs, f"chunk{len(unit.members)}")
+            self._engine(fn, args, chunk_kwargs, unit.kind)
 
     def _keys(self, bucket: Bucket) -> tuple[str | None, ...]:
         return self._state_keys(bucket.config)

@@ -74,7 +74,7 @@ def _bind_config(fn: StepFn, config: Hashable) -> StepFn:
     return bound
 
 
-def _compile(fn: StepFn, config: Hashable, backend: Any) -> StepFn:
+def _compile(fn: StepFn, config: Hashable, backend: Any, dynamic: bool) -> StepFn:
     """Compile ``fn`` with its static config bound: one graph per call signature.
 
     Inductor's per-input size/stride asserts are dropped: the guards already check
@@ -87,7 +87,7 @@ def _compile(fn: StepFn, config: Hashable, backend: Any) -> StepFn:
     return torch.compile(
         _bind_config(fn, config),
         fullgraph=True,
-        dynamic=None,
+        dynamic=None if dynamic else False,
         backend=backend,
         options=options,
     )
@@ -132,7 +132,9 @@ class CompiledEngine:
         Args:
             kind: names the call's shape class (e.g. ``"pack"``, ``"chunk8"``); each
                 kind gets its own compiled callable, so Dynamo's recompile limit
-                counts variants per kind, not across all of them.
+                counts variants per kind, not across all of them. Kinds starting
+                with ``"static"`` compile with static shapes; others mark every 1-D
+                tensor dynamic.
         """
         config = kwargs["config"]
         rest = {k: v for k, v in kwargs.items() if k != "config"}
@@ -141,14 +143,19 @@ class CompiledEngine:
             fn(*args, **kwargs)
             return
         key = (fn, config, kind)
+        dynamic = not kind.startswith("static")
         compiled = self._cache.get(key)
         if compiled is None:
-            compiled = self._cache[key] = _compile(fn, config, self.backend)
-        _mark_dynamic(args)
+            compiled = self._cache[key] = _compile(fn, config, self.backend, dynamic)
+        if dynamic:
+            _mark_dynamic(args)
         try:
             # Without duck shaping, equal sizes get no equality guard: the next
             # chunk's different sizes reuse the graph.
-            with fx_config.patch(use_duck_shape=False):  # type: ignore[attr-defined]
+            if dynamic:
+                with fx_config.patch(use_duck_shape=False):  # type: ignore[attr-defined]
+                    compiled(*args, **rest)
+            else:
                 compiled(*args, **rest)
         except Exception as e:  # noqa: BLE001 - any backend failure means "cannot compile"
             if self.strict or not _is_compile_failure(e):

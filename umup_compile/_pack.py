@@ -34,6 +34,7 @@ from torch import Tensor
 
 PACK_MAX_NUMEL = 16384
 CHUNK = 8
+MAX_STATIC_SIZES = 8
 
 # A state key is elementwise (shaped like the parameter) unless listed as scalar.
 State = dict[str, Tensor]
@@ -50,6 +51,7 @@ class Unit:
     members: list[int]
     factors: Factors
     state_views: list[list[Tensor]]  # chunks: flat views; packs: the flat buffers
+    kind: str  # the engine's graph class: "pack", "chunk<k>", "static<k>x<numel>"
 
 
 @dataclass
@@ -78,6 +80,36 @@ class Layout:
 def is_large(p: Tensor) -> bool:
     """Whether ``p`` is updated through flat views (else it joins the pack)."""
     return p.numel() >= PACK_MAX_NUMEL and p.is_contiguous()
+
+
+def _chunks(large: list[int], params: Sequence[Tensor]) -> list[tuple[list[int], str]]:
+    """Chunks of large parameters with their graph kind (see the module docstring).
+
+    Parameters of the :data:`MAX_STATIC_SIZES` most frequent sizes are chunked by
+    size, into static-shape graphs (C++ guards, ~60 us a call); the rest share
+    dynamic-shape graphs, whose Python shape guards cost ~0.7 ms a call.
+    """
+    by_size: dict[int, list[int]] = {}
+    for k in large:
+        by_size.setdefault(params[k].numel(), []).append(k)
+    frequent = sorted(by_size, key=lambda n: -len(by_size[n]))[:MAX_STATIC_SIZES]
+    out, rest = [], []
+    for numel, members in by_size.items():
+        if numel not in frequent:
+            rest += members
+            continue
+        for chunk in _split(members):
+            out.append((chunk, f"static{len(chunk)}x{numel}"))
+    out += [(chunk, f"chunk{len(chunk)}") for chunk in _split(sorted(rest))]
+    return out
+
+
+def _split(members: list[int]) -> list[list[int]]:
+    chunks, start = [], 0
+    for size in chunk_sizes(len(members)):
+        chunks.append(members[start : start + size])
+        start += size
+    return chunks
 
 
 def chunk_sizes(n: int) -> list[int]:
@@ -170,14 +202,12 @@ def build_layout(
             keys,
             scalar_keys,
         )
-    chunks, start = [], 0
-    for size in chunk_sizes(len(large)):
-        members = large[start : start + size]
+    chunks = []
+    for members, kind in _chunks(large, params):
         views = [
             [_flat(states[k][key]) for k in members] if key else [] for key in keys
         ]
-        chunks.append(Unit(members, factors(members), views))
-        start += size
+        chunks.append(Unit(members, factors(members), views, kind))
     return Layout(
         positions=tuple(positions),
         states=[[s[key] if key else None for key in keys] for s in states],
@@ -239,7 +269,7 @@ def _build_pack(
             s[key] = view  # state_dict keeps per-parameter tensors: views
         flat_state.append([flat])
     return Pack(
-        unit=Unit(members, factors, flat_state),
+        unit=Unit(members, factors, flat_state, "pack"),
         segment_t=segment_t,
         local_index_t=local_index_t,
         flat_param=flat_param,
