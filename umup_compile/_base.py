@@ -471,6 +471,8 @@ class UmupOptimizer(torch.optim.Optimizer):
         for g, group in enumerate(self.param_groups):
             config = self._config(group)
             capturable = group.get("capturable", False)
+            # (device, dtype) -> bucket, so that the config is hashed once per group
+            local: dict[tuple[torch.device, torch.dtype], Bucket] = {}
             for i, p in enumerate(group["params"]):
                 grad = p.grad
                 if grad is None:
@@ -490,10 +492,13 @@ class UmupOptimizer(torch.optim.Optimizer):
                         f"sparse gradient, which {type(self).__name__} does not support; "
                         "use a dense gradient (e.g. nn.Embedding(sparse=False))."
                     )
-                key = (p.device, p.dtype, config, group.get("state_dtype"))
-                bucket = buckets.get(key)
+                bucket = local.get((p.device, p.dtype))
                 if bucket is None:
-                    bucket = buckets[key] = Bucket(config)
+                    key = (p.device, p.dtype, config, group.get("state_dtype"))
+                    bucket = buckets.get(key)
+                    if bucket is None:
+                        bucket = buckets[key] = Bucket(config)
+                    local[(p.device, p.dtype)] = bucket
                 bucket.has_scalars |= p.ndim == 0
                 bucket.sharded |= isinstance(p, DTensor)
                 bucket.params.append(p)

@@ -26,6 +26,7 @@ was replaced behind our back (e.g. ``load_state_dict``).
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -72,7 +73,7 @@ class Layout:
     """A bucket's units, valid while membership and state tensors stay the same."""
 
     positions: tuple[tuple[int, int], ...]
-    states: list[list[Tensor | None]]  # per member, its state tensors (identity check)
+    states: list[list[Tensor]]  # per state key, the members' tensors (identity check)
     pack: Pack | None
     chunks: list[Unit]
 
@@ -210,7 +211,7 @@ def build_layout(
         chunks.append(Unit(members, factors(members), views, kind))
     return Layout(
         positions=tuple(positions),
-        states=[[s[key] if key else None for key in keys] for s in states],
+        states=[[s[key] for s in states] if key else [] for key in keys],
         pack=pack,
         chunks=chunks,
     )
@@ -293,10 +294,11 @@ def is_current(
     """Whether ``layout`` still describes the bucket (same members, same tensors)."""
     if layout.positions != tuple(positions):
         return False
-    for s, cached in zip(states, layout.states):
-        for key, t in zip(keys, cached):
-            if key is not None and s.get(key) is not t:
-                return False
+    for j, key in enumerate(keys):
+        if key is not None and not all(
+            map(operator.is_, map(operator.itemgetter(key), states), layout.states[j])
+        ):
+            return False
     return True
 
 
