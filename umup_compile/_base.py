@@ -470,7 +470,8 @@ class UmupOptimizer(torch.optim.Optimizer):
         buckets: dict[tuple[Any, ...], Bucket] = {}
         for g, group in enumerate(self.param_groups):
             config = self._config(group)
-            capturable = group.get("capturable", False)
+            # Dynamo sets "capturable" on the groups of optimizers it traces, any device.
+            capturable = group.get("capturable") and not torch.compiler.is_compiling()
             # (device, dtype) -> bucket, so that the config is hashed once per group
             local: dict[tuple[torch.device, torch.dtype], Bucket] = {}
             for i, p in enumerate(group["params"]):
