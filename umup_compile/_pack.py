@@ -1,26 +1,30 @@
 """Layouts for the compiled engine: few calls per step, each over many tensors.
 
 Compiling one graph that unrolls every parameter costs ~0.9 s per tensor on a 2-core
-CPU (500 tensors: minutes). A layout instead splits a bucket into *units*, and every
-unit runs through a graph whose tensor sizes are dynamic, so each graph compiles once
-whatever the sizes and the parameter count:
+CPU (500 tensors: minutes). A layout instead splits a bucket into *units* whose graphs
+are reused, so the number of graphs does not grow with the parameter count:
 
 - the **pack**: small parameters (fewer than :data:`PACK_MAX_NUMEL` elements, or not
   contiguous). Their state lives in one flat buffer per state key (``state[p][key]``
   is a view into it, so ``state_dict`` keeps torch's per-parameter layout); gradients
-  and parameters are copied into flat scratch buffers, updated by one kernel, and
-  copied back. ``segment_t`` maps each element to its parameter's coefficients.
-- **chunks** of up to :data:`CHUNK` large contiguous parameters, passed as flat views
-  (no copies). Chunk lengths are powers of two, so at most ``log2(CHUNK) + 1``
-  graphs exist per static config.
+  and parameters are copied into flat scratch buffers, updated by one dynamic-shape
+  kernel, and copied back. ``segment_t`` maps each element to its parameter's
+  coefficients.
+- **chunks** of up to :data:`CHUNK` large contiguous parameters of one size, passed as
+  flat aliases (no copies), compiled with static shapes (C++ guards, ~0.15 ms a call).
+  Sizes beyond the :data:`MAX_STATIC_SIZES` most frequent share dynamic-shape chunks
+  (Python shape guards, ~0.3-0.7 ms a call). Chunk lengths are powers of two, so a
+  size has at most ``log2(CHUNK) + 1`` graphs.
 
-Measured on 2 CPU cores (torch 2.13): 500 tensors of 64x64 compile in ~13 s, where the
-unrolled graph took ~3 minutes; a compiled call costs ~60 us, so chunks keep the
-per-step overhead of a GPT-like model (34 large tensors: 5 calls) below 1 %. Packing
-copies (~24 B/element) only pay off below ~16K elements, hence the threshold.
+Measured on 2 CPU cores (torch 2.13), first step with a cold cache: 500 and 2000
+tensors of 64x64 in ~14 s, where the unrolled graph took minutes. Packing copies
+(~24 B/element) only pay off below ~16K elements, hence the threshold. Parameters are
+copied rather than re-pointed into the pack (``p.data = view``): a view would make
+``torch.save(model.state_dict())`` write the whole pack per parameter, and safetensors
+refuses shared storage.
 
-A layout is cached per bucket and rebuilt (counted in ``builds``) when the set of
-parameters with gradients changes, a parameter's state is created, or a state tensor
+A layout is cached per bucket and rebuilt (counted in ``layout_builds``) when the set
+of parameters with gradients changes, a parameter's state is created, or a state tensor
 was replaced behind our back (e.g. ``load_state_dict``).
 """
 
