@@ -74,6 +74,37 @@ def _unit_scaling(fused: bool | None) -> Callable[[list[nn.Parameter]], Any]:
     return build
 
 
+def _umup_lowp(
+    stochastic_rounding: bool, compile_: bool = True
+) -> Callable[[list[nn.Parameter]], Any]:
+    """bf16 parameters with float32 moments (``state_dtype``), optionally SR write-back."""
+
+    def build(params: list[nn.Parameter]) -> Any:
+        import umup_compile.optim as uo
+
+        return uo.Adam(
+            params,
+            lr=LR,
+            state_dtype=torch.float32,
+            stochastic_rounding=stochastic_rounding,
+            compile=compile_,
+        )
+
+    return build
+
+
+def _heavyball_adamw() -> Callable[[list[nn.Parameter]], Any]:
+    """HeavyBall's AdamW at weight decay 0 (= Adam); optional, see ``OPTIONAL``."""
+
+    def build(params: list[nn.Parameter]) -> Any:
+        import heavyball  # type: ignore[import-not-found]
+
+        cls = getattr(heavyball, "AdamW", None) or heavyball.ForeachAdamW
+        return cls(params, lr=LR, weight_decay=0.0)
+
+    return build
+
+
 def _torch(**kwargs: Any) -> Callable[[list[nn.Parameter]], Any]:
     def build(params: list[nn.Parameter]) -> Any:
         return torch.optim.Adam(params, lr=LR, **kwargs)
@@ -113,9 +144,82 @@ CONTESTANTS: dict[str, tuple[Callable[[list[nn.Parameter]], Any], str, bool]] = 
     ),
     # Not in the default list: torch's CPU default is the single-tensor for-loop.
     "torch-default": (_torch(), "torch.optim.Adam, defaults, 1 group", False),
+    # Low precision (``python -m benchmarks --dtype bf16-fp32state``): each contestant
+    # runs on its own parameter dtype (PARAM_DTYPES), from the same starting values.
+    "umup-fp32state": (
+        _umup_lowp(False),
+        "umup_compile.optim.Adam(state_dtype=float32), bf16 params, compiled",
+        False,
+    ),
+    "umup-fp32state-sr": (
+        _umup_lowp(True),
+        "umup_compile.optim.Adam(state_dtype=float32, stochastic_rounding=True), "
+        "bf16 params, compiled",
+        False,
+    ),
+    "umup-fp32state-sr-eager": (
+        _umup_lowp(True, compile_=False),
+        "umup_compile.optim.Adam(state_dtype=float32, stochastic_rounding=True, "
+        "compile=False), bf16 params",
+        False,
+    ),
+    "torch-fused-fp32": (
+        _torch(fused=True),
+        "torch.optim.Adam(fused=True), float32 params and state, 1 group",
+        False,
+    ),
+    "torch-fused-bf16": (
+        _torch(fused=True),
+        "torch.optim.Adam(fused=True), bf16 params and state, 1 group",
+        False,
+    ),
+    "heavyball-adamw": (
+        _heavyball_adamw(),
+        "heavyball AdamW(weight_decay=0), bf16 params, its default state dtype",
+        False,
+    ),
 }
-DEFAULT_CONTESTANTS = [n for n in CONTESTANTS if n != "torch-default"]
+# Parameter dtype per contestant where it is not --dtype (the low-precision set).
+PARAM_DTYPES: dict[str, torch.dtype] = {
+    "umup-fp32state": torch.bfloat16,
+    "umup-fp32state-sr": torch.bfloat16,
+    "umup-fp32state-sr-eager": torch.bfloat16,
+    "torch-fused-fp32": torch.float32,
+    "torch-fused-bf16": torch.bfloat16,
+    "heavyball-adamw": torch.bfloat16,
+}
+# Contestants that need a package that is not a dependency: skipped (a row with a
+# note, no timings) when the import fails.
+OPTIONAL = {"heavyball-adamw": "heavyball"}
+DEFAULT_CONTESTANTS = [
+    n for n in CONTESTANTS if n != "torch-default" and n not in PARAM_DTYPES
+]
 SMOKE_CONTESTANTS = ["umup-compiled", "umup-eager", "us-default", BASELINE]
+# The low-precision set and its reference (the baseline of its ratios).
+LOWP_CONTESTANTS = [
+    "umup-fp32state",
+    "umup-fp32state-sr",
+    "torch-fused-fp32",
+    "torch-fused-bf16",
+    "heavyball-adamw",
+]
+LOWP_SMOKE_CONTESTANTS = [
+    "umup-fp32state-sr-eager",
+    "torch-fused-fp32",
+    "torch-fused-bf16",
+    "heavyball-adamw",
+]
+LOWP_BASELINE = "torch-fused-fp32"
+
+
+def missing_module(name: str) -> str | None:
+    """The optional package contestant ``name`` needs, if it cannot be imported."""
+    module = OPTIONAL.get(name)
+    if module is None:
+        return None
+    import importlib.util
+
+    return None if importlib.util.find_spec(module) is not None else module
 
 
 def build_contestant(name: str, params: list[nn.Parameter]) -> Contestant:
@@ -163,6 +267,7 @@ COLUMNS = [
     "contestant",
     "n_tensors",
     "numel",
+    "param_dtype",
     "first_step_ms",
     "median_ms",
     "q1_ms",
@@ -223,6 +328,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch.set_num_threads (default: keep)",
     )
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--baseline",
+        default=BASELINE,
+        help=f"contestant whose median is the denominator of every ratio "
+        f"({LOWP_BASELINE} for the low-precision set)",
+    )
     parser.add_argument(
         "--dtype", choices=["float32", "bfloat16", "float64"], default="float32"
     )
@@ -290,9 +401,9 @@ def target_lines(rows: dict[str, dict[str, Any]]) -> list[str]:
     """The issue's targets, checked against this run's medians."""
 
     def med(name: str) -> float | None:
-        return rows[name]["_median"] if name in rows else None
+        return rows[name].get("_median") if name in rows else None
 
-    checks = []
+    checks = _lowp_lines(med)
     ours, fused = med("umup-compiled"), med(BASELINE)
     eager, us = med("umup-eager"), med("us-default")
     if ours is not None and fused is not None:
@@ -314,6 +425,37 @@ def target_lines(rows: dict[str, dict[str, Any]]) -> list[str]:
             + ("PASS" if r <= 1.0 else "FAIL")
         )
     return checks
+
+
+def _lowp_lines(med: Callable[[str], float | None]) -> list[str]:
+    """bf16 + float32 state vs torch fused on float32 (informative, no target)."""
+    lines = []
+    ref = med(LOWP_BASELINE)
+    for name in ("umup-fp32state", "umup-fp32state-sr", "torch-fused-bf16"):
+        t = med(name)
+        if t is not None and ref is not None:
+            lines.append(f"- {name} / {LOWP_BASELINE} = {t / ref:.3f}x")
+    return lines
+
+
+def cast_params(params: list[nn.Parameter], dtype: torch.dtype) -> list[nn.Parameter]:
+    """Copies of tagged parameters (and gradients) in ``dtype``, same starting values."""
+    out = common.copy_params(params)
+    for p in out:
+        p.data = p.data.to(dtype)
+        if p.grad is not None:
+            p.grad = p.grad.to(dtype)
+    return out
+
+
+def skipped_row(name: str, module: str) -> dict[str, Any]:
+    """A table row for an optional contestant whose package is missing."""
+    return {
+        "contestant": name,
+        "description": CONTESTANTS[name][1],
+        "note": f"skipped: `import {module}` failed (optional; pip install {module})",
+        "skipped": True,
+    }
 
 
 def run(
@@ -349,9 +491,18 @@ def run(
     n_names = len(args.contestants)
     total = n_names * (1 + args.warmup + args.repeats)
     peak_extra: dict[str, int | None] = {}
+    skipped = {n: m for n in args.contestants if (m := missing_module(n)) is not None}
     for i, name in enumerate(args.contestants):
+        if name in skipped:
+            print(f"  skipped {name}: `import {skipped[name]}` failed", flush=True)
+            continue
         gc.collect()
-        params = common.copy_params(master)
+        dtype_ = PARAM_DTYPES.get(name, dtype)
+        params = (
+            common.copy_params(master)
+            if dtype_ == dtype
+            else cast_params(master, dtype_)
+        )
         if device.type == "cuda":
             common.synchronize(device)
             before = torch.cuda.memory_allocated(device)
@@ -416,7 +567,17 @@ def run(
         contestants_out.update(contestants)
 
     rows: dict[str, dict[str, Any]] = {}
-    for name, c in contestants.items():
+    for name in args.contestants:
+        if name in skipped:
+            rows[name] = {
+                "set": args.set,
+                "n_tensors": n_tensors,
+                "numel": numel,
+                **skipped_row(name, skipped[name]),
+                **head,
+            }
+            continue
+        c = contestants[name]
         t = timings[name]
         note = c.note
         engine = getattr(c.optimizer, "_engine", None)
@@ -442,15 +603,18 @@ def run(
             "window": args.window,
             "time_scheduler": args.time_scheduler,
             "note": note,
+            "param_dtype": str(PARAM_DTYPES.get(name, dtype)).replace("torch.", ""),
             "state_bytes": common.state_bytes(c.optimizer),
             "peak_extra_bytes": peak_extra[name],
             "_median": t.median,
             **head,
         }
-    if BASELINE in rows:
-        base = rows[BASELINE]["_median"]
+    baseline = getattr(args, "baseline", BASELINE)
+    if baseline in contestants:
+        base = rows[baseline]["_median"]
         for row in rows.values():
-            row["ratio_vs_torch_fused"] = f"{row['_median'] / base:.2f}"
+            if "_median" in row:
+                row["ratio_vs_torch_fused"] = f"{row['_median'] / base:.2f}"
     return list(rows.values()), head, target_lines(rows)
 
 
@@ -504,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
         + f"\n- run: {meta}\n"
         + f"- command: `python benchmarks/bench_step.py {command}`\n\n"
         + "Times in ms per optimizer step; median and IQR over round-robin samples; "
-        + f"ratio = median / median of {BASELINE}.\n\n"
+        + f"ratio = median / median of {args.baseline}.\n\n"
         + table
         + "\n\nTargets:\n\n"
         + "\n".join(targets)

@@ -1,7 +1,9 @@
-"""``python -m benchmarks --smoke`` runs end to end and writes its md, JSON and PNG."""
+"""``python -m benchmarks --smoke`` runs end to end and writes its md, CSV, JSON, PNG."""
 
 from __future__ import annotations
 
+import csv
+import importlib.util
 import json
 import subprocess
 import sys
@@ -40,7 +42,7 @@ def test_harness_smoke_writes_md_json_png(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| contestant |" in proc.stdout
-    for ext in ("md", "json", "png"):
+    for ext in ("md", "csv", "json", "png"):
         assert len(list(tmp_path.glob(f"*_gpt_*.{ext}"))) == 1, ext
     (js,) = tmp_path.glob("*.json")
     doc = json.loads(js.read_text())
@@ -62,6 +64,45 @@ def test_harness_smoke_writes_md_json_png(tmp_path: Path) -> None:
     (png,) = tmp_path.glob("*.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "![step time]" in next(tmp_path.glob("*.md")).read_text()
+
+
+# The low-precision smoke list: eager only (no compile), so it stays fast.
+LOWP_SMOKE = [
+    ("umup-fp32state-sr-eager", 22),  # bf16 param/grad, float32 moments: 2+2+2+8+8
+    ("torch-fused-fp32", 28),  # float32 everything: 7 x 4
+    ("torch-fused-bf16", 14),  # bf16 everything: 7 x 2
+]
+
+
+def test_harness_smoke_bf16_fp32state_bytes_per_contestant(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--smoke", "--dtype", "bf16-fp32state"]
+        + ["--out", str(tmp_path), "--no-progress"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for ext in ("md", "csv", "json", "png"):
+        assert len(list(tmp_path.glob(f"*_bf16-fp32state.{ext}"))) == 1, ext
+    doc = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert doc["baseline"] == "torch-fused-fp32"
+    numel = doc["run"]["numel"]
+    rows = {r["contestant"]: r for r in doc["contestants"]}
+    for name, per_element in LOWP_SMOKE:
+        assert rows[name]["bytes_per_step"] == per_element * numel, name
+        assert rows[name]["median_ms"] > 0
+    assert rows["torch-fused-fp32"]["ratio_vs_torch_fused"] == 1.0
+    assert rows["umup-fp32state-sr-eager"]["param_dtype"] == "bfloat16"
+    # float32 moments on bf16 parameters: 8 B of state per element.
+    assert rows["umup-fp32state-sr-eager"]["state_bytes"] >= 8 * numel
+    if importlib.util.find_spec("heavyball") is None:  # optional: a row, no timings
+        assert rows["heavyball-adamw"]["median_ms"] is None
+        assert "skipped" in rows["heavyball-adamw"]["note"]
+    csv_rows = list(csv.DictReader(next(tmp_path.glob("*.csv")).open()))
+    assert [r["contestant"] for r in csv_rows] == list(rows)
 
 
 def test_harness_refuses_gpu_workloads_on_cpu() -> None:
