@@ -105,15 +105,15 @@ def test_step_has_no_host_sync() -> None:
         opt.step()
         float_opt.step()
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in range(3):
+    for _ in range(3):  # schedulers change the lrs between steps, outside the check
+        torch.cuda.set_sync_debug_mode("error")
+        try:
             opt.step()
-            sched.step()
             float_opt.step()
-            float_sched.step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        sched.step()
+        float_sched.step()
 
 
 @torch._dynamo.config.patch(trace_autograd_ops=True)
