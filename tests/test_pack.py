@@ -72,7 +72,9 @@ def test_layout_matches_eager(cls, kwargs, threshold: str) -> None:  # noqa: ANN
         assert_same(opt, ref)
     layout = next(iter(opt._layouts.values()))
     kinds = {u.kind[:5] for u in layout.chunks}
-    assert kinds == {"packed": set(), "mixed": {"stati"}, "dynamic": {"chunk"}}[threshold]
+    assert (
+        kinds == {"packed": set(), "mixed": {"stati"}, "dynamic": {"chunk"}}[threshold]
+    )
     # state_dict keeps torch's per-parameter layout: views shaped like the params
     for i, p in enumerate(params):
         for key, value in opt.state_dict()["state"][i].items():
