@@ -89,6 +89,7 @@ class Bucket:
     params: list[Tensor] = field(default_factory=list)
     grads: list[Tensor] = field(default_factory=list)
     positions: list[tuple[int, int]] = field(default_factory=list)
+    states: list[dict[str, Any]] = field(default_factory=list)  # set by _init_states
 
 
 class UmupOptimizer(torch.optim.Optimizer):
@@ -511,8 +512,9 @@ class UmupOptimizer(torch.optim.Optimizer):
         """Create missing state; return the ids of parameters whose state is new."""
         fresh: set[int] = set()
         for bucket in buckets.values():
-            for p, (g, _) in zip(bucket.params, bucket.positions):
-                if self._init_state(p, self.state[p], self.param_groups[g]):
+            bucket.states = [self.state[p] for p in bucket.params]
+            for p, state, (g, _) in zip(bucket.params, bucket.states, bucket.positions):
+                if self._init_state(p, state, self.param_groups[g]):
                     fresh.add(id(p))
         return fresh
 
@@ -570,18 +572,13 @@ class UmupOptimizer(torch.optim.Optimizer):
         return hyper_t
 
     def _factor_tensors(self, device: torch.device, bucket: Bucket) -> Factors:
-        """Per-bucket (group index, lr scales, wd scales), built once per layout."""
+        """Per-bucket (group index, lr scale, wd scale, rounding seed) vectors, built
+        once per layout."""
         key = (device, bucket.config, tuple(bucket.positions))
         cached = self._factors.get(key)
         if cached is None or torch.compiler.is_compiling():
-            groups = self.param_groups
             cached = factor_tensors(
-                bucket.positions,
-                [g["lr_scales"] for g in groups],
-                [g["wd_scales"] for g in groups],
-                [g.get("sr_seed", 0) for g in groups],
-                device,
-                scalar_dtype(device),
+                bucket.positions, *self._group_factors(), device, scalar_dtype(device)
             )
             if not torch.compiler.is_compiling():  # traced: graph constants, no cache
                 self._factors[key] = cached
@@ -617,7 +614,7 @@ class UmupOptimizer(torch.optim.Optimizer):
 
     def _list_args(self, bucket: Bucket) -> tuple[list[Tensor], ...]:
         """One list per tensor argument, one entry per parameter (eager, traced)."""
-        states = [self.state[p] for p in bucket.params]
+        states = bucket.states
         tensor_lists = (
             bucket.params,
             bucket.grads,
@@ -640,7 +637,7 @@ class UmupOptimizer(torch.optim.Optimizer):
         kwargs: dict[str, Any],
     ) -> None:
         """Run the bucket as the compiled engine's units (see ``_pack``)."""
-        states = [self.state[p] for p in bucket.params]
+        states = bucket.states
         keys = self._keys(bucket)
         layout = self._layouts.get(key)
         if (
@@ -648,16 +645,13 @@ class UmupOptimizer(torch.optim.Optimizer):
             or fresh.intersection(map(id, bucket.params))
             or not is_current(layout, bucket.positions, states, keys)
         ):
-            groups = self.param_groups
             layout = self._layouts[key] = build_layout(
                 bucket.params,
                 bucket.positions,
                 states,
                 keys,
                 self._scalar_state_keys,
-                [g["lr_scales"] for g in groups],
-                [g["wd_scales"] for g in groups],
-                [g.get("sr_seed", 0) for g in groups],
+                *self._group_factors(),
                 scalar_dtype(key[0]),
             )
             self.layout_builds += 1
@@ -680,6 +674,17 @@ class UmupOptimizer(torch.optim.Optimizer):
                 {**kwargs, "sr_seeds_t": unit.factors[3]} if rounds else kwargs
             )
             self._engine(fn, args, chunk_kwargs, unit.kind)
+
+    def _group_factors(
+        self,
+    ) -> tuple[list[list[float]], list[list[float]], list[int]]:
+        """Every group's lr scales, wd scales and rounding seed (``_pack`` layouts)."""
+        groups = self.param_groups
+        return (
+            [g["lr_scales"] for g in groups],
+            [g["wd_scales"] for g in groups],
+            [g.get("sr_seed", 0) for g in groups],
+        )
 
     def _keys(self, bucket: Bucket) -> tuple[str | None, ...]:
         return self._state_keys(bucket.config)
