@@ -10,24 +10,20 @@ from __future__ import annotations
 import argparse
 import csv
 from pathlib import Path
+from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from benchmarks.bench_compile import write_png
 
 
-def load(paths: list[Path]) -> dict[str, dict[int, tuple[str, str]]]:
-    """contestant -> tensor count -> (first step s, load average before)."""
-    rows: dict[str, dict[int, tuple[str, str]]] = {}
+def load(paths: list[Path]) -> list[dict[str, Any]]:
+    """The rows of every CSV, later files overriding a (contestant, count) point."""
+    rows: dict[tuple[str, int], dict[str, Any]] = {}
     for path in paths:
         with path.open() as f:
             for row in csv.DictReader(f):
-                rows.setdefault(row["contestant"], {})[int(row["n_tensors"])] = (
-                    row["first_step_s"],
-                    row["load_before"],
-                )
-    return rows
+                n = int(row["n_tensors"])
+                rows[(row["contestant"], n)] = {**row, "n_tensors": n}
+    return list(rows.values())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="path without suffix")
     args = parser.parse_args(argv)
     rows = load(args.csvs)
-    counts = sorted({n for by_count in rows.values() for n in by_count})
+    counts = sorted({r["n_tensors"] for r in rows})
     lines = [
         "# First optimizer step (compile included) vs tensor count",
         "",
@@ -47,29 +43,20 @@ def main(argv: list[str] | None = None) -> None:
         "| contestant | " + " | ".join(str(n) for n in counts) + " |",
         "|---|" + "---|" * len(counts),
     ]
-    for name, by_count in rows.items():
+    for name in dict.fromkeys(r["contestant"] for r in rows):
+        by_count = {r["n_tensors"]: r for r in rows if r["contestant"] == name}
         cells = [
-            f"{by_count[n][0]} ({by_count[n][1] or '?'})" if n in by_count else "-"
+            f"{by_count[n]['first_step_s']} ({by_count[n]['load_before'] or '?'})"
+            if n in by_count
+            else "-"
             for n in counts
         ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, by_count in rows.items():
-        points = [
-            (n, float(v[0])) for n, v in sorted(by_count.items()) if v[0][0].isdigit()
-        ]
-        ax.plot(*zip(*points), marker="o", label=name)
-        timeouts = [n for n, v in by_count.items() if not v[0][0].isdigit()]
-        for n in timeouts:
-            ax.annotate("timeout", (n, ax.get_ylim()[1]), ha="center", va="top")
-    ax.set_xscale("log")
-    ax.set_xlabel("parameter tensors (64x64)")
-    ax.set_ylabel("first step, s (compile included)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(args.out.with_suffix(".png"), dpi=120)
+    # the timeout marker sits at the limit of the points that hit it
+    timed_out = [r for r in rows if r["status"] == "timeout"] or rows
+    timeout = max(float(r["timeout_s"]) for r in timed_out)
+    write_png(args.out.with_suffix(".png"), rows, args.out.name, timeout)
     print(f"wrote {args.out}.md and {args.out}.png")
 
 
