@@ -22,15 +22,23 @@ CASES = [
 ]
 
 
-@pytest.fixture(params=["packed", "mixed", "dynamic"])
+@pytest.fixture(params=["packed", "unrolled", "sized", "dynamic"])
 def threshold(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """All toy parameters packed; or the four matrices chunked (static graphs per
-    size; or dynamic-shape graphs), the rest packed."""
+    """All toy parameters packed; or the four matrices in one unrolled unit, or
+    chunked (static graphs per size; or dynamic-shape graphs), the rest packed."""
     if request.param != "packed":
         monkeypatch.setattr(_pack, "PACK_MAX_NUMEL", 100)
+    if request.param in ("sized", "dynamic"):
+        monkeypatch.setattr(_pack, "UNROLL_MAX", 0)
     if request.param == "dynamic":
         monkeypatch.setattr(_pack, "MAX_STATIC_SIZES", 0)
     return str(request.param)
+
+
+def unit_class(kind: str) -> str:
+    if kind.startswith("static:"):
+        return "unrolled"
+    return "sized" if kind.startswith("static") else "dynamic"
 
 
 def assert_same(a: torch.optim.Optimizer, b: torch.optim.Optimizer) -> None:
@@ -71,10 +79,8 @@ def test_layout_matches_eager(cls, kwargs, threshold: str) -> None:  # noqa: ANN
             ref.step()
         assert_same(opt, ref)
     layout = next(iter(opt._layouts.values()))
-    kinds = {u.kind[:5] for u in layout.chunks}
-    assert (
-        kinds == {"packed": set(), "mixed": {"stati"}, "dynamic": {"chunk"}}[threshold]
-    )
+    classes = {unit_class(u.kind) for u in layout.chunks}
+    assert classes == (set() if threshold == "packed" else {threshold})
     # state_dict keeps torch's per-parameter layout: views shaped like the params
     for i, p in enumerate(params):
         for key, value in opt.state_dict()["state"][i].items():
@@ -106,9 +112,12 @@ def test_rebuilds_and_graphs_are_bounded(threshold: str) -> None:
         ref.step()
     assert opt.layout_builds == 1 + 6 + 1
     assert_same(opt, ref)
-    # one graph per kind (pack, chunk sizes): sizes and membership never recompile
+    # one graph per kind (pack, chunk sizes): sizes and membership never recompile;
+    # one unrolled unit at most (the first membership), other memberships chunked
     kinds = {k for _, _, k in opt._engine._cache}
     assert counter.frame_count == len(kinds), (counter.frame_count, kinds)
+    unrolled = [k for k in kinds if unit_class(k) == "unrolled"]
+    assert len(unrolled) == (threshold == "unrolled"), kinds
 
 
 def test_add_param_group_rebuilds_once() -> None:
@@ -160,15 +169,59 @@ def test_checkpoint_roundtrip_resumes_bitwise(threshold: str) -> None:
     assert_same(opt, resumed)
 
 
-def test_many_tensors_one_pack_graph() -> None:
-    """600 small tensors and 20 large ones: three graphs (pack, chunk8, chunk4)."""
+@pytest.mark.parametrize("unroll_max", [48, 16])
+def test_many_tensors_one_pack_graph(
+    unroll_max: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """600 small tensors and 20 large ones: two graphs (pack, one unrolled unit); or,
+    with more large tensors than ``UNROLL_MAX``, three (pack, static8, static4)."""
+    monkeypatch.setattr(_pack, "UNROLL_MAX", unroll_max)
     params = [uc.Parameter(torch.randn(4, 4), "weight") for _ in range(600)]
     params += [uc.Parameter(torch.randn(130, 128), "weight") for _ in range(20)]
     opt = Adam(params, lr=0.01)
     counter = CompileCounter()
     use_backend(opt, counter)
     run_steps([opt], [params], 2)
-    assert counter.frame_count == 3
     layout = next(iter(opt._layouts.values()))
     assert layout.pack is not None and len(layout.pack.unit.members) == 600
-    assert [len(u.members) for u in layout.chunks] == [8, 8, 4]
+    chunks = [(len(u.members), u.kind) for u in layout.chunks]
+    if unroll_max == 48:
+        assert chunks == [(20, "static:20*130x128")]
+    else:
+        assert chunks == [
+            (8, "static8x16640"),
+            (8, "static8x16640"),
+            (4, "static4x16640"),
+        ]
+    assert counter.frame_count == 1 + len({kind for _, kind in chunks})
+
+
+def test_unit_policy() -> None:
+    """Large parameters: one unrolled unit sorted by size, named by its sizes; a second
+    membership, or more than ``UNROLL_MAX`` parameters, goes to per-size chunks."""
+    params = [torch.empty(n) for n in (3 * 2**16, 2**16, 2**18, 2**18, 3 * 2**16)]
+    unrolled: set[str] = set()
+
+    def plan(members: list[int]) -> str:
+        return str(_pack._chunks(members, params, unrolled))
+
+    assert_expected_inline(
+        plan([0, 1, 2, 3, 4]),
+        """[([1, 0, 4, 2, 3], 'static:1*65536+2*196608+2*262144')]""",
+    )
+    assert_expected_inline(
+        plan([0, 1, 2, 3, 4]),
+        """[([1, 0, 4, 2, 3], 'static:1*65536+2*196608+2*262144')]""",
+    )
+    assert_expected_inline(
+        plan([0, 2, 3, 4]),
+        """[([0, 4], 'static2x196608'), ([2, 3], 'static2x262144')]""",
+    )
+    assert len(unrolled) == _pack.MAX_UNROLLED_KINDS == 1
+    params += [torch.empty(2**16)] * _pack.UNROLL_MAX
+    assert_expected_inline(
+        str(
+            [kind for _, kind in _pack._chunks(list(range(len(params))), params, set())]
+        ),
+        """['static2x196608', 'static8x65536', 'static8x65536', 'static8x65536', 'static8x65536', 'static8x65536', 'static8x65536', 'static1x65536', 'static2x262144']""",
+    )

@@ -142,6 +142,7 @@ class UmupOptimizer(torch.optim.Optimizer):
         self._factors: dict[tuple[Any, ...], Factors] = {}
         self._layouts: dict[tuple[Any, ...], Layout] = {}
         self.layout_builds = 0  # see ``_pack``: counted so that tests can bound it
+        self._unrolled_kinds: set[str] = set()  # see ``_pack._chunks``
 
     # torch pickles (and deep-copies) only defaults, state and param_groups; the u-μP
     # options travel beside them, and the engine and caches are rebuilt on arrival.
@@ -653,6 +654,7 @@ class UmupOptimizer(torch.optim.Optimizer):
                 self._scalar_state_keys,
                 *self._group_factors(),
                 scalar_dtype(key[0]),
+                self._unrolled_kinds,
             )
             self.layout_builds += 1
         fn = type(self)._functional

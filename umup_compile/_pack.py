@@ -10,18 +10,31 @@ are reused, so the number of graphs does not grow with the parameter count:
   and parameters are copied into flat scratch buffers, updated by one dynamic-shape
   kernel, and copied back. ``segment_t`` maps each element to its parameter's
   coefficients.
-- **chunks** of up to :data:`CHUNK` large contiguous parameters of one size, passed as
-  flat aliases (no copies), compiled with static shapes (C++ guards, ~0.15 ms a call).
-  Sizes beyond the :data:`MAX_STATIC_SIZES` most frequent share dynamic-shape chunks
-  (Python shape guards, ~0.3-0.7 ms a call). Chunk lengths are powers of two, so a
-  size has at most ``log2(CHUNK) + 1`` graphs.
+- the **unrolled unit**: when a bucket has at most :data:`UNROLL_MAX` large contiguous
+  parameters, one static-shape graph over all of them, passed as they are. Its kind
+  names their shapes, so another membership would compile another graph: beyond
+  :data:`MAX_UNROLLED_KINDS` per optimizer, other memberships use chunks.
+- **chunks** (more large parameters, or after that): up to :data:`CHUNK` parameters of
+  one size, passed as flat aliases (no copies; one graph serves every shape of that
+  size), compiled with static shapes (C++ guards). Sizes beyond the
+  :data:`MAX_STATIC_SIZES` most frequent share dynamic-shape chunks (Python shape
+  guards). Chunk lengths are powers of two, so a size has at most ``log2(CHUNK) + 1``
+  graphs, whatever the membership.
+
+Why both: on CPU each compiled call costs ~0.5-1 ms of Python, because the kernel
+before it has streamed the caches empty (measured: the same call takes 0.2 ms warm and
+0.9 ms after a 128 MB copy). On the GPT-like benchmark (34 large tensors of 4 sizes)
+six calls per step (pack + five chunks) ran 1.14-1.19x torch fused where one graph
+ran 1.05-1.09x; two (pack + unrolled unit) ran 1.07-1.10x. The unrolled unit compiles
+as fast there (42 s vs 43 s, fresh cache, 2 threads; ~0.8 s per extra tensor: 66
+tensors took 71 s against 46 s for chunks), hence the limit of 48.
 
 Measured on 2 CPU cores (torch 2.13), first step with a cold cache: 500 and 2000
-tensors of 64x64 in ~14 s, where the unrolled graph took minutes. Packing copies
-(~24 B/element) only pay off below ~16K elements, hence the threshold. Parameters are
-copied rather than re-pointed into the pack (``p.data = view``): a view would make
-``torch.save(model.state_dict())`` write the whole pack per parameter, and safetensors
-refuses shared storage.
+tensors of 64x64 in ~14 s, where the graph unrolled over every tensor took minutes.
+Packing copies (~24 B/element) only pay off below ~16K elements, hence the threshold.
+Parameters are copied rather than re-pointed into the pack (``p.data = view``): a view
+would make ``torch.save(model.state_dict())`` write the whole pack per parameter, and
+safetensors refuses shared storage.
 
 A layout is cached per bucket and rebuilt (counted in ``layout_builds``) when the set
 of parameters with gradients changes, a parameter's state is created, or a state tensor
@@ -40,6 +53,8 @@ from torch import Tensor
 PACK_MAX_NUMEL = 16384
 CHUNK = 8
 MAX_STATIC_SIZES = 8
+UNROLL_MAX = 48
+MAX_UNROLLED_KINDS = 1
 
 # A state key is elementwise (shaped like the parameter) unless listed as scalar.
 State = dict[str, Tensor]
@@ -55,8 +70,13 @@ class Unit:
 
     members: list[int]
     factors: Factors
-    state_views: list[list[Tensor]]  # chunks: flat views; packs: the flat buffers
+    state_views: list[list[Tensor]]  # per state key: see ``chunk_lists``
     kind: str  # the engine's graph class: "pack", "chunk<k>", "static<k>x<numel>"
+
+    @property
+    def unrolled(self) -> bool:
+        """Whether the members are passed as they are (not as flat aliases)."""
+        return self.kind.startswith("static:")
 
 
 @dataclass
@@ -87,13 +107,24 @@ def is_large(p: Tensor) -> bool:
     return p.numel() >= PACK_MAX_NUMEL and p.is_contiguous()
 
 
-def _chunks(large: list[int], params: Sequence[Tensor]) -> list[tuple[list[int], str]]:
-    """Chunks of large parameters with their graph kind (see the module docstring).
+def _chunks(
+    large: list[int], params: Sequence[Tensor], unrolled: set[str]
+) -> list[tuple[list[int], str]]:
+    """Units of large parameters with their graph kind (see the module docstring).
+
+    ``unrolled`` holds the unrolled kinds this optimizer has compiled; a new one is
+    added while there are fewer than :data:`MAX_UNROLLED_KINDS`.
 
     Parameters of the :data:`MAX_STATIC_SIZES` most frequent sizes are chunked by
     size, into static-shape graphs (C++ guards, ~0.15 ms a call); the rest share
     dynamic-shape graphs, whose Python shape guards cost ~0.3-0.7 ms a call.
     """
+    if 0 < len(large) <= UNROLL_MAX:
+        members = sorted(large, key=lambda k: (params[k].numel(), params[k].shape))
+        kind = _unrolled_kind([params[k].shape for k in members])
+        if kind in unrolled or len(unrolled) < MAX_UNROLLED_KINDS:
+            unrolled.add(kind)
+            return [(members, kind)]
     by_size: dict[int, list[int]] = {}
     for k in large:
         by_size.setdefault(params[k].numel(), []).append(k)
@@ -107,6 +138,19 @@ def _chunks(large: list[int], params: Sequence[Tensor]) -> list[tuple[list[int],
             out.append((chunk, f"static{len(chunk)}x{numel}"))
     out += [(chunk, f"chunk{len(chunk)}") for chunk in _split(sorted(rest))]
     return out
+
+
+def _unrolled_kind(shapes: list[torch.Size]) -> str:
+    """``"static:2*16x32+1*64x64"`` for sorted shapes (16, 32), (16, 32), (64, 64)."""
+    runs: list[tuple[int, torch.Size]] = []
+    for shape in shapes:
+        if runs and runs[-1][1] == shape:
+            runs[-1] = (runs[-1][0] + 1, shape)
+        else:
+            runs.append((1, shape))
+    return "static:" + "+".join(
+        f"{count}*{'x'.join(map(str, shape))}" for count, shape in runs
+    )
 
 
 def _split(members: list[int]) -> list[list[int]]:
@@ -168,6 +212,7 @@ def build_layout(
     wd_scales: Sequence[Sequence[float]],
     sr_seeds: Sequence[int],
     scalar_dtype: torch.dtype,
+    unrolled: set[str],
 ) -> Layout:
     """Lay out one bucket, moving its small parameters' state into flat buffers.
 
@@ -178,6 +223,7 @@ def build_layout(
         scalar_keys: keys holding one 0-d tensor per parameter (e.g. ``step``).
         lr_scales, wd_scales, sr_seeds: every group's u-μP factors and rounding seed.
         scalar_dtype: dtype of the factor tensors.
+        unrolled: the unrolled kinds compiled so far (updated, see ``_chunks``).
     """
     device = params[0].device
     small = [k for k, p in enumerate(params) if not is_large(p)]
@@ -208,9 +254,10 @@ def build_layout(
             scalar_keys,
         )
     chunks = []
-    for members, kind in _chunks(large, params):
+    for members, kind in _chunks(large, params, unrolled):
+        alias = (lambda t: t) if kind.startswith("static:") else _flat
         views = [
-            [_flat(states[k][key]) for k in members] if key else [] for key in keys
+            [alias(states[k][key]) for k in members] if key else [] for key in keys
         ]
         chunks.append(Unit(members, factors(members), views, kind))
     return Layout(
@@ -327,7 +374,8 @@ def unpack(pack: Pack, params: Sequence[Tensor]) -> None:
 def chunk_lists(
     unit: Unit, params: Sequence[Tensor], grads: Sequence[Tensor]
 ) -> TensorLists:
-    """Flat aliases of a chunk's parameters and gradients, with its state aliases.
+    """A unit's parameters, gradients and state: flat aliases for a chunk, the
+    tensors themselves for the unrolled unit (gradients made contiguous).
 
     Updates through an alias do not bump the parameter's version counter, so it is
     bumped here, as an in-place update would (autograd then catches a step taken
@@ -335,11 +383,11 @@ def chunk_lists(
     """
     chunk = [params[k] for k in unit.members]
     torch.autograd.graph.increment_version(chunk)
+    grad_list = (grads[k] for k in unit.members)
+    if unit.unrolled:
+        return (chunk, [g.contiguous() for g in grad_list], *unit.state_views)
     return (
         [_flat(p) for p in chunk],
-        [
-            _flat(g) if g.is_contiguous() else g.reshape(-1)
-            for g in (grads[k] for k in unit.members)
-        ],
+        [_flat(g) if g.is_contiguous() else g.reshape(-1) for g in grad_list],
         *unit.state_views,
     )
