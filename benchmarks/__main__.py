@@ -267,16 +267,6 @@ def add_figures(
     return rows
 
 
-def _num(value: Any) -> Any:
-    """Numbers stored as formatted strings by bench_step back to numbers."""
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
 def write_png(
     path: Path, rows: list[dict[str, Any]], title: str, baseline: str
 ) -> None:
@@ -376,7 +366,9 @@ def main(argv: list[str] | None = None) -> int:
         "header": head,
         "run": run_info,
         "baseline": baseline,
-        "contestants": [{k: _num(r.get(k)) for k in JSON_FIELDS} for r in rows],
+        "contestants": [
+            {k: common.as_number(r.get(k)) for k in JSON_FIELDS} for r in rows
+        ],
         "targets": targets,
     }
     (out / f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n")

@@ -325,16 +325,6 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def _num(value: Any) -> Any:
-    """Numbers kept as formatted strings for the table back to numbers (JSON)."""
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return value
-
-
 def write_png(
     path: Path, rows: Sequence[dict[str, Any]], title: str, timeout: float
 ) -> None:
@@ -510,7 +500,9 @@ def main(argv: list[str] | None = None) -> int:
         "run": run_info,
         "points": [
             {
-                k: _num(r.get(k)) if k in ("first_step_s", "steady_ms") else r.get(k)
+                k: common.as_number(r.get(k), text_as_none=True)
+                if k in ("first_step_s", "steady_ms")
+                else r.get(k)
                 for k in [*COLUMNS, "steady_samples_ms"]
             }
             for r in rows

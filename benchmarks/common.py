@@ -391,6 +391,20 @@ def header(device: torch.device) -> dict[str, str]:
 # -- output -------------------------------------------------------------------------
 
 
+def as_number(value: Any, *, text_as_none: bool = False) -> Any:
+    """A number kept as a formatted string (for a table) back to a number (for JSON).
+
+    Other strings (a note such as "timeout") stay as they are, or become ``None`` with
+    ``text_as_none``.
+    """
+    if not isinstance(value, str):
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        return None if text_as_none else value
+
+
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     """A GitHub markdown table of ``rows`` restricted to ``columns``."""
     lines = [

@@ -604,10 +604,13 @@ class UmupOptimizer(torch.optim.Optimizer):
         ):
             self._run_layout(key, bucket, fresh, hyper_t, kwargs)
             return
-        factors = self._factor_tensors(key[0], bucket)
-        args = (*self._list_args(bucket), hyper_t, *factors[:3])
-        if _rounds(bucket):
-            kwargs["sr_seeds_t"] = factors[3]
+        args, kwargs = _call(
+            self._list_args(bucket),
+            hyper_t,
+            self._factor_tensors(key[0], bucket),
+            kwargs,
+            _rounds(bucket),
+        )
         if extra:  # Note [first SGD step]: state-creating steps run eagerly.
             fn(*args, **kwargs)
         else:
@@ -661,21 +664,33 @@ class UmupOptimizer(torch.optim.Optimizer):
         rounds = _rounds(bucket)
         pack = layout.pack
         if pack is not None:
-            lists = pack_lists(pack, bucket.params, bucket.grads)
-            args = (*lists, hyper_t, *pack.unit.factors[:3])
             pack_kwargs = {**kwargs, "segment_t": pack.segment_t}
             if rounds:
                 pack_kwargs["local_index_t"] = pack.local_index_t
-                pack_kwargs["sr_seeds_t"] = pack.unit.factors[3]
-            self._engine(fn, args, pack_kwargs, "pack")
+            self._engine(
+                fn,
+                *_call(
+                    pack_lists(pack, bucket.params, bucket.grads),
+                    hyper_t,
+                    pack.unit.factors,
+                    pack_kwargs,
+                    rounds,
+                ),
+                "pack",
+            )
             unpack(pack, bucket.params)
         for unit in layout.chunks:
-            lists = chunk_lists(unit, bucket.params, bucket.grads)
-            args = (*lists, hyper_t, *unit.factors[:3])
-            chunk_kwargs = (
-                {**kwargs, "sr_seeds_t": unit.factors[3]} if rounds else kwargs
+            self._engine(
+                fn,
+                *_call(
+                    chunk_lists(unit, bucket.params, bucket.grads),
+                    hyper_t,
+                    unit.factors,
+                    kwargs,
+                    rounds,
+                ),
+                unit.kind,
             )
-            self._engine(fn, args, chunk_kwargs, unit.kind)
 
     def _group_factors(
         self,
@@ -759,6 +774,19 @@ def _check_low_precision(
                 f"{describe_param(p, names[i], g, i)} is float16; use bfloat16 "
                 "parameters or stochastic_rounding=False."
             )
+
+
+def _call(
+    lists: tuple[list[Tensor], ...],
+    hyper_t: Tensor,
+    factors: Factors,
+    kwargs: dict[str, Any],
+    rounds: bool,
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The functional's arguments: tensor lists, hypers, then the factors (group
+    index, lr and wd scales); the rounding seeds go by keyword, when rounding."""
+    args = (*lists, hyper_t, *factors[:3])
+    return args, ({**kwargs, "sr_seeds_t": factors[3]} if rounds else kwargs)
 
 
 def _rounds(bucket: Bucket) -> bool:

@@ -192,7 +192,10 @@ def adam_step_(
     if skip is None:
         torch._foreach_add_(steps, 1)
     else:
-        torch._foreach_add_(steps, (~skip).to(steps[0].dtype))
+        # A list of tensors, not one tensor "scalar": CPU's foreach reads that on the
+        # host (``.item()``); elementwise adds stay on the device.
+        increment = (~skip).to(steps[0].dtype)
+        torch._foreach_add_(steps, [increment] * len(steps))
     lr, beta1, beta2, eps, weight_decay = _per_param(hyper_t, group_index_t)
     lrs = lr * lr_scales_t
     # reshape: 0-d parameters arrive as 1-element views (see UmupOptimizer._run_bucket).
