@@ -18,7 +18,12 @@ from torch.profiler import ProfilerActivity, profile
 from tests.helpers import set_grads, toy_params, use_backend
 from umup_compile.optim import SGD, Adam, AdamW
 
-HOST_READS = ("aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::equal")
+HOST_READS = (
+    "aten::_local_scalar_dense",
+    "aten::item",
+    "aten::is_nonzero",
+    "aten::equal",
+)
 
 CASES: list[tuple[str, type, dict[str, Any]]] = [
     ("adam_tensor_lr", Adam, {"lr": torch.tensor(0.01), "weight_decay": 0.1}),
@@ -35,7 +40,9 @@ def host_reads(fn: Any) -> list[str]:
 
 
 @pytest.mark.parametrize("engine", ["eager", "compiled"])
-@pytest.mark.parametrize("cls,kwargs", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(
+    "cls,kwargs", [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
 def test_steady_step_reads_nothing_on_the_host(
     cls: type, kwargs: dict[str, Any], engine: str
 ) -> None:

@@ -196,6 +196,29 @@ def test_many_tensors_one_pack_graph(
     assert counter.frame_count == 1 + len({kind for _, kind in chunks})
 
 
+def test_pack_rows() -> None:
+    """Each packed parameter starts a row of ``PACK_ROW``; the padding stays zero."""
+    params = [uc.Parameter(torch.randn(n), "bias") for n in (16, 130, 256)]
+    opt = Adam(params, lr=0.01)
+    use_backend(opt, "aot_eager")
+    run_steps([opt], [params], 3)
+    pack = next(iter(opt._layouts.values())).pack
+    assert pack is not None
+    assert_expected_inline(
+        str((pack.segment_t.tolist(), pack.local_index_t.tolist())),
+        """([0, 1, 1, 2, 2], [0, 0, 128, 0, 128])""",
+    )
+    flat = pack.unit.state_views[0][0]  # exp_avg
+    assert flat.shape == (5, _pack.PACK_ROW)
+    for buffer in (flat, pack.flat_param, pack.flat_grad):
+        rows = buffer.view(-1)
+        assert rows[16:128].eq(0).all() and rows[128 + 130 : 384].eq(0).all()
+    for p in params:  # state entries are views of the rows
+        assert opt.state[p]["exp_avg"].untyped_storage().data_ptr() == (
+            flat.untyped_storage().data_ptr()
+        )
+
+
 def test_unit_policy() -> None:
     """Large parameters: one unrolled unit sorted by size, named by its sizes; a second
     membership, or more than ``UNROLL_MAX`` parameters, goes to per-size chunks."""

@@ -2,8 +2,9 @@
 
 ``torch.compile`` appears only in :func:`_compile`. A compiled engine keeps one compiled
 callable per (function, config, kind); hyper-parameters are tensors, so schedules never
-recompile, and the 1-D tensors of a call (flat parameters, state and factor vectors, see
-``_pack``) have dynamic sizes, so new sizes never recompile either. Fallbacks are chosen
+recompile, and the tensors of a dynamic-shape call (pack rows, flat chunks, factor
+vectors, see ``_pack``) have a dynamic first dimension, so new sizes never recompile
+either. Fallbacks are chosen
 in one place, :func:`choose_engine`, and announced once.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import types
 import warnings
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any, Protocol
 
 import torch
@@ -93,14 +94,15 @@ def _compile(fn: StepFn, config: Hashable, backend: Any, dynamic: bool) -> StepF
     )
 
 
-def _mark_dynamic(args: tuple[Any, ...]) -> None:
-    """Let every 1-D tensor of a call vary in size without recompiling.
+def _mark_dynamic(args: Iterable[Any]) -> None:
+    """Let the first dimension of every tensor of a call vary without recompiling
+    (flat chunks, pack rows, per-parameter vectors, hyper-parameter rows).
 
     ``maybe_mark_dynamic`` tolerates sizes 0 and 1, which stay specialized.
     """
     for arg in args:
         for t in arg if isinstance(arg, list) else (arg,):
-            if isinstance(t, torch.Tensor) and t.ndim == 1:
+            if isinstance(t, torch.Tensor) and t.ndim >= 1:
                 torch._dynamo.maybe_mark_dynamic(t, 0)
 
 
@@ -148,7 +150,7 @@ class CompiledEngine:
         if compiled is None:
             compiled = self._cache[key] = _compile(fn, config, self.backend, dynamic)
         if dynamic:
-            _mark_dynamic(args)
+            _mark_dynamic((*args, *rest.values()))
         try:
             # Without duck shaping, equal sizes get no equality guard: the next
             # chunk's different sizes reuse the graph.

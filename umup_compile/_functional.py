@@ -81,11 +81,13 @@ def _coefficients(
     once to the parameters' dtype, as a kernel rounds a Python scalar; a float64 0-d
     coefficient would otherwise promote a 0-d parameter's arithmetic to float64. See
     Note [realized coefficients]. For a pack (``segment_t`` given) each coefficient
-    becomes one per-element vector, gathered by the elements' parameter index.
+    becomes one ``(rows, 1)`` column, gathered by the rows' parameter index, which
+    broadcasts over the pack's ``(rows, PACK_ROW)`` tensors: one gather per row, not
+    per element (measured: 12 ms instead of 42 ms for 2000 x 4096 elements, 1 thread).
     """
     table = torch.stack(vectors).to(dtype)
     if segment_t is not None:
-        return [(row,) for row in table.index_select(1, segment_t)]
+        return [(row,) for row in table.index_select(1, segment_t).unsqueeze(-1)]
     return [row.unbind() for row in table]
 
 
@@ -119,9 +121,10 @@ def _noise(
     if sr_seeds_t is None:
         return None
     keys = stream_keys(sr_seeds_t, step.to(torch.int64))
-    if segment_t is not None and local_index_t is not None:
-        k1, k2 = keys.index_select(1, segment_t).unbind()
-        return [(local_index_t.to(torch.int64), k1, k2)]
+    if segment_t is not None and local_index_t is not None:  # a pack: rows
+        k1, k2 = keys.index_select(1, segment_t).unsqueeze(-1).unbind()
+        columns = torch.arange(params[0].shape[-1], device=local_index_t.device)
+        return [(local_index_t.to(torch.int64).unsqueeze(-1) + columns, k1, k2)]
     k1s, k2s = keys.unbind()
     return [
         (
@@ -177,10 +180,11 @@ def adam_step_(
         lr_scales_t, wd_scales_t: ``(n,)`` u-μP factors; effective lr is
             ``lr * lr_scale`` and effective weight decay ``weight_decay * wd_scale``.
         config: static structure.
-        segment_t: for a pack (see ``_pack``): the lists hold one flat tensor each,
-            holding ``n`` parameters; element ``e`` belongs to parameter
-            ``segment_t[e]``, and ``steps`` holds one ``(n,)`` vector.
-        local_index_t: for a pack, each element's index within its parameter.
+        segment_t: for a pack (see ``_pack``): the lists hold one ``(rows, width)``
+            tensor each, holding ``n`` parameters; row ``r`` belongs to parameter
+            ``segment_t[r]``, and ``steps`` holds one ``(n,)`` vector.
+        local_index_t: for a pack, the index within its parameter of each row's
+            first element.
         sr_seeds_t: ``(n,)`` int64 seeds: round bf16 parameters stochastically
             (see Note [low precision]); ``None``: round to nearest.
         grad_scale_t, found_inf_t: a GradScaler's scale (gradients are divided by

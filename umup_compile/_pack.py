@@ -5,11 +5,11 @@ CPU (500 tensors: minutes). A layout instead splits a bucket into *units* whose 
 are reused, so the number of graphs does not grow with the parameter count:
 
 - the **pack**: small parameters (fewer than :data:`PACK_MAX_NUMEL` elements, or not
-  contiguous). Their state lives in one flat buffer per state key (``state[p][key]``
-  is a view into it, so ``state_dict`` keeps torch's per-parameter layout); gradients
-  and parameters are copied into flat scratch buffers, updated by one dynamic-shape
-  kernel, and copied back. ``segment_t`` maps each element to its parameter's
-  coefficients.
+  contiguous). Their state lives in one buffer per state key (``state[p][key]`` is a
+  view into it, so ``state_dict`` keeps torch's per-parameter layout); gradients and
+  parameters are copied into scratch buffers, updated by one dynamic-shape kernel, and
+  copied back. Buffers are ``(rows, PACK_ROW)``, each parameter starting a row, and
+  ``segment_t`` maps each row to its parameter's coefficients.
 - the **unrolled unit**: when a bucket has at most :data:`UNROLL_MAX` large contiguous
   parameters, one static-shape graph over all of them, passed as they are. Its kind
   names their shapes, so another membership would compile another graph: beyond
@@ -23,7 +23,7 @@ are reused, so the number of graphs does not grow with the parameter count:
 
 Why both: on CPU each compiled call costs ~0.5-1 ms of Python, because the kernel
 before it has streamed the caches empty (measured: the same call takes 0.2 ms warm and
-0.9 ms after a 128 MB copy). On the GPT-like benchmark (34 large tensors of 4 sizes)
+0.9 ms after copying 64 MB). On the GPT-like benchmark (34 large tensors of 4 sizes)
 six calls per step (pack + five chunks) ran 1.14-1.19x torch fused where one graph
 ran 1.05-1.09x; two (pack + unrolled unit) ran 1.07-1.10x. The unrolled unit compiles
 as fast there (42 s vs 43 s, fresh cache, 2 threads; ~0.8 s per extra tensor: 66
@@ -43,6 +43,7 @@ was replaced behind our back (e.g. ``load_state_dict``).
 
 from __future__ import annotations
 
+import itertools
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ import torch
 from torch import Tensor
 
 PACK_MAX_NUMEL = 16384
+PACK_ROW = 128
 CHUNK = 8
 MAX_STATIC_SIZES = 8
 UNROLL_MAX = 48
@@ -81,11 +83,11 @@ class Unit:
 
 @dataclass
 class Pack:
-    """Small parameters' flat state and scratch buffers (see the module docstring)."""
+    """Small parameters' state and scratch buffers, ``(rows, PACK_ROW)`` each."""
 
     unit: Unit
-    segment_t: Tensor
-    local_index_t: Tensor  # each element's index within its parameter
+    segment_t: Tensor  # each row's parameter
+    local_index_t: Tensor  # each row's first element's index within its parameter
     flat_param: Tensor
     flat_grad: Tensor
     param_views: list[Tensor]
@@ -289,22 +291,32 @@ def _build_pack(
     keys: Sequence[str | None],
     scalar_keys: frozenset[str],
 ) -> Pack:
+    """Small parameters in rows of :data:`PACK_ROW` elements, each starting a row.
+
+    Rows let the kernel gather coefficients once per row (see ``_coefficients``);
+    the padding (< PACK_ROW elements per parameter) stays zero in gradients and
+    parameters and is never read back.
+    """
     p0 = params[0]
-    sizes = [p.numel() for p in params]
-    total = sum(sizes)
     device = p0.device
-    counts = torch.tensor(sizes, device=device)
+    row_counts = [-(-p.numel() // PACK_ROW) for p in params]
+    rows = sum(row_counts)
+    firsts = [0, *itertools.accumulate(row_counts)][:-1]  # each parameter's first row
+    counts = torch.tensor(row_counts, device=device)
     segment_t = torch.repeat_interleave(
         torch.arange(len(params), dtype=torch.int32, device=device),
         counts,
-        output_size=total,
+        output_size=rows,
     )
-    starts = torch.repeat_interleave(
-        counts.cumsum(0) - counts, counts, output_size=total
+    row_starts = torch.repeat_interleave(
+        torch.tensor(firsts, device=device), counts, output_size=rows
     )
-    local_index_t = (torch.arange(total, device=device) - starts).to(torch.int32)
-    flat_param = torch.empty(total, dtype=p0.dtype, device=device)
-    flat_grad = torch.empty_like(flat_param)
+    local_index_t = ((torch.arange(rows, device=device) - row_starts) * PACK_ROW).to(
+        torch.int32
+    )
+    offsets = [first * PACK_ROW for first in firsts]
+    flat_param = torch.zeros(rows, PACK_ROW, dtype=p0.dtype, device=device)
+    flat_grad = torch.zeros_like(flat_param)
     flat_state: list[list[Tensor]] = []
     for key in keys:
         if key is None:
@@ -314,8 +326,10 @@ def _build_pack(
             flat = torch.stack([s[key].reshape(()) for s in states])
             views = list(flat.unbind())
         else:
-            flat = torch.empty(total, dtype=states[0][key].dtype, device=device)
-            views = _views(flat, params)
+            flat = torch.zeros(
+                rows, PACK_ROW, dtype=states[0][key].dtype, device=device
+            )
+            views = _views(flat, offsets, params)
             torch._foreach_copy_(views, [s[key] for s in states])
         for s, view in zip(states, views):
             s[key] = view  # state_dict keeps per-parameter tensors: views
@@ -326,14 +340,20 @@ def _build_pack(
         local_index_t=local_index_t,
         flat_param=flat_param,
         flat_grad=flat_grad,
-        param_views=_views(flat_param, params),
-        grad_views=_views(flat_grad, params),
+        param_views=_views(flat_param, offsets, params),
+        grad_views=_views(flat_grad, offsets, params),
     )
 
 
-def _views(flat: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
-    sizes = [p.numel() for p in params]
-    return [v.view(p.shape) for v, p in zip(torch.split(flat, sizes), params)]
+def _views(
+    flat: Tensor, offsets: Sequence[int], params: Sequence[Tensor]
+) -> list[Tensor]:
+    """Each parameter's region of a pack buffer, shaped like the parameter."""
+    elements = flat.view(-1)
+    return [
+        elements[start : start + p.numel()].view(p.shape)
+        for start, p in zip(offsets, params)
+    ]
 
 
 def is_current(
