@@ -78,7 +78,8 @@ def test_engine_grad_none_rebuild_is_bounded() -> None:
     params[0].grad = None
     opt.step()
     opt.step()
-    assert counter.frame_count == 2  # one graph per distinct set of params with grads
+    # the pack's sizes are dynamic: another membership rebuilds the layout only
+    assert (opt.layout_builds, counter.frame_count) == (2, 1)
 
 
 def test_engine_umup_compile_env_selects_eager(monkeypatch: pytest.MonkeyPatch) -> None:
