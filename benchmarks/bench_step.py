@@ -112,6 +112,17 @@ def _torch(**kwargs: Any) -> Callable[[list[nn.Parameter]], Any]:
     return build
 
 
+def _umup_capturable() -> Callable[[list[nn.Parameter]], Any]:
+    def build(params: list[nn.Parameter]) -> Any:
+        from umup_compile.optim import Adam
+
+        # A device lr: LambdaLR fills it in place, so replays see the schedule.
+        lr = torch.tensor(LR, device=params[0].device)
+        return Adam(params, lr=lr, capturable=True)
+
+    return build
+
+
 def _torch_tensor_lr() -> Callable[[list[nn.Parameter]], Any]:
     def build(params: list[nn.Parameter]) -> Any:
         return torch.optim.Adam(params, lr=torch.tensor(LR))
@@ -119,64 +130,72 @@ def _torch_tensor_lr() -> Callable[[list[nn.Parameter]], Any]:
     return build
 
 
-# name -> (builder, description, compile the step with torch.compile?)
-CONTESTANTS: dict[str, tuple[Callable[[list[nn.Parameter]], Any], str, bool]] = {
+# name -> (builder, description, how the step runs: "step" (called), "compile"
+# (torch.compile of a function calling it) or "graph" (captured once in a CUDA graph,
+# then replayed))
+CONTESTANTS: dict[str, tuple[Callable[[list[nn.Parameter]], Any], str, str]] = {
     "umup-compiled": (
         _umup(True),
         "umup_compile.optim.Adam (default: compiled)",
-        False,
+        "step",
     ),
-    "umup-eager": (_umup(False), "umup_compile.optim.Adam(compile=False)", False),
-    "us-default": (_unit_scaling(None), "unit_scaling.optim.Adam, defaults", False),
-    "us-fused": (_unit_scaling(True), "unit_scaling.optim.Adam(fused=True)", False),
-    BASELINE: (_torch(fused=True), "torch.optim.Adam(fused=True), 1 group", False),
+    "umup-eager": (_umup(False), "umup_compile.optim.Adam(compile=False)", "step"),
+    "us-default": (_unit_scaling(None), "unit_scaling.optim.Adam, defaults", "step"),
+    "us-fused": (_unit_scaling(True), "unit_scaling.optim.Adam(fused=True)", "step"),
+    BASELINE: (_torch(fused=True), "torch.optim.Adam(fused=True), 1 group", "step"),
     "torch-foreach": (
         _torch(foreach=True),
         "torch.optim.Adam(foreach=True), 1 group",
-        False,
+        "step",
     ),
     "torch-compiled": (
         # A tensor lr, as the torch docs advise with schedulers: LambdaLR fill_s it,
         # so a new lr is not a new constant in the graph.
         _torch_tensor_lr(),
         "torch.compile(fullgraph=False) of torch.optim.Adam.step, tensor lr, 1 group",
-        True,
+        "compile",
+    ),
+    "umup-capturable": (
+        _umup_capturable(),
+        "umup_compile.optim.Adam(capturable=True), tensor lr, step captured in a CUDA "
+        "graph and replayed (CUDA only)",
+        "graph",
     ),
     # Not in the default list: torch's CPU default is the single-tensor for-loop.
-    "torch-default": (_torch(), "torch.optim.Adam, defaults, 1 group", False),
+    "torch-default": (_torch(), "torch.optim.Adam, defaults, 1 group", "step"),
     # Low precision (``python -m benchmarks --dtype bf16-fp32state``): each contestant
     # runs on its own parameter dtype (PARAM_DTYPES), from the same starting values.
     "umup-fp32state": (
         _umup_lowp(False),
         "umup_compile.optim.Adam(state_dtype=float32), bf16 params, compiled",
-        False,
+        "step",
     ),
     "umup-fp32state-sr": (
         _umup_lowp(True),
         "umup_compile.optim.Adam(state_dtype=float32, stochastic_rounding=True), "
         "bf16 params, compiled",
-        False,
+        "step",
     ),
     "umup-fp32state-sr-eager": (
         _umup_lowp(True, compile_=False),
         "umup_compile.optim.Adam(state_dtype=float32, stochastic_rounding=True, "
         "compile=False), bf16 params",
-        False,
+        "step",
     ),
     "torch-fused-fp32": (
         _torch(fused=True),
         "torch.optim.Adam(fused=True), float32 params and state, 1 group",
-        False,
+        "step",
     ),
     "torch-fused-bf16": (
         _torch(fused=True),
         "torch.optim.Adam(fused=True), bf16 params and state, 1 group",
-        False,
+        "step",
     ),
     "heavyball-adamw": (
         _heavyball_adamw(),
         "heavyball AdamW(weight_decay=0), bf16 params, its default state dtype",
-        False,
+        "step",
     ),
 }
 # Parameter dtype per contestant where it is not --dtype (the low-precision set).
@@ -189,8 +208,9 @@ PARAM_DTYPES: dict[str, torch.dtype] = {
     "heavyball-adamw": torch.bfloat16,
 }
 # Contestants that need a package that is not a dependency: skipped (a row with a
-# note, no timings) when the import fails.
+# note, no timings) when the import fails. Likewise for CUDA-only contestants.
 OPTIONAL = {"heavyball-adamw": "heavyball"}
+CUDA_ONLY = {"umup-capturable"}
 DEFAULT_CONTESTANTS = [
     n for n in CONTESTANTS if n != "torch-default" and n not in PARAM_DTYPES
 ]
@@ -212,21 +232,27 @@ LOWP_SMOKE_CONTESTANTS = [
 LOWP_BASELINE = "torch-fused-fp32"
 
 
-def missing_module(name: str) -> str | None:
-    """The optional package contestant ``name`` needs, if it cannot be imported."""
+def skip_reason(name: str, device: torch.device) -> str | None:
+    """Why contestant ``name`` cannot run here (a missing optional package, no CUDA)."""
+    if name in CUDA_ONLY and device.type != "cuda":
+        return "needs a CUDA device"
     module = OPTIONAL.get(name)
     if module is None:
         return None
     import importlib.util
 
-    return None if importlib.util.find_spec(module) is not None else module
+    if importlib.util.find_spec(module) is not None:
+        return None
+    return f"`import {module}` failed (optional; pip install {module})"
 
 
 def build_contestant(name: str, params: list[nn.Parameter]) -> Contestant:
-    builder, _, compile_step = CONTESTANTS[name]
+    builder, _, mode = CONTESTANTS[name]
     opt = builder(params)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule)
-    if not compile_step:
+    if mode == "graph":
+        return Contestant(name, opt, _graph_step(opt), sched)
+    if mode == "step":
         return Contestant(name, opt, opt.step, sched)
 
     # As the torch docs show for compiling an optimizer: a compiled function that
@@ -236,6 +262,33 @@ def build_contestant(name: str, params: list[nn.Parameter]) -> Contestant:
         opt.step()
 
     return Contestant(name, opt, compiled_step, sched)
+
+
+def _graph_step(opt: torch.optim.Optimizer) -> Callable[[], None]:
+    """``opt.step`` captured in a CUDA graph at the first call, replayed after.
+
+    The first call warms up on a side stream (compiles, creates state and layouts),
+    as CUDA-graph capture requires, then captures one step: the first-step time
+    includes all of it. Gradients are set once in this benchmark, so the captured
+    step keeps reading the right tensors.
+    """
+    graph: torch.cuda.CUDAGraph | None = None
+
+    def step() -> None:
+        nonlocal graph
+        if graph is None:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(3):
+                    opt.step()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                opt.step()
+        graph.replay()
+
+    return step
 
 
 class GraphTracker:
@@ -448,12 +501,12 @@ def cast_params(params: list[nn.Parameter], dtype: torch.dtype) -> list[nn.Param
     return out
 
 
-def skipped_row(name: str, module: str) -> dict[str, Any]:
-    """A table row for an optional contestant whose package is missing."""
+def skipped_row(name: str, reason: str) -> dict[str, Any]:
+    """A table row for a contestant that cannot run here (see ``skip_reason``)."""
     return {
         "contestant": name,
         "description": CONTESTANTS[name][1],
-        "note": f"skipped: `import {module}` failed (optional; pip install {module})",
+        "note": f"skipped: {reason}",
         "skipped": True,
     }
 
@@ -491,10 +544,12 @@ def run(
     n_names = len(args.contestants)
     total = n_names * (1 + args.warmup + args.repeats)
     peak_extra: dict[str, int | None] = {}
-    skipped = {n: m for n in args.contestants if (m := missing_module(n)) is not None}
+    skipped = {
+        n: why for n in args.contestants if (why := skip_reason(n, device)) is not None
+    }
     for i, name in enumerate(args.contestants):
         if name in skipped:
-            print(f"  skipped {name}: `import {skipped[name]}` failed", flush=True)
+            print(f"  skipped {name}: {skipped[name]}", flush=True)
             continue
         gc.collect()
         dtype_ = PARAM_DTYPES.get(name, dtype)

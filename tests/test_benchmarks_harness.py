@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -137,3 +138,23 @@ def test_harness_help_lists_options() -> None:
         assert option in proc.stdout
     for workload in ("gpt-124m", "gpt-1.2b", "many-small"):
         assert workload in proc.stdout
+
+
+def test_harness_capturable_contestant(tmp_path: Path) -> None:
+    """The CUDA-graph contestant: replayed on CUDA, a skipped row elsewhere."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--smoke", "--no-progress"]
+        + ["--contestants", "umup-capturable,torch-fused", "--out", str(tmp_path)]
+        + (["--device", "cuda"] if torch.cuda.is_available() else []),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(next(tmp_path.glob("*.json")).read_text())
+    row = {r["contestant"]: r for r in doc["contestants"]}["umup-capturable"]
+    if torch.cuda.is_available():
+        assert row["median_ms"] > 0
+    else:
+        assert row["median_ms"] is None and row["note"] == "skipped: needs a CUDA device"
