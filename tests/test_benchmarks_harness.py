@@ -157,4 +157,6 @@ def test_harness_capturable_contestant(tmp_path: Path) -> None:
     if torch.cuda.is_available():
         assert row["median_ms"] > 0
     else:
-        assert row["median_ms"] is None and row["note"] == "skipped: needs a CUDA device"
+        assert (
+            row["median_ms"] is None and row["note"] == "skipped: needs a CUDA device"
+        )
