@@ -23,11 +23,11 @@ are reused, so the number of graphs does not grow with the parameter count:
 
 Why both: on CPU each compiled call costs ~0.5-1 ms of Python, because the kernel
 before it has streamed the caches empty (measured: the same call takes 0.2 ms warm and
-0.9 ms after copying 64 MB). On the GPT-like benchmark (34 large tensors of 4 sizes)
-six calls per step (pack + five chunks) ran 1.14-1.19x torch fused where one graph
-ran 1.05-1.09x; two (pack + unrolled unit) ran 1.07-1.10x. The unrolled unit compiles
-as fast there (42 s vs 43 s, fresh cache, 2 threads; ~0.8 s per extra tensor: 66
-tensors took 71 s against 46 s for chunks), hence the limit of 48.
+0.9 ms after copying 64 MB). On the GPT-like benchmark (34 large tensors of 4 sizes,
+1 thread, one process) six calls per step (pack + five chunks) ran 1.16-1.24x torch
+fused, two (pack + unrolled unit) 1.01-1.12x, one graph over every tensor 1.05-1.13x.
+The unrolled unit compiles as fast there (42 s vs 43 s for chunks, fresh cache, 2
+threads) but grows ~0.8 s per tensor (66 tensors: 71 s against 46 s), hence the limit.
 
 Measured on 2 CPU cores (torch 2.13), first step with a cold cache: 500 and 2000
 tensors of 64x64 in ~14 s, where the graph unrolled over every tensor took minutes.
@@ -73,7 +73,7 @@ class Unit:
     members: list[int]
     factors: Factors
     state_views: list[list[Tensor]]  # per state key: see ``chunk_lists``
-    kind: str  # the engine's graph class: "pack", "chunk<k>", "static<k>x<numel>"
+    kind: str  # the graph class: "pack", "static:<shapes>", "static<k>x<numel>", "chunk<k>"
 
     @property
     def unrolled(self) -> bool:
