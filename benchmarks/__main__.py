@@ -83,14 +83,7 @@ CSV_COLUMNS = [
     "repeats",
     "warmup",
     "window",
-    "date",
-    "device",
-    "device_name",
-    "threads",
-    "torch",
-    "triton",
-    "python",
-    "commit",
+    *common.RUN_COLUMNS,
 ]
 TABLE_COLUMNS = [
     "contestant",

@@ -337,14 +337,7 @@ COLUMNS = [
     "time_scheduler",
     "note",
     "description",
-    "date",
-    "device",
-    "device_name",
-    "threads",
-    "torch",
-    "triton",
-    "python",
-    "commit",
+    *common.RUN_COLUMNS,
 ]
 TABLE_COLUMNS = [
     "contestant",

@@ -364,6 +364,19 @@ def git_commit() -> str:
     return commit + ("-dirty" if dirty else "")
 
 
+# The header facts (see ``header``) that every CSV row repeats, in column order.
+RUN_COLUMNS = [
+    "date",
+    "device",
+    "device_name",
+    "threads",
+    "torch",
+    "triton",
+    "python",
+    "commit",
+]
+
+
 def header(device: torch.device) -> dict[str, str]:
     """Facts every result carries: device, software versions, threads, commit, date."""
     info = {

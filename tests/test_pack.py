@@ -36,7 +36,7 @@ def threshold(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
 
 
 def unit_class(kind: str) -> str:
-    if kind.startswith("static:"):
+    if _pack.is_unrolled(kind):
         return "unrolled"
     return "sized" if kind.startswith("static") else "dynamic"
 

@@ -78,7 +78,7 @@ class Unit:
     @property
     def unrolled(self) -> bool:
         """Whether the members are passed as they are (not as flat aliases)."""
-        return self.kind.startswith("static:")
+        return is_unrolled(self.kind)
 
 
 @dataclass
@@ -140,6 +140,11 @@ def _chunks(
             out.append((chunk, f"static{len(chunk)}x{numel}"))
     out += [(chunk, f"chunk{len(chunk)}") for chunk in _split(sorted(rest))]
     return out
+
+
+def is_unrolled(kind: str) -> bool:
+    """Whether ``kind`` names an unrolled unit (see ``_unrolled_kind``)."""
+    return kind.startswith("static:")
 
 
 def _unrolled_kind(shapes: list[torch.Size]) -> str:
@@ -257,7 +262,7 @@ def build_layout(
         )
     chunks = []
     for members, kind in _chunks(large, params, unrolled):
-        alias = (lambda t: t) if kind.startswith("static:") else _flat
+        alias = (lambda t: t) if is_unrolled(kind) else _flat
         views = [
             [alias(states[k][key]) for k in members] if key else [] for key in keys
         ]
