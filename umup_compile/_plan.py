@@ -193,3 +193,11 @@ def as_float(value: float | Tensor, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{what} must be a float or a 1-element Tensor, got {value!r}.")
     return float(value)
+
+
+def check_tensor_scalar(value: Any, what: str) -> None:
+    """Raise torch's error for a multi-element tensor hyper-parameter."""
+    if isinstance(value, Tensor) and value.numel() != 1:
+        raise ValueError(
+            f"Tensor {what} must be 1-element, got shape {tuple(value.shape)}"
+        )
