@@ -39,7 +39,9 @@ LR = 1e-2
 BASELINE = "torch-fused"
 
 
-def _umup(compile_: bool, per_param_groups: bool) -> Callable[[list[nn.Parameter]], Any]:
+def _umup(
+    compile_: bool, per_param_groups: bool
+) -> Callable[[list[nn.Parameter]], Any]:
     def build(params: list[nn.Parameter]) -> Any:
         from umup_compile.optim import Adam
 
@@ -104,7 +106,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.contestants = [n.strip() for n in args.contestants.split(",") if n.strip()]
     unknown = [n for n in args.contestants if n not in CONTESTANTS]
     if unknown:
-        parser.error(f"unknown contestant(s) {unknown}; choose from {list(CONTESTANTS)}")
+        parser.error(
+            f"unknown contestant(s) {unknown}; choose from {list(CONTESTANTS)}"
+        )
     if args.smoke:
         args.counts, args.repeats, args.warmup = [50], 3, 1
     return args
@@ -142,7 +146,9 @@ def run_count(args: argparse.Namespace, n: int) -> list[dict[str, Any]]:
                 "median_ms": f"{t.median * 1e3:.3f}",
                 "iqr_ms": f"{t.iqr * 1e3:.3f}",
                 "us_per_param": f"{t.median * 1e6 / n:.2f}",
-                "ratio_vs_torch_fused": "-" if base is None else f"{t.median / base:.2f}",
+                "ratio_vs_torch_fused": "-"
+                if base is None
+                else f"{t.median / base:.2f}",
                 "vs_one_group": (
                     f"{t.median / timings[one].median:.2f}" if one in timings else "-"
                 ),
@@ -167,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (
         Path(tempfile.mkdtemp(prefix="bench_host_")) / "smoke.csv"
         if args.smoke
-        else common.RESULTS / f"{head['date']}_{head['device']}_host_t{head['threads']}.csv"
+        else common.RESULTS
+        / f"{head['date']}_{head['device']}_host_t{head['threads']}.csv"
     )
     common.write_csv(out, rows, COLUMNS + common.RUN_COLUMNS)
     md = out.with_suffix(".md")

@@ -37,9 +37,7 @@ def register(optimizer: torch.optim.Optimizer) -> None:
     optimizer.register_load_state_dict_post_hook(_post_load, prepend=True)
 
 
-def _pre_load(
-    optimizer: torch.optim.Optimizer, state_dict: StateDict
-) -> StateDict:
+def _pre_load(optimizer: torch.optim.Optimizer, state_dict: StateDict) -> StateDict:
     """Validate and convert ``state_dict``; nothing is changed when it raises."""
     state_dict = regroup_per_param(optimizer.param_groups, state_dict)
     check_compatible(optimizer.param_groups, state_dict)

@@ -188,7 +188,9 @@ class SteadyCheck:
         ):
             return None
         try:
-            if not all(map(operator.is_, map(state.__getitem__, members), self._states)):
+            if not all(
+                map(operator.is_, map(state.__getitem__, members), self._states)
+            ):
                 return None
             for get, states, tensors in self._tensors:
                 if not all(map(operator.is_, map(get, states), tensors)):

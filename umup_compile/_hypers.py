@@ -15,8 +15,9 @@ layout: :func:`factor_vectors` builds them once per unit.
 
 from __future__ import annotations
 
+import itertools
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,78 +80,63 @@ def factor_vectors(
     )
 
 
-@dataclass
-class _Cached:
-    raw: list[tuple[Any, ...]]
-    hyper_t: Tensor
-    tensor_at: tuple[Tensor, Tensor] | None  # (rows, columns) of tensor values
-    tensors: list[Tensor]
+class _DeviceTable:
+    """The hyper tensor of one device, with the values it was last filled from."""
+
+    def __init__(self, n_groups: int, n_columns: int, device: torch.device) -> None:
+        dtype = scalar_dtype(device)
+        self.hyper_t = torch.zeros((n_groups, n_columns), dtype=dtype, device=device)
+        # A host mirror to refresh columns in (the tensor itself on CPU).
+        self.host = self.hyper_t if device.type == "cpu" else self.hyper_t.cpu()
+        self.raw: dict[str, list[Any]] = {}  # group key -> the groups' values
+        self.tensors: dict[tuple[int, int], Tensor] = {}  # (row, column) -> 0-d view
+        self.tensor_at: tuple[Tensor, Tensor] | None = None
 
 
 class HyperTable:
-    """The ``(groups, hypers)`` tensor of an optimizer, per device (Note [hyper tensor])."""
+    """The ``(groups, hypers)`` tensor of an optimizer, per device (Note [hyper tensor]).
+
+    Values are compared and refreshed per group key with C-level list operations, so
+    a scheduler that changes every group's lr refreshes one column.
+    """
 
     def __init__(self, spec: AlgorithmSpec) -> None:
-        self._raw_of: Callable[[Group], Any] = _getter(spec.hyper_keys)
-        self._row = spec.hyper_row
-        self._columns = len(spec.hyper_names)
-        self._cache: dict[torch.device, _Cached] = {}
+        self._columns = spec.hyper_columns
+        keys: dict[str, list[tuple[int, int | None]]] = {}
+        for j, (key, item) in enumerate(spec.hyper_columns):
+            keys.setdefault(key, []).append((j, item))
+        self._keys = [
+            (key, operator.itemgetter(key), cols) for key, cols in keys.items()
+        ]
+        self._tables: dict[torch.device, _DeviceTable] = {}
 
     def invalidate(self) -> None:
-        self._cache.clear()
+        self._tables.clear()
 
     def tensor(self, groups: Sequence[Group], device: torch.device) -> Tensor:
         """The current values on ``device``, without a host-device sync."""
-        raw = list(map(self._raw_of, groups))
-        cached = self._cache.get(device)
-        if cached is None or cached.raw != raw:
-            cached = self._refresh(groups, raw, device, cached)
-        if cached.tensor_at is not None:
-            values = torch.stack(cached.tensors)
-            cached.hyper_t.index_put_(
-                cached.tensor_at, values.to(device=device, dtype=cached.hyper_t.dtype)
+        table = self._tables.get(device)
+        if table is None or table.hyper_t.shape[0] != len(groups):
+            table = self._tables[device] = _DeviceTable(
+                len(groups), len(self._columns), device
             )
-        return cached.hyper_t
-
-    def _refresh(
-        self,
-        groups: Sequence[Group],
-        raw: list[tuple[Any, ...]],
-        device: torch.device,
-        cached: _Cached | None,
-    ) -> _Cached:
-        dtype = scalar_dtype(device)
-        floats: list[list[float]] = []
-        rows, columns, tensors = [], [], []
-        for g, group in enumerate(groups):
-            row = []
-            for j, v in enumerate(self._row(group)):
-                if isinstance(v, Tensor):
-                    rows.append(g)
-                    columns.append(j)
-                    tensors.append(v.reshape(()))  # a view: sees in-place fills
-                    v = 0.0
-                row.append(v)
-            floats.append(row)
-        shape = (len(groups), self._columns)
-        hyper_t = (
-            cached.hyper_t
-            if cached is not None and cached.hyper_t.shape == shape
-            else torch.empty(shape, dtype=dtype, device=device)
-        )
-        host = torch.tensor(floats, dtype=dtype).reshape(shape)
-        if device.type != "cpu":
-            host = host.pin_memory()
-        hyper_t.copy_(host, non_blocking=True)
-        tensor_at = None
-        if tensors:
-            tensor_at = (
-                torch.tensor(rows, device=device),
-                torch.tensor(columns, device=device),
+        changed = False
+        for key, get, columns in self._keys:
+            values = list(map(get, groups))
+            if values != table.raw.get(key):
+                _fill(table, values, columns)
+                table.raw[key] = values
+                changed = True
+        if changed:
+            if table.host is not table.hyper_t:  # through pinned memory: no sync
+                table.hyper_t.copy_(table.host.pin_memory(), non_blocking=True)
+            table.tensor_at = _positions(table.tensors, device)
+        if table.tensor_at is not None:
+            values_t = torch.stack(list(table.tensors.values()))
+            table.hyper_t.index_put_(
+                table.tensor_at, values_t.to(device=device, dtype=table.hyper_t.dtype)
             )
-        fresh = _Cached(raw, hyper_t, tensor_at, tensors)
-        self._cache[device] = fresh
-        return fresh
+        return table.hyper_t
 
     def traced(self, groups: Sequence[Group], device: torch.device) -> Tensor:
         """The values stacked with tensor ops, for a step an outer compile traces:
@@ -160,8 +146,12 @@ class HyperTable:
             [
                 torch.stack(
                     [
-                        torch.as_tensor(v, dtype=dtype, device=device).reshape(())
-                        for v in self._row(group)
+                        torch.as_tensor(
+                            group[key] if item is None else group[key][item],
+                            dtype=dtype,
+                            device=device,
+                        ).reshape(())
+                        for key, item in self._columns
                     ]
                 )
                 for group in groups
@@ -169,6 +159,27 @@ class HyperTable:
         )
 
 
-def _getter(keys: Sequence[str]) -> Callable[[Group], Any]:
-    """A C-level getter of ``keys`` (one key: the value itself, compared alike)."""
-    return operator.itemgetter(*keys)
+def _fill(
+    table: _DeviceTable, values: list[Any], columns: list[tuple[int, int | None]]
+) -> None:
+    """Write one group key's values into their columns of the host mirror."""
+    for j, item in columns:
+        col = values if item is None else [v[item] for v in values]
+        for at in [at for at in table.tensors if at[1] == j]:
+            del table.tensors[at]
+        if any(map(isinstance, col, itertools.repeat(Tensor))):
+            for r, v in enumerate(col):
+                if isinstance(v, Tensor):  # a view: sees in-place fills
+                    table.tensors[(r, j)] = v.reshape(())
+            col = [0.0 if isinstance(v, Tensor) else v for v in col]
+        table.host[:, j] = torch.tensor(col, dtype=table.host.dtype)
+
+
+def _positions(
+    tensors: dict[tuple[int, int], Tensor], device: torch.device
+) -> tuple[Tensor, Tensor] | None:
+    """Index tensors (rows, columns) of the tensor-valued entries, if any."""
+    if not tensors:
+        return None
+    rows, columns = zip(*tensors)
+    return torch.tensor(rows, device=device), torch.tensor(columns, device=device)

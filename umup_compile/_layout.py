@@ -125,7 +125,9 @@ def plan_units(
             rest += members
             continue
         for chunk in _split(members):
-            out.append((chunk, UnitKind(UnitClass.SIZED, f"static{len(chunk)}x{numel}")))
+            out.append(
+                (chunk, UnitKind(UnitClass.SIZED, f"static{len(chunk)}x{numel}"))
+            )
     for chunk in _split(sorted(rest)):
         out.append((chunk, UnitKind(UnitClass.DYNAMIC, f"chunk{len(chunk)}")))
     return out

@@ -3,8 +3,17 @@
 The **pack** holds its small parameters' state in one buffer per state key
 (``state[p][key]`` is a view into it, so ``state_dict`` keeps torch's per-parameter
 layout); gradients and parameters are copied into scratch buffers, updated by one
-dynamic-shape kernel, and copied back. Buffers are ``(rows, PACK_ROW)``, each parameter
+dynamic-shape kernel, and copied back. Buffers are ``(rows, width)``, each parameter
 starting a row, and ``segment_t`` maps each row to its parameter's coefficients.
+
+Note [pack copies]: with many small tensors the copies, not the update, are the step:
+``torch._foreach_copy_`` costs ~0.7 µs per tensor on CPU (a dispatch each), while
+``torch.stack`` into a dense block costs ~0.1 µs per tensor. So the row width is the
+largest of :data:`ROW_WIDTHS` that most members' sizes are multiples of (no padding),
+members are ordered by shape, and each run of equal-shape unpadded members is copied
+in by one ``stack`` (gradients and parameters); the rest, and the copy back out, use
+``_foreach_copy_``. Measured (8,000 tensors of 16 elements, 1 thread): copies
+2.3 -> 1.0 µs per tensor.
 Parameters are copied rather than re-pointed into the pack (``p.data = view``): a view
 would make ``torch.save(model.state_dict())`` write the whole pack per parameter, and
 safetensors refuses shared storage.
@@ -25,6 +34,8 @@ from torch import Tensor
 from ._layout import PACK_KIND, UnitKind, UnrolledKinds, is_large, plan_units
 
 PACK_ROW = 128
+# Row widths a pack may take, widest first (see Note [pack copies]).
+ROW_WIDTHS = (PACK_ROW, 64, 32, 16)
 
 State = dict[str, Tensor]
 TensorLists = tuple[list[Tensor], ...]
@@ -49,6 +60,8 @@ class Pack:
 
     unit: Unit
     params: list[Tensor]  # the members, in unit order
+    runs: list[tuple[int, int, Tensor, Tensor]]  # stacked runs: start, end, blocks
+    loose: list[int]  # unit positions of the members copied one by one
     segment_t: Tensor  # each row's parameter
     local_index_t: Tensor  # each row's first element's index within its parameter
     flat_param: Tensor
@@ -108,6 +121,14 @@ def _flat(t: Tensor) -> Tensor:
     )
 
 
+def _row_width(numels: Sequence[int]) -> int:
+    """The widest row that at least 3/4 of the members fill without padding."""
+    for width in ROW_WIDTHS:
+        if 4 * sum(n % width == 0 for n in numels) >= 3 * len(numels):
+            return width
+    return PACK_ROW
+
+
 def _build_pack(
     members: list[int],
     bucket_params: Sequence[Tensor],
@@ -115,17 +136,23 @@ def _build_pack(
     keys: Sequence[str],
     scalar_keys: frozenset[str],
 ) -> Pack:
-    """Small parameters in rows of :data:`PACK_ROW` elements, each starting a row.
+    """Small parameters in rows, each starting a row (see Note [pack copies]).
 
     Rows let the kernel gather coefficients once per row (see ``_coefficients`` in
-    ``_functional``); the padding (< PACK_ROW elements per parameter) stays zero in
+    ``_functional``); the padding (less than a row per parameter) stays zero in
     gradients and parameters and is never read back.
     """
+    width = _row_width([bucket_params[k].numel() for k in members])
+
+    by_shape: dict[tuple[int, ...], list[int]] = {}  # equal shapes side by side
+    for k in members:
+        by_shape.setdefault(tuple(bucket_params[k].shape), []).append(k)
+    members = [k for run in by_shape.values() for k in run]
     params = [bucket_params[k] for k in members]
     states = [bucket_states[k] for k in members]
     p0 = params[0]
     device = p0.device
-    row_counts = [-(-p.numel() // PACK_ROW) for p in params]
+    row_counts = [-(-p.numel() // width) for p in params]
     rows = sum(row_counts)
     firsts = [0, *itertools.accumulate(row_counts)][:-1]  # each parameter's first row
     counts = torch.tensor(row_counts, device=device)
@@ -137,11 +164,11 @@ def _build_pack(
     row_starts = torch.repeat_interleave(
         torch.tensor(firsts, device=device), counts, output_size=rows
     )
-    local_index_t = ((torch.arange(rows, device=device) - row_starts) * PACK_ROW).to(
+    local_index_t = ((torch.arange(rows, device=device) - row_starts) * width).to(
         torch.int32
     )
-    offsets = [first * PACK_ROW for first in firsts]
-    flat_param = torch.zeros(rows, PACK_ROW, dtype=p0.dtype, device=device)
+    offsets = [first * width for first in firsts]
+    flat_param = torch.zeros(rows, width, dtype=p0.dtype, device=device)
     flat_grad = torch.zeros_like(flat_param)
     flat_state: list[list[Tensor]] = []
     for key in keys:
@@ -149,17 +176,18 @@ def _build_pack(
             flat = torch.stack([s[key].reshape(()) for s in states])
             views = list(flat.unbind())
         else:
-            flat = torch.zeros(
-                rows, PACK_ROW, dtype=states[0][key].dtype, device=device
-            )
+            flat = torch.zeros(rows, width, dtype=states[0][key].dtype, device=device)
             views = _views(flat, offsets, params)
             torch._foreach_copy_(views, [s[key] for s in states])
         for s, view in zip(states, views):
             s[key] = view  # state_dict keeps per-parameter tensors: views
         flat_state.append([flat])
+    runs, loose = _runs(params, offsets, width, flat_param, flat_grad)
     return Pack(
         unit=Unit(members, PACK_KIND, flat_state),
         params=params,
+        runs=runs,
+        loose=loose,
         segment_t=segment_t,
         local_index_t=local_index_t,
         flat_param=flat_param,
@@ -167,6 +195,40 @@ def _build_pack(
         param_views=_views(flat_param, offsets, params),
         grad_views=_views(flat_grad, offsets, params),
     )
+
+
+def _runs(
+    params: Sequence[Tensor],
+    offsets: Sequence[int],
+    width: int,
+    flat_param: Tensor,
+    flat_grad: Tensor,
+) -> tuple[list[tuple[int, int, Tensor, Tensor]], list[int]]:
+    """Runs of equal-shape unpadded members (copied in by ``stack`` into a dense
+    block of each buffer), and the other members' positions."""
+    runs: list[tuple[int, int, Tensor, Tensor]] = []
+    loose: list[int] = []
+    start = 0
+    while start < len(params):
+        shape, numel = params[start].shape, params[start].numel()
+        end = start + 1
+        while end < len(params) and params[end].shape == shape:
+            end += 1
+        if numel % width == 0 and end - start > 1 and params[start].is_contiguous():
+            a, b = offsets[start], offsets[start] + (end - start) * numel
+            block = (end - start, *shape)
+            runs.append(
+                (
+                    start,
+                    end,
+                    flat_grad.view(-1)[a:b].view(block),
+                    flat_param.view(-1)[a:b].view(block),
+                )
+            )
+        else:
+            loose += range(start, end)
+        start = end
+    return runs, loose
 
 
 def _views(
@@ -182,9 +244,22 @@ def _views(
 
 def pack_in(pack: Pack, grads: list[Tensor]) -> TensorLists:
     """Copy the members' gradients (in unit order) and parameters in; return the
-    call's tensor lists."""
-    torch._foreach_copy_(pack.grad_views, grads)
-    torch._foreach_copy_(pack.param_views, pack.params)
+    call's tensor lists (see Note [pack copies])."""
+    params = pack.params
+    for start, end, grad_block, param_block in pack.runs:
+        torch.stack(grads[start:end], out=grad_block)
+        torch.stack(params[start:end], out=param_block)
+    if len(pack.loose) == len(params):
+        torch._foreach_copy_(pack.grad_views, grads)
+        torch._foreach_copy_(pack.param_views, params)
+    elif pack.loose:
+        loose = pack.loose
+        torch._foreach_copy_(
+            [pack.grad_views[k] for k in loose], [grads[k] for k in loose]
+        )
+        torch._foreach_copy_(
+            [pack.param_views[k] for k in loose], [params[k] for k in loose]
+        )
     return ([pack.flat_param], [pack.flat_grad], *pack.unit.state_lists)
 
 

@@ -137,7 +137,9 @@ class StepRunner:
             grads = self._check.grads(groups, state)
         fresh_step = grads is None
         if grads is None or self._plans is None:
-            buckets = gather(groups, state, self.spec, traced=False, optimizer_name=name)
+            buckets = gather(
+                groups, state, self.spec, traced=False, optimizer_name=name
+            )
             self._plans = [self._plan(b, groups) for b in buckets]
             self._check = SteadyCheck(
                 groups, buckets, [p.keys for p in self._plans], self._structure
@@ -234,7 +236,9 @@ class StepRunner:
             return
         for call in plan.calls:
             args = self._args(plan, call, call.pick(grads), hyper_t)
-            self.engine(spec.update, args, self._kwargs(base, call), call.kind, call.static)
+            self.engine(
+                spec.update, args, self._kwargs(base, call), call.kind, call.static
+            )
             if call.pack is not None:
                 pack_out(call.pack)
 
@@ -294,7 +298,9 @@ class StepRunner:
             kwargs = self._kwargs(base, call)
             if self.spec.fresh_matters(bucket.config) and any(bucket.fresh):
                 kwargs["fresh_buffers"] = list(bucket.fresh)
-            self.spec.update(*self._args(plan, call, bucket.grads, hyper[device]), **kwargs)
+            self.spec.update(
+                *self._args(plan, call, bucket.grads, hyper[device]), **kwargs
+            )
 
 
 def _list_view(bucket: Bucket, tensors: Sequence[Tensor]) -> list[Tensor]:

@@ -41,8 +41,8 @@ class AlgorithmSpec:
         update: the functional update (``params, grads, *state lists, hyper_t,
             group_index_t, lr_scales_t, wd_scales_t, *, config, ...``).
         hyper_names: the columns of ``hyper_t``.
-        hyper_keys: the group keys ``hyper_row`` reads.
-        hyper_row: a group's values in ``hyper_names`` order (floats or 1-element
+        hyper_columns: where each column's value is in a group: ``(key, None)`` for
+            ``group[key]``, ``(key, i)`` for ``group[key][i]`` (floats or 1-element
             tensors).
         config_keys: the group keys ``config`` reads.
         config: a group's static config (frozen, hashable).
@@ -60,8 +60,7 @@ class AlgorithmSpec:
     name: str
     update: Callable[..., None]
     hyper_names: tuple[str, ...]
-    hyper_keys: tuple[str, ...]
-    hyper_row: Callable[[Group], tuple[Any, ...]]
+    hyper_columns: tuple[tuple[str, int | None], ...]
     config_keys: tuple[str, ...]
     config: Callable[[Group], Hashable]
     state_slots: tuple[str, ...]
@@ -136,11 +135,6 @@ def _adam_check(group: Group, where: str) -> None:
     _check_exclusive_flags(group, where)
 
 
-def _adam_row(group: Group) -> tuple[Any, ...]:
-    beta1, beta2 = group["betas"]
-    return (group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
-
-
 def _adam_config(group: Group) -> AdamConfig:
     mode: WeightDecayMode
     if group["weight_decay"] == 0:
@@ -179,8 +173,13 @@ ADAM = AlgorithmSpec(
     name="Adam",
     update=adam_step_,
     hyper_names=ADAM_HYPERS,
-    hyper_keys=("lr", "betas", "eps", "weight_decay"),
-    hyper_row=_adam_row,
+    hyper_columns=(
+        ("lr", None),
+        ("betas", 0),
+        ("betas", 1),
+        ("eps", None),
+        ("weight_decay", None),
+    ),
     config_keys=(
         "amsgrad",
         "maximize",
@@ -240,8 +239,7 @@ SGD = AlgorithmSpec(
     name="SGD",
     update=sgd_step_,
     hyper_names=SGD_HYPERS,
-    hyper_keys=SGD_HYPERS,
-    hyper_row=lambda group: tuple(group[name] for name in SGD_HYPERS),
+    hyper_columns=tuple((name, None) for name in SGD_HYPERS),
     config_keys=("momentum", "nesterov", "maximize", "weight_decay"),
     config=_sgd_config,
     state_slots=("momentum_buffer",),
