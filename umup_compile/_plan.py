@@ -31,20 +31,22 @@ def check_param(
     label: str,
     *,
     allow_non_unit_scaling_params: bool,
-    needs_real: bool = True,
 ) -> bool:
     """Validate one parameter; return whether it is u-μP tagged.
 
+    Complex parameters are accepted, as torch.optim updates them (as real views);
+    their fan-in comes from their own shape.
+
     Raises:
-        TypeError: not a floating-point tensor.
+        TypeError: not a floating-point or complex tensor.
         ValueError: invalid tags, or untagged while untagged parameters are not allowed.
     """
     if not isinstance(p, Tensor):
         raise TypeError(f"{label}: optimizer params must be Tensors, got {type(p)}.")
-    if needs_real and not p.is_floating_point():
+    if not (p.is_floating_point() or p.is_complex()):
         raise TypeError(
-            f"{label}: dtype {p.dtype} is not supported; u-μP optimizers update real "
-            "floating-point parameters (use torch.view_as_real for complex ones)."
+            f"{label}: dtype {p.dtype} is not supported; optimizers update "
+            "floating-point or complex parameters."
         )
     if hasattr(p, "mup_type") or hasattr(p, "mup_scaling_depth"):
         check_tags(

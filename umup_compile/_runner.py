@@ -161,8 +161,8 @@ class StepRunner:
 
     def _plan(self, bucket: Bucket, groups: Sequence[Group]) -> BucketPlan:
         keys = self.spec.active_keys(bucket.config)
-        # Note [sharded parameters]: sharded buckets take the list path.
-        if not self.engine.packs or bucket.sharded:
+        # Sharded (Note [sharded parameters]) and complex buckets take the list path.
+        if not self.engine.packs or bucket.sharded or bucket.key[1].is_complex:
             call = _bucket_call(bucket, keys, groups)
             return BucketPlan(bucket, keys, [call], layout_path=False)
         layout = self._layout(bucket, keys)
@@ -304,10 +304,14 @@ class StepRunner:
 
 
 def _list_view(bucket: Bucket, tensors: Sequence[Tensor]) -> list[Tensor]:
-    """``tensors`` as the list path passes them: local shards, 0-d as 1-element."""
+    """``tensors`` as the list path passes them: local shards, complex tensors as
+    real views (torch.optim's semantics: the update is elementwise on the real and
+    imaginary parts), 0-d as 1-element."""
     out = list(tensors)
     if bucket.sharded:  # Note [sharded parameters]
         out = [local_shard(t) for t in out]
+    if bucket.key[1].is_complex:
+        out = [torch.view_as_real(t) if t.is_complex() else t for t in out]
     if bucket.has_scalars:
         out = [_at_least_1d(t) for t in out]
     return out
