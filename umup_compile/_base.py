@@ -19,7 +19,7 @@ from . import _checkpoint
 from ._describe import optimizer_table
 from ._engine import Engine, make_engine
 from ._env import compile_from_env
-from ._gather import structure_getter
+from ._gather import Structure
 from ._groups import ScalingOptions, admit_group, params_list
 from ._rules import LrScaleFunc
 from ._runner import StepRunner
@@ -81,7 +81,7 @@ class UmupOptimizer(torch.optim.Optimizer):
             differentiable=bool(defaults.get("differentiable")),
         )
         self._runner = StepRunner(
-            self._spec, engine, structure_getter(self._spec, defaults)
+            self._spec, engine, Structure.of(self._spec, defaults)
         )
 
     def _register_hooks(self) -> None:

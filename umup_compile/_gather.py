@@ -67,11 +67,28 @@ class Bucket:
         return self.key[0]
 
 
-def structure_getter(spec: AlgorithmSpec, defaults: Group) -> Any:
-    """A C-level getter of a group's structural values (a tuple), for comparisons."""
-    keys = ("params", "lr_scales", "wd_scales", *spec.config_keys)
-    keys += tuple(k for k in _STRUCTURE_KEYS if k in defaults)
-    return operator.itemgetter(*keys)
+@dataclass(frozen=True)
+class Structure:
+    """What fixes a step's structure in a group: its params list, the spec's config
+    keys and :data:`_STRUCTURE_KEYS`. ``raw`` reads their values (a C-level getter,
+    compared at every step); ``derived`` what they mean (compared when raw values
+    changed: a scheduled weight decay changes ``weight_decay`` but not the config)."""
+
+    spec: AlgorithmSpec
+    raw: Any
+    extra: Any
+
+    @staticmethod
+    def of(spec: AlgorithmSpec, defaults: Group) -> Structure:
+        extra = tuple(k for k in _STRUCTURE_KEYS if k in defaults)
+        return Structure(
+            spec,
+            operator.itemgetter("params", *spec.config_keys, *extra),
+            operator.itemgetter("params", *extra),
+        )
+
+    def derived(self, groups: Sequence[Group]) -> list[tuple[Any, ...]]:
+        return [(self.spec.config(g), *self.extra(g)) for g in groups]
 
 
 def gather(
@@ -152,10 +169,11 @@ class SteadyCheck:
         groups: Sequence[Group],
         buckets: Sequence[Bucket],
         keys: Sequence[Sequence[str]],
-        structure: Any,
+        structure: Structure,
     ) -> None:
         self._structure = structure
-        self.signature = list(map(structure, groups))
+        self._raw = list(map(structure.raw, groups))
+        self._derived = structure.derived(groups)
         self._members = [p for b in buckets for p in b.params]
         member_ids = set(map(id, self._members))
         self._rest = [p for g in groups for p in g["params"] if id(p) not in member_ids]
@@ -173,8 +191,11 @@ class SteadyCheck:
         self, groups: Sequence[Group], state: dict[Tensor, State]
     ) -> list[list[Tensor]] | None:
         """Each bucket's gradients, or ``None`` when the step must gather again."""
-        if list(map(self._structure, groups)) != self.signature:
-            return None
+        raw = list(map(self._structure.raw, groups))
+        if raw != self._raw:
+            if self._structure.derived(groups) != self._derived:
+                return None
+            self._raw = raw
         members = self._members
         grads = list(map(_GRAD, members))
         if not all(map(operator.is_not, grads, itertools.repeat(None))):
@@ -184,6 +205,7 @@ class SteadyCheck:
         if (
             any(map(_IS_SPARSE, grads))
             or list(map(_DTYPE, members)) != self._dtypes
+            or list(map(_DTYPE, grads)) != self._dtypes
             or list(map(_DEVICE, members)) != self._devices
         ):
             return None

@@ -15,7 +15,6 @@ layout: :func:`factor_vectors` builds them once per unit.
 
 from __future__ import annotations
 
-import itertools
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -78,6 +77,9 @@ def factor_vectors(
         ),
         torch.tensor(seeds, dtype=torch.int64, device=device),
     )
+
+
+_PLAIN = {float, int, bool}
 
 
 class _DeviceTable:
@@ -167,7 +169,7 @@ def _fill(
         col = values if item is None else [v[item] for v in values]
         for at in [at for at in table.tensors if at[1] == j]:
             del table.tensors[at]
-        if any(map(isinstance, col, itertools.repeat(Tensor))):
+        if not set(map(type, col)) <= _PLAIN:  # C-level: isinstance(Tensor) is slow
             for r, v in enumerate(col):
                 if isinstance(v, Tensor):  # a view: sees in-place fills
                     table.tensors[(r, j)] = v.reshape(())

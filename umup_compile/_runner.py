@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ._engine import Engine
-from ._gather import Bucket, BucketKey, DTensor, SteadyCheck, gather
+from ._gather import Bucket, BucketKey, DTensor, SteadyCheck, Structure, gather
 from ._hypers import FactorVectors, HyperTable, Position, factor_vectors
 from ._layout import UnrolledKinds
 from ._pack import Layout, Pack, Unit, build_layout, pack_in, pack_out, unit_lists
@@ -97,10 +97,12 @@ class StepRunner:
     Args:
         spec: the algorithm.
         engine: runs the functional update (eager or compiled).
-        structure: a group's structural values (``_gather.structure_getter``).
+        structure: what fixes a step's structure in a group (``_gather.Structure``).
     """
 
-    def __init__(self, spec: AlgorithmSpec, engine: Engine, structure: Any) -> None:
+    def __init__(
+        self, spec: AlgorithmSpec, engine: Engine, structure: Structure
+    ) -> None:
         self.spec = spec
         self.engine = engine
         self.hypers = HyperTable(spec)
