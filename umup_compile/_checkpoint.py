@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._specs import step_dtype
+from ._plan import describe_param
+from ._specs import AlgorithmSpec, step_dtype
 
 # Group keys this package adds to torch's; kept when a checkpoint lacks them.
 UMUP_GROUP_KEYS = (
@@ -41,6 +42,8 @@ def _pre_load(optimizer: torch.optim.Optimizer, state_dict: StateDict) -> StateD
     """Validate and convert ``state_dict``; nothing is changed when it raises."""
     state_dict = regroup_per_param(optimizer.param_groups, state_dict)
     check_compatible(optimizer.param_groups, state_dict)
+    spec: AlgorithmSpec = optimizer._spec  # type: ignore[attr-defined]
+    check_state_keys(optimizer.param_groups, state_dict, spec)
     kept = [
         {k: g[k] for k in UMUP_GROUP_KEYS if k in g} for g in optimizer.param_groups
     ]
@@ -142,4 +145,27 @@ def check_compatible(param_groups: list[dict[str, Any]], state_dict: StateDict) 
                     f"loaded state dict's {key!r} for parameter {k} has shape "
                     f"{tuple(value.shape)}, but the parameter has shape "
                     f"{tuple(p.shape)}; the checkpoint is from another model."
+                )
+
+
+def check_state_keys(
+    param_groups: list[dict[str, Any]], state_dict: StateDict, spec: AlgorithmSpec
+) -> None:
+    """Raise ``ValueError`` when a parameter's saved state lacks a key its update
+    needs (torch fails later, with a ``KeyError`` at the next step)."""
+    saved = state_dict["param_groups"]
+    for g, (group, theirs) in enumerate(zip(param_groups, saved)):
+        required = spec.required_keys(spec.config(group))
+        names = group.get("param_names")
+        for i, (p, k) in enumerate(zip(group["params"], theirs["params"])):
+            state = state_dict["state"].get(k)
+            if not state:
+                continue
+            missing = [key for key in required if key not in state]
+            if missing:
+                label = describe_param(p, names[i] if names else None, g, i)
+                raise ValueError(
+                    f"loaded state dict's state for {label} lacks {missing[0]!r} (it "
+                    f"has {sorted(state)}); it was saved with other options (e.g. "
+                    "amsgrad) or by another optimizer; load a matching checkpoint."
                 )

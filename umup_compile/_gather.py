@@ -31,7 +31,8 @@ else:  # a torch build without torch.distributed has no DTensor parameters
 
 Group = dict[str, Any]
 State = dict[str, Any]
-BucketKey = tuple[torch.device, torch.dtype, Hashable, Any]
+# (device, param dtype, static config, state dtype, grad dtype)
+BucketKey = tuple[torch.device, torch.dtype, Hashable, Any, torch.dtype]
 
 # Devices whose kernels can be captured into graphs (torch.optim's list, less xla).
 CAPTURABLE_DEVICES = ("cuda", "xpu", "hpu")
@@ -41,6 +42,7 @@ _STRUCTURE_KEYS = ("state_dtype", "capturable", "differentiable", "sr_seed")
 _GRAD = operator.attrgetter("grad")
 _DTYPE = operator.attrgetter("dtype")
 _DEVICE = operator.attrgetter("device")
+_SHAPE = operator.attrgetter("shape")
 _IS_SPARSE = operator.attrgetter("is_sparse")
 
 
@@ -65,6 +67,11 @@ class Bucket:
     @property
     def device(self) -> torch.device:
         return self.key[0]
+
+    @property
+    def mixed(self) -> bool:
+        """Whether the gradients' dtype differs from the parameters'."""
+        return self.key[1] != self.key[4]
 
 
 @dataclass(frozen=True)
@@ -106,13 +113,13 @@ def gather(
             graph capture does not support; raised before any state is created.
     """
     buckets: dict[BucketKey, Bucket] = {}
-    todo: list[tuple[Bucket, Tensor, Group]] = []
+    todo: list[tuple[Bucket, Tensor, Tensor, Group]] = []
     flat = 0
     for g, group in enumerate(groups):
         config = spec.config(group)
         # Dynamo sets "capturable" on the groups of optimizers it traces, any device.
         capturable = group.get("capturable") and not traced
-        local: dict[tuple[torch.device, torch.dtype], Bucket] = {}
+        local: dict[tuple[torch.device, torch.dtype, torch.dtype], Bucket] = {}
         for i, p in enumerate(group["params"]):
             grad = p.grad
             if grad is None:
@@ -130,26 +137,49 @@ def gather(
                     f"{optimizer_name} does not support; use a dense gradient (e.g. "
                     "nn.Embedding(sparse=False))."
                 )
-            bucket = local.get((p.device, p.dtype))
+            _check_grad(p, grad, spec, _describe(p, group, g, i))
+            bucket = local.get((p.device, p.dtype, grad.dtype))
             if bucket is None:
-                key = (p.device, p.dtype, config, group.get("state_dtype"))
+                key = (p.device, p.dtype, config, group.get("state_dtype"), grad.dtype)
                 bucket = buckets.get(key)
                 if bucket is None:
                     bucket = buckets[key] = Bucket(key, config)
-                local[(p.device, p.dtype)] = bucket
+                local[(p.device, p.dtype, grad.dtype)] = bucket
             bucket.has_scalars |= p.ndim == 0
             bucket.sharded |= isinstance(p, DTensor)
             bucket.params.append(p)
             bucket.grads.append(grad)
             bucket.positions.append(Position(g, i, flat + i))
-            todo.append((bucket, p, group))
+            todo.append((bucket, p, grad, group))
         flat += len(group["params"])
     # State is created only once every parameter passed its checks.
-    for bucket, p, group in todo:
+    for bucket, p, grad, group in todo:
         s = state[p]
         bucket.states.append(s)
-        bucket.fresh.append(spec.init_state(p, s, group))
+        bucket.fresh.append(spec.init_state(p, grad, s, group))
     return list(buckets.values())
+
+
+def _check_grad(p: Tensor, grad: Tensor, spec: AlgorithmSpec, label: str) -> None:
+    """Reject a gradient the update cannot use, as torch's kernels would (later, and
+    after changing some parameters): another shape or device, or another dtype where
+    the algorithm's state follows the parameter's."""
+    if grad.shape != p.shape:
+        raise ValueError(
+            f"{label} has a gradient of shape {tuple(grad.shape)}; a gradient must "
+            "have its parameter's shape (set .grad to a tensor like the parameter)."
+        )
+    if grad.device != p.device:
+        raise ValueError(
+            f"{label} is on {p.device} but its gradient is on {grad.device}; move "
+            "the gradient to the parameter's device."
+        )
+    if grad.dtype != p.dtype and not spec.grad_dtype_may_differ:
+        raise TypeError(
+            f"{label} is {p.dtype} but its gradient is {grad.dtype}; {spec.name} "
+            "needs gradients of the parameter's dtype (cast the gradient, e.g. "
+            "p.grad = p.grad.to(p.dtype))."
+        )
 
 
 def _describe(p: Tensor, group: Group, g: int, i: int) -> str:
@@ -180,6 +210,9 @@ class SteadyCheck:
         self._bounds = list(itertools.accumulate(len(b.params) for b in buckets))
         self._dtypes = list(map(_DTYPE, self._members))
         self._devices = list(map(_DEVICE, self._members))
+        grads = [g for b in buckets for g in b.grads]
+        self._grad_dtypes = list(map(_DTYPE, grads))
+        self._shapes = list(map(_SHAPE, self._members))
         self._states = [s for b in buckets for s in b.states]
         self._tensors = [
             (operator.itemgetter(key), b.states, [s[key] for s in b.states])
@@ -205,7 +238,9 @@ class SteadyCheck:
         if (
             any(map(_IS_SPARSE, grads))
             or list(map(_DTYPE, members)) != self._dtypes
-            or list(map(_DTYPE, grads)) != self._dtypes
+            or list(map(_DTYPE, grads)) != self._grad_dtypes
+            or list(map(_SHAPE, grads)) != self._shapes
+            or list(map(_DEVICE, grads)) != self._devices
             or list(map(_DEVICE, members)) != self._devices
         ):
             return None

@@ -88,8 +88,13 @@ class _DeviceTable:
     def __init__(self, n_groups: int, n_columns: int, device: torch.device) -> None:
         dtype = scalar_dtype(device)
         self.hyper_t = torch.zeros((n_groups, n_columns), dtype=dtype, device=device)
-        # A host mirror to refresh columns in (the tensor itself on CPU).
-        self.host = self.hyper_t if device.type == "cpu" else self.hyper_t.cpu()
+        # A host mirror to refresh columns in (the tensor itself on CPU; meta tensors
+        # hold no values to copy).
+        self.host = (
+            self.hyper_t
+            if device.type == "cpu"
+            else torch.zeros((n_groups, n_columns), dtype=dtype)
+        )
         self.raw: dict[str, list[Any]] = {}  # group key -> the groups' values
         self.tensors: dict[tuple[int, int], Tensor] = {}  # (row, column) -> 0-d view
         self.tensor_at: tuple[Tensor, Tensor] | None = None
@@ -130,7 +135,8 @@ class HyperTable:
                 table.raw[key] = values
                 changed = True
         if changed:
-            if table.host is not table.hyper_t:  # through pinned memory: no sync
+            if table.host is not table.hyper_t and device.type != "meta":
+                # through pinned memory: an asynchronous copy, no sync
                 table.hyper_t.copy_(table.host.pin_memory(), non_blocking=True)
             table.tensor_at = _positions(table.tensors, device)
         if table.tensor_at is not None:

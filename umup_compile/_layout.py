@@ -5,9 +5,12 @@ Compiling one graph that unrolls every parameter costs ~0.9 s per tensor on a 2-
 CPU (500 tensors: minutes). A layout instead splits a bucket into *units* whose graphs
 are reused, so the number of graphs does not grow with the parameter count:
 
-- the **pack**: small parameters (fewer than :data:`PACK_MAX_NUMEL` elements, or not
-  contiguous), updated by one dynamic-shape kernel over flat buffers (see ``_pack``).
+- the **pack**: small contiguous parameters (fewer than :data:`PACK_MAX_NUMEL`
+  elements), updated by one dynamic-shape kernel over flat buffers (see ``_pack``).
   Packing copies (~24 B/element) only pay off below ~16K elements, hence the threshold.
+- the **strided unit**: parameters that are not contiguous (transposed views,
+  channels_last convolution weights), passed as they are so that their state keeps
+  their memory format, as torch's ``zeros_like(p, preserve_format)`` does.
 - the **unrolled unit**: when a bucket has at most :data:`UNROLL_MAX` large contiguous
   parameters, one static-shape graph over all of them, passed as they are. Its kind
   names their shapes, so another membership would compile another graph: beyond
@@ -51,6 +54,7 @@ class UnitClass(enum.Enum):
 
     PACK = "pack"  # copied into flat buffers, dynamic shapes
     UNROLLED = "unrolled"  # passed as they are, one static graph over all of them
+    STRIDED = "strided"  # not contiguous: passed as they are, dynamic shapes
     SIZED = "sized"  # flat aliases of one size, static shapes
     DYNAMIC = "dynamic"  # flat aliases of mixed sizes, dynamic shapes
 
@@ -72,17 +76,19 @@ class UnitKind:
         return self.cls in (UnitClass.UNROLLED, UnitClass.SIZED)
 
     @property
-    def unrolled(self) -> bool:
+    def as_is(self) -> bool:
         """Whether the members are passed as they are (not as flat aliases)."""
-        return self.cls is UnitClass.UNROLLED
+        return self.cls in (UnitClass.UNROLLED, UnitClass.STRIDED)
 
 
 PACK_KIND = UnitKind(UnitClass.PACK, "pack")
+STRIDED_KIND = UnitKind(UnitClass.STRIDED, "strided")
 
 
 def is_large(p: Tensor) -> bool:
-    """Whether ``p`` is updated in a unit of its own kind (else it joins the pack)."""
-    return p.numel() >= PACK_MAX_NUMEL and p.is_contiguous()
+    """Whether contiguous ``p`` is updated in a unit of its own kind (else it joins
+    the pack)."""
+    return p.numel() >= PACK_MAX_NUMEL
 
 
 class UnrolledKinds:

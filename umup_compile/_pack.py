@@ -19,7 +19,8 @@ would make ``torch.save(model.state_dict())`` write the whole pack per parameter
 safetensors refuses shared storage.
 
 The other **units** pass their members' tensors to the engine: as they are (the
-unrolled unit) or as flat aliases (chunks), so one graph serves every shape of a size.
+unrolled and strided units) or as flat aliases (chunks), so one graph serves every
+shape of a size.
 """
 
 from __future__ import annotations
@@ -31,7 +32,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._layout import PACK_KIND, UnitKind, UnrolledKinds, is_large, plan_units
+from ._layout import (
+    PACK_KIND,
+    STRIDED_KIND,
+    UnitKind,
+    UnrolledKinds,
+    is_large,
+    plan_units,
+)
 
 PACK_ROW = 128
 # Row widths a pack may take, widest first (see Note [pack copies]).
@@ -93,16 +101,21 @@ def build_layout(
         scalar_keys: keys holding one 0-d tensor per parameter (e.g. ``step``).
         unrolled: the unrolled kinds this optimizer compiled (see ``plan_units``).
     """
-    small = [k for k, p in enumerate(params) if not is_large(p)]
-    large = [k for k, p in enumerate(params) if is_large(p)]
+    dense = [k for k, p in enumerate(params) if p.is_contiguous()]
+    strided = [k for k, p in enumerate(params) if not p.is_contiguous()]
+    small = [k for k in dense if not is_large(params[k])]
+    large = [k for k in dense if is_large(params[k])]
     for k in large:  # flat aliases need contiguous state
         for key in keys:
             if not states[k][key].is_contiguous():
                 states[k][key] = states[k][key].contiguous()
     pack = _build_pack(small, params, states, keys, scalar_keys) if small else None
+    planned = plan_units(large, params, unrolled)
+    if strided:
+        planned.append((strided, STRIDED_KIND))
     units = []
-    for members, kind in plan_units(large, params, unrolled):
-        alias = (lambda t: t) if kind.unrolled else _flat
+    for members, kind in planned:
+        alias = (lambda t: t) if kind.as_is else _flat
         lists = [[alias(states[k][key]) for k in members] for key in keys]
         units.append(Unit(members, kind, lists))
     return Layout(pack, units)
@@ -278,7 +291,7 @@ def unit_lists(unit: Unit, params: list[Tensor], grads: list[Tensor]) -> TensorL
     between a forward and its backward).
     """
     torch.autograd.graph.increment_version(params)
-    if unit.kind.unrolled:
+    if unit.kind.as_is:
         return (list(params), [g.contiguous() for g in grads], *unit.state_lists)
     return (
         [_flat(p) for p in params],

@@ -92,7 +92,13 @@ def group_scales(
             p, label, allow_non_unit_scaling_params=allow_non_unit_scaling_params
         )
         try:
-            scale = float(lr_scale_func(p)) if tagged else 1.0  # type: ignore[arg-type]
+            # A zero-element parameter has nothing to update: its fan-in or width
+            # may be 0, where the rules divide by zero, so it keeps scale 1.
+            scale = (
+                float(lr_scale_func(p))  # type: ignore[arg-type]
+                if tagged and p.numel() > 0
+                else 1.0
+            )
         except ValueError as e:
             raise ValueError(f"{label}: {e}") from None
         lr_scales.append(scale)

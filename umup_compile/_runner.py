@@ -163,8 +163,14 @@ class StepRunner:
 
     def _plan(self, bucket: Bucket, groups: Sequence[Group]) -> BucketPlan:
         keys = self.spec.active_keys(bucket.config)
-        # Sharded (Note [sharded parameters]) and complex buckets take the list path.
-        if not self.engine.packs or bucket.sharded or bucket.key[1].is_complex:
+        # Sharded (Note [sharded parameters]), complex and mixed-dtype buckets take
+        # the list path.
+        if (
+            not self.engine.packs
+            or bucket.sharded
+            or bucket.mixed
+            or bucket.key[1].is_complex
+        ):
             call = _bucket_call(bucket, keys, groups)
             return BucketPlan(bucket, keys, [call], layout_path=False)
         layout = self._layout(bucket, keys)
@@ -235,6 +241,12 @@ class StepRunner:
             call = _bucket_call(bucket, plan.keys, groups)
             args = self._args(plan, call, grads, hyper_t)
             self.engine(spec.update, args, self._kwargs(base, call))
+            return
+        if bucket.mixed:  # Dynamo refuses parameters whose .grad has another dtype
+            call = plan.calls[0]
+            spec.update(
+                *self._args(plan, call, grads, hyper_t), **self._kwargs(base, call)
+            )
             return
         for call in plan.calls:
             args = self._args(plan, call, call.pick(grads), hyper_t)

@@ -49,7 +49,12 @@ class AlgorithmSpec:
         state_slots: the update's positional state arguments, in order.
         active_keys: the state keys a config uses (the other slots get empty lists).
         scalar_keys: state keys holding one 0-d tensor per parameter.
-        init_state: create a parameter's missing state; return whether any was made.
+        init_state: create a parameter's missing state, given its gradient; return
+            whether any was made.
+        required_keys: the state keys a resumed parameter must have, for a config
+            (a checkpoint without them is refused at load).
+        grad_dtype_may_differ: whether a gradient may have another dtype than its
+            parameter (torch's SGD accepts it; Adam's kernels do not).
         check_group: raise ``ValueError``/``TypeError`` for bad options (``where``
             names the group).
         fresh_matters: whether, for a config, a step that creates state must tell
@@ -66,7 +71,9 @@ class AlgorithmSpec:
     state_slots: tuple[str, ...]
     active_keys: Callable[[Any], tuple[str, ...]]
     scalar_keys: frozenset[str]
-    init_state: Callable[[Tensor, State, Group], bool]
+    init_state: Callable[[Tensor, Tensor, State, Group], bool]
+    required_keys: Callable[[Any], tuple[str, ...]]
+    grad_dtype_may_differ: bool
     check_group: Callable[[Group, str], None]
     fresh_matters: Callable[[Any], bool]
     rounds: Callable[[Any], bool]
@@ -151,10 +158,17 @@ def _adam_config(group: Group) -> AdamConfig:
     )
 
 
-def _adam_init(p: Tensor, state: State, group: Group) -> bool:
+def _step_device(p: Tensor) -> torch.device:
+    """Where ``step`` lives: on the parameter's device (no host sync to read it),
+    except for meta parameters, whose dry runs still count steps (as torch's, on
+    the CPU)."""
+    return torch.device("cpu") if p.device.type == "meta" else p.device
+
+
+def _adam_init(p: Tensor, grad: Tensor, state: State, group: Group) -> bool:
     created = "step" not in state
     if created:
-        state["step"] = torch.zeros((), dtype=step_dtype(), device=p.device)
+        state["step"] = torch.zeros((), dtype=step_dtype(), device=_step_device(p))
         state["exp_avg"] = _zeros_state(p, group)
         state["exp_avg_sq"] = _zeros_state(p, group)
     if group["amsgrad"] and "max_exp_avg_sq" not in state:
@@ -192,6 +206,8 @@ ADAM = AlgorithmSpec(
     active_keys=_adam_keys,
     scalar_keys=frozenset({"step"}),
     init_state=_adam_init,
+    required_keys=_adam_keys,
+    grad_dtype_may_differ=False,
     check_group=_adam_check,
     fresh_matters=lambda config: False,
     rounds=lambda config: bool(config.stochastic_rounding),
@@ -224,9 +240,18 @@ def _sgd_config(group: Group) -> SGDConfig:
     )
 
 
-def _sgd_init(p: Tensor, state: State, group: Group) -> bool:
+def _sgd_init(p: Tensor, grad: Tensor, state: State, group: Group) -> bool:
     if group["momentum"] != 0 and state.get("momentum_buffer") is None:
-        state["momentum_buffer"] = _zeros_state(p, group)
+        # torch starts the buffer as a clone of the (weight-decayed) gradient: its
+        # layout, and the dtype of ``grad + weight_decay * p``.
+        dtype = grad.dtype
+        if group["weight_decay"] != 0:
+            dtype = torch.promote_types(dtype, p.dtype)
+        state["momentum_buffer"] = torch.zeros_like(
+            grad,
+            dtype=group.get("state_dtype") or dtype,
+            memory_format=torch.preserve_format,
+        )
         return True
     return False
 
@@ -246,6 +271,8 @@ SGD = AlgorithmSpec(
     active_keys=lambda config: ("momentum_buffer",) if config.momentum else (),
     scalar_keys=frozenset(),
     init_state=_sgd_init,
+    required_keys=lambda config: (),  # a missing buffer starts again, as in torch
+    grad_dtype_may_differ=True,
     check_group=_sgd_check,
     fresh_matters=lambda config: bool(config.momentum),
     rounds=lambda config: False,
