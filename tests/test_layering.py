@@ -68,7 +68,8 @@ def test_layering_covers_every_module() -> None:
 def test_layering_imports_go_one_way(module: str) -> None:
     internal, external = _imports(PACKAGE / f"{module}.py")
     assert internal <= ALLOWED[module], internal - ALLOWED[module]
-    assert "unit_scaling" not in external
+    # The demo's optional baseline (imported inside try/except; tested without it).
+    assert "unit_scaling" not in external or module == "demo"
     assert "umup_compile" not in external  # internal imports are relative
 
 

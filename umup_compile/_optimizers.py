@@ -41,14 +41,14 @@ class Adam(UmupOptimizer, torch.optim.Adam):
     Drop-in for ``unit_scaling.optim.Adam`` (same numbers) that keeps your param groups,
     so lr schedulers keep the u-μP ratios between parameters. The update runs as
     compiled fused kernels by default (``compile=False`` or ``UMUP_COMPILE=0`` for the
-    eager engine, same numbers). See the module docstring for the scaling rules.
+    eager engine, same numbers). See :mod:`umup_compile.optim` for the scaling rules.
 
     Args:
         params: tagged parameters (``umup_compile.Parameter`` or any ``nn.Parameter``
             with ``mup_type``/``mup_scaling_depth``), named parameters, or groups.
-        lr, betas, eps, weight_decay, amsgrad, foreach, maximize, capturable,
-            differentiable, fused, decoupled_weight_decay: as ``torch.optim.Adam``
-            (``foreach``/``fused`` are accepted for compatibility; the engine decides).
+        lr, betas, eps, weight_decay, amsgrad: as ``torch.optim.Adam``.
+        maximize, capturable, differentiable, decoupled_weight_decay: as torch's.
+        foreach, fused: accepted for compatibility; the engine decides.
         state_dtype: dtype of the moments (``None``: the parameter's), e.g.
             ``torch.float32`` for bf16 parameters; the update is computed in float32.
         stochastic_rounding: round bf16 parameters stochastically on write-back
@@ -167,7 +167,8 @@ class SGD(UmupOptimizer, torch.optim.SGD):
 
     ``readout_constraint`` must match the ``constraint`` of unit_scaling's
     ``LinearReadout``: ``None`` uses the Adam rule, ``"to_output_scale"`` the SGD rule
-    of the module docstring. Other arguments as :class:`Adam` and ``torch.optim.SGD``.
+    (see :mod:`umup_compile.optim`). Other arguments as :class:`Adam` and
+    ``torch.optim.SGD``.
 
     Steps that create momentum buffers run eagerly (Note [first SGD step] in
     ``_specs``); every later step runs in the chosen engine.
