@@ -16,12 +16,29 @@ ALLOWED: dict[str, set[str]] = {
     "_plan": {"_rules", "parameter"},
     "_rounding": set(),
     "_functional": {"_rounding"},
+    "_specs": {"_functional", "_plan"},
+    "_groups": {"_plan", "_rules", "_specs"},
+    "_checkpoint": {"_specs"},
+    "_hypers": {"_rounding", "_specs"},
+    "_gather": {"_hypers", "_plan", "_specs"},
+    "_layout": set(),
+    "_pack": {"_layout"},
     "_engine": set(),
-    "_pack": set(),
     "_env": set(),
+    "_runner": {"_engine", "_gather", "_hypers", "_layout", "_pack", "_specs"},
     "_describe": {"_plan", "_rules"},
-    "_base": {"_describe", "_engine", "_env", "_pack", "_plan", "_rules"},
-    "_optimizers": {"_base", "_functional", "_plan", "_rules"},
+    "_base": {
+        "_checkpoint",
+        "_describe",
+        "_engine",
+        "_env",
+        "_gather",
+        "_groups",
+        "_rules",
+        "_runner",
+        "_specs",
+    },
+    "_optimizers": {"_base", "_rules", "_specs"},
     "optim": {"_describe", "_optimizers", "_plan", "_rules"},
     "__init__": {"optim", "parameter"},
     "demo": {"optim", "parameter"},
@@ -51,7 +68,8 @@ def test_layering_covers_every_module() -> None:
 def test_layering_imports_go_one_way(module: str) -> None:
     internal, external = _imports(PACKAGE / f"{module}.py")
     assert internal <= ALLOWED[module], internal - ALLOWED[module]
-    assert "unit_scaling" not in external
+    # The demo's optional baseline (imported inside try/except; tested without it).
+    assert "unit_scaling" not in external or module == "demo"
     assert "umup_compile" not in external  # internal imports are relative
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 import umup_compile as uc
 from tests.helpers import clone_params, run_steps, set_grads, toy_params, use_backend
-from umup_compile import _pack
+from umup_compile import _layout
 from umup_compile.optim import SGD, Adam, AdamW
 
 ENGINES = ["eager", "aot_eager"]
@@ -173,9 +173,9 @@ def test_stochastic_rounding_same_numbers_every_layout(
     """The bits depend on (parameter seed, step, element), not on packs or chunks."""
     eager = train_constant(True, "eager", steps=20)
     assert train_constant(True, "aot_eager", steps=20) == eager
-    monkeypatch.setattr(_pack, "PACK_MAX_NUMEL", 10**9)  # everything packed
+    monkeypatch.setattr(_layout, "PACK_MAX_NUMEL", 10**9)  # everything packed
     assert train_constant(True, "aot_eager", steps=20) == eager
-    monkeypatch.setattr(_pack, "PACK_MAX_NUMEL", 1)  # everything chunked
+    monkeypatch.setattr(_layout, "PACK_MAX_NUMEL", 1)  # everything chunked
     assert train_constant(True, "aot_eager", steps=20) == eager
 
 
@@ -205,7 +205,7 @@ def test_mixed_dtypes_one_step_per_dtype_bucket() -> None:
     ref_n = Adam([n2], lr=0.01, compile=False)
     run_steps([opt, ref_w, ref_n], [[w, n], [w2, n2]], 3)
     assert torch.equal(w, w2) and torch.equal(n, n2)
-    assert len(opt._gather()) == 2  # one bucket per dtype, one step call
+    assert len(opt._runner._plans) == 2  # one bucket per dtype, one step call
 
 
 def test_checkpoint_keeps_state_dtype_and_converts_with_warning() -> None:

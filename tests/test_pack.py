@@ -12,7 +12,7 @@ from torch._dynamo.testing import CompileCounter
 
 import umup_compile as uc
 from tests.helpers import clone_params, run_steps, set_grads, toy_params, use_backend
-from umup_compile import _pack
+from umup_compile import _layout, _pack
 from umup_compile.optim import SGD, Adam, AdamW
 
 CASES = [
@@ -27,18 +27,16 @@ def threshold(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     """All toy parameters packed; or the four matrices in one unrolled unit, or
     chunked (static graphs per size; or dynamic-shape graphs), the rest packed."""
     if request.param != "packed":
-        monkeypatch.setattr(_pack, "PACK_MAX_NUMEL", 100)
+        monkeypatch.setattr(_layout, "PACK_MAX_NUMEL", 100)
     if request.param in ("sized", "dynamic"):
-        monkeypatch.setattr(_pack, "UNROLL_MAX", 0)
+        monkeypatch.setattr(_layout, "UNROLL_MAX", 0)
     if request.param == "dynamic":
-        monkeypatch.setattr(_pack, "MAX_STATIC_SIZES", 0)
+        monkeypatch.setattr(_layout, "MAX_STATIC_SIZES", 0)
     return str(request.param)
 
 
-def unit_class(kind: str) -> str:
-    if _pack.is_unrolled(kind):
-        return "unrolled"
-    return "sized" if kind.startswith("static") else "dynamic"
+def unit_class(kind: _layout.UnitKind) -> str:
+    return kind.cls.value
 
 
 def assert_same(a: torch.optim.Optimizer, b: torch.optim.Optimizer) -> None:
@@ -54,7 +52,7 @@ def assert_same(a: torch.optim.Optimizer, b: torch.optim.Optimizer) -> None:
 
 
 def test_chunk_sizes() -> None:
-    sizes = {n: _pack.chunk_sizes(n) for n in (0, 1, 3, 7, 8, 9, 15, 20, 34)}
+    sizes = {n: _layout.chunk_sizes(n) for n in (0, 1, 3, 7, 8, 9, 15, 20, 34)}
     assert_expected_inline(
         str(sizes),
         """{0: [], 1: [1], 3: [2, 1], 7: [4, 2, 1], 8: [8], 9: [8, 1], 15: [8, 4, 2, 1], 20: [8, 8, 4], 34: [8, 8, 8, 8, 2]}""",
@@ -78,8 +76,8 @@ def test_layout_matches_eager(cls, kwargs, threshold: str) -> None:  # noqa: ANN
             opt.step()
             ref.step()
         assert_same(opt, ref)
-    layout = next(iter(opt._layouts.values()))
-    classes = {unit_class(u.kind) for u in layout.chunks}
+    layout = next(iter(opt._runner.layouts.values())).layout
+    classes = {unit_class(u.kind) for u in layout.units}
     assert classes == (set() if threshold == "packed" else {threshold})
     # state_dict keeps torch's per-parameter layout: views shaped like the params
     for i, p in enumerate(params):
@@ -114,9 +112,9 @@ def test_rebuilds_and_graphs_are_bounded(threshold: str) -> None:
     assert_same(opt, ref)
     # one graph per kind (pack, chunk sizes): sizes and membership never recompile;
     # one unrolled unit at most (the first membership), other memberships chunked
-    kinds = {k for _, _, k in opt._engine._cache}
+    kinds = {k for _, _, k in opt._engine._cache}  # the compiled kinds' names
     assert counter.frame_count == len(kinds), (counter.frame_count, kinds)
-    unrolled = [k for k in kinds if unit_class(k) == "unrolled"]
+    unrolled = [k for k in kinds if k.startswith("static:")]
     assert len(unrolled) == (threshold == "unrolled"), kinds
 
 
@@ -175,16 +173,16 @@ def test_many_tensors_one_pack_graph(
 ) -> None:
     """600 small tensors and 20 large ones: two graphs (pack, one unrolled unit); or,
     with more large tensors than ``UNROLL_MAX``, three (pack, static8, static4)."""
-    monkeypatch.setattr(_pack, "UNROLL_MAX", unroll_max)
+    monkeypatch.setattr(_layout, "UNROLL_MAX", unroll_max)
     params = [uc.Parameter(torch.randn(4, 4), "weight") for _ in range(600)]
     params += [uc.Parameter(torch.randn(130, 128), "weight") for _ in range(20)]
     opt = Adam(params, lr=0.01)
     counter = CompileCounter()
     use_backend(opt, counter)
     run_steps([opt], [params], 2)
-    layout = next(iter(opt._layouts.values()))
+    layout = next(iter(opt._runner.layouts.values())).layout
     assert layout.pack is not None and len(layout.pack.unit.members) == 600
-    chunks = [(len(u.members), u.kind) for u in layout.chunks]
+    chunks = [(len(u.members), u.kind.name) for u in layout.units]
     if unroll_max == 48:
         assert chunks == [(20, "static:20*130x128")]
     else:
@@ -202,13 +200,13 @@ def test_pack_rows() -> None:
     opt = Adam(params, lr=0.01)
     use_backend(opt, "aot_eager")
     run_steps([opt], [params], 3)
-    pack = next(iter(opt._layouts.values())).pack
+    pack = next(iter(opt._runner.layouts.values())).layout.pack
     assert pack is not None
     assert_expected_inline(
         str((pack.segment_t.tolist(), pack.local_index_t.tolist())),
         """([0, 1, 1, 2, 2], [0, 0, 128, 0, 128])""",
     )
-    flat = pack.unit.state_views[0][0]  # exp_avg
+    flat = pack.unit.state_lists[0][0]  # exp_avg
     assert flat.shape == (5, _pack.PACK_ROW)
     for buffer in (flat, pack.flat_param, pack.flat_grad):
         rows = buffer.view(-1)
@@ -223,10 +221,11 @@ def test_unit_policy() -> None:
     """Large parameters: one unrolled unit sorted by size, named by its sizes; a second
     membership, or more than ``UNROLL_MAX`` parameters, goes to per-size chunks."""
     params = [torch.empty(n) for n in (3 * 2**16, 2**16, 2**18, 2**18, 3 * 2**16)]
-    unrolled: set[str] = set()
+    unrolled = _layout.UnrolledKinds()
 
     def plan(members: list[int]) -> str:
-        return str(_pack._chunks(members, params, unrolled))
+        units = _layout.plan_units(members, params, unrolled)
+        return str([(m, kind.name) for m, kind in units])
 
     assert_expected_inline(
         plan([0, 1, 2, 3, 4]),
@@ -240,11 +239,16 @@ def test_unit_policy() -> None:
         plan([0, 2, 3, 4]),
         """[([0, 4], 'static2x196608'), ([2, 3], 'static2x262144')]""",
     )
-    assert len(unrolled) == _pack.MAX_UNROLLED_KINDS == 1
-    params += [torch.empty(2**16)] * _pack.UNROLL_MAX
+    assert len(unrolled.names) == _layout.MAX_UNROLLED_KINDS == 1
+    params += [torch.empty(2**16)] * _layout.UNROLL_MAX
     assert_expected_inline(
         str(
-            [kind for _, kind in _pack._chunks(list(range(len(params))), params, set())]
+            [
+                kind.name
+                for _, kind in _layout.plan_units(
+                    list(range(len(params))), params, _layout.UnrolledKinds()
+                )
+            ]
         ),
         """['static2x196608', 'static8x65536', 'static8x65536', 'static8x65536', 'static8x65536', 'static8x65536', 'static8x65536', 'static1x65536', 'static2x262144']""",
     )

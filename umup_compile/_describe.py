@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any
 
 from torch import Tensor, nn
@@ -136,3 +136,37 @@ def describe(
             )  # fmt: skip
         )
     return render(rows, sum(p.numel() for p in params))
+
+
+def optimizer_table(
+    groups: Sequence[dict[str, Any]], config: Callable[[dict[str, Any]], Hashable]
+) -> str:
+    """The table of an optimizer's parameters: factors, effective values, bucket.
+
+    Buckets are numbered as the optimizer forms them: by (device, dtype, static
+    config from ``config``, state dtype).
+    """
+    buckets: dict[tuple[Any, ...], int] = {}
+    rows = []
+    for g, group in enumerate(groups):
+        group_config = config(group)
+        names = group.get("param_names")
+        lr = as_float(group["lr"], "lr")
+        weight_decay = as_float(group["weight_decay"], "weight_decay")
+        for i, p in enumerate(group["params"]):
+            bucket = buckets.setdefault(
+                (p.device, p.dtype, group_config, group.get("state_dtype")),
+                len(buckets),
+            )
+            rows.append(
+                param_row(
+                    p,
+                    names[i] if names else f"g{g}[{i}]",
+                    lr_scale=group["lr_scales"][i],
+                    lr=lr,
+                    wd_scale=group["wd_scales"][i],
+                    weight_decay=weight_decay,
+                    bucket=bucket,
+                )
+            )
+    return render(rows, sum(p.numel() for g in groups for p in g["params"]))

@@ -32,6 +32,7 @@ class Engine(Protocol):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         kind: str = "",
+        static: bool = False,
     ) -> None: ...
 
 
@@ -46,6 +47,7 @@ class EagerEngine:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         kind: str = "",
+        static: bool = False,
     ) -> None:
         fn(*args, **kwargs)
 
@@ -128,24 +130,27 @@ class CompiledEngine:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         kind: str = "",
+        static: bool = False,
     ) -> None:
         """Run ``fn(*args, **kwargs)`` compiled.
 
+        The caller never calls it while an outer ``torch.compile`` traces (Note
+        [nested compile]: the runner inlines the raw function there).
+
         Args:
-            kind: names the call's shape class (e.g. ``"pack"``, ``"chunk8"``); each
+            kind: names the call's graph class (e.g. ``"pack"``, ``"chunk8"``); each
                 kind gets its own compiled callable, so Dynamo's recompile limit
-                counts variants per kind, not across all of them. Kinds starting
-                with ``"static"`` compile with static shapes; others mark every 1-D
-                tensor dynamic.
+                counts variants per kind, not across all of them.
+            static: compile with static shapes; otherwise every tensor's first
+                dimension is marked dynamic.
         """
         config = kwargs["config"]
         rest = {k: v for k, v in kwargs.items() if k != "config"}
-        # Note [nested compile]: inside a user's compiled region, inline the raw function.
-        if self.failed is not None or torch.compiler.is_compiling():
+        if self.failed is not None:
             fn(*args, **kwargs)
             return
         key = (fn, config, kind)
-        dynamic = not kind.startswith("static")
+        dynamic = not static
         compiled = self._cache.get(key)
         if compiled is None:
             compiled = self._cache[key] = _compile(fn, config, self.backend, dynamic)
@@ -181,6 +186,22 @@ def _is_compile_failure(e: Exception) -> bool:
     if module.startswith(("torch._dynamo", "torch._inductor")):
         return True
     return "compile" in type(e).__name__.lower() or "inductor" in str(e).lower()
+
+
+def make_engine(
+    compile: bool | str, *, env: bool | str | None, differentiable: bool
+) -> Engine:
+    """The engine :func:`choose_engine` picks, announcing a fallback to eager once
+    (a ``UserWarning`` that names the flag which silences it)."""
+    engine, reason = choose_engine(compile, env=env, differentiable=differentiable)
+    if reason is not None and compile is not False:
+        warnings.warn(
+            f"umup_compile: using the eager engine because {reason}; pass "
+            "compile=False to silence this warning.",
+            UserWarning,
+            stacklevel=4,
+        )
+    return engine
 
 
 def choose_engine(

@@ -203,7 +203,8 @@ def adam_step_(
     lr, beta1, beta2, eps, weight_decay = _per_param(hyper_t, group_index_t)
     lrs = lr * lr_scales_t
     # reshape: 0-d parameters arrive as 1-element views (see UmupOptimizer._run_bucket).
-    step = torch.stack(steps).to(hyper_t.dtype).reshape(-1)
+    # (``to``: a meta dry run counts steps on the CPU.)
+    step = torch.stack(steps).to(hyper_t.device, hyper_t.dtype).reshape(-1)
     bias_correction1 = 1 - beta1.pow(step)
     bias_correction2_sqrt = (1 - beta2.pow(step)).sqrt()
     wds = weight_decay * wd_scales_t
@@ -270,7 +271,8 @@ def adam_step_(
         exp_avg_sqs[i].lerp_(grad.square(), one_minus_beta2s[i])
         second = exp_avg_sqs[i]
         if config.amsgrad:
-            torch.maximum(max_exp_avg_sqs[i], second, out=max_exp_avg_sqs[i])
+            # Not ``out=``: Dynamo refuses a non-contiguous out (a strided parameter).
+            max_exp_avg_sqs[i].copy_(torch.maximum(max_exp_avg_sqs[i], second))
             second = max_exp_avg_sqs[i]
         denom = second.sqrt().mul_(root_scales[i]).add_(eps_scaleds[i])
         param.addcdiv_(exp_avgs[i], denom)

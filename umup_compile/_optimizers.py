@@ -21,54 +21,13 @@ divided by its initial effective lr, as in unit_scaling.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
-from typing import Any
-
 import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from ._base import Bucket, UmupOptimizer, check_tensor_scalar, params_list, step_dtype
-from ._functional import (
-    ADAM_HYPERS,
-    SGD_HYPERS,
-    AdamConfig,
-    SGDConfig,
-    WeightDecayMode,
-    adam_step_,
-    sgd_step_,
-)
-from ._plan import as_float
+from . import _specs
+from ._base import UmupOptimizer
 from ._rules import lr_scale_func_adam, lr_scale_func_sgd
-
-
-def _check_lr(lr: Any, where: str) -> None:
-    if lr is None:
-        raise ValueError(
-            f"{where}: lr is None; pass lr=<float> or give the group an 'lr'."
-        )
-    check_tensor_scalar(lr, "lr")
-    if not as_float(lr, "lr") >= 0.0:
-        raise ValueError(f"Invalid learning rate: {lr} ({where}); lr must be >= 0.")
-
-
-def _check_nonneg(value: Any, name: str, where: str) -> None:
-    check_tensor_scalar(value, name)
-    if not as_float(value, name) >= 0.0:
-        raise ValueError(f"Invalid {name} value: {value} ({where}); it must be >= 0.")
-
-
-def _check_exclusive_flags(group: dict[str, Any], where: str) -> None:
-    if group.get("fused") and group.get("foreach"):
-        raise ValueError(f"`fused` and `foreach` cannot be `True` together ({where}).")
-    if group.get("fused") and group.get("differentiable"):
-        raise ValueError(f"`fused` does not support `differentiable` ({where}).")
-
-
-def _zeros_state(p: Tensor, group: dict[str, Any]) -> Tensor:
-    """A zero state tensor like ``p``, in the group's ``state_dtype``."""
-    dtype = group.get("state_dtype") or p.dtype
-    return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
 
 def _default_seed() -> int:
@@ -82,14 +41,14 @@ class Adam(UmupOptimizer, torch.optim.Adam):
     Drop-in for ``unit_scaling.optim.Adam`` (same numbers) that keeps your param groups,
     so lr schedulers keep the u-μP ratios between parameters. The update runs as
     compiled fused kernels by default (``compile=False`` or ``UMUP_COMPILE=0`` for the
-    eager engine, same numbers). See the module docstring for the scaling rules.
+    eager engine, same numbers). See :mod:`umup_compile.optim` for the scaling rules.
 
     Args:
         params: tagged parameters (``umup_compile.Parameter`` or any ``nn.Parameter``
             with ``mup_type``/``mup_scaling_depth``), named parameters, or groups.
-        lr, betas, eps, weight_decay, amsgrad, foreach, maximize, capturable,
-            differentiable, fused, decoupled_weight_decay: as ``torch.optim.Adam``
-            (``foreach``/``fused`` are accepted for compatibility; the engine decides).
+        lr, betas, eps, weight_decay, amsgrad: as ``torch.optim.Adam``.
+        maximize, capturable, differentiable, decoupled_weight_decay: as torch's.
+        foreach, fused: accepted for compatibility; the engine decides.
         state_dtype: dtype of the moments (``None``: the parameter's), e.g.
             ``torch.float32`` for bf16 parameters; the update is computed in float32.
         stochastic_rounding: round bf16 parameters stochastically on write-back
@@ -106,8 +65,7 @@ class Adam(UmupOptimizer, torch.optim.Adam):
         TypeError, ValueError: invalid options or parameters, naming the culprit.
     """
 
-    _hyper_names = ADAM_HYPERS
-    _functional = staticmethod(adam_step_)
+    _spec = _specs.ADAM
 
     def __init__(
         self,
@@ -146,75 +104,14 @@ class Adam(UmupOptimizer, torch.optim.Adam):
             "stochastic_rounding": stochastic_rounding,
             "sr_seed": _default_seed(),
         }
-        self._check_hypers(defaults, "optimizer defaults")
-        self._setup_umup(
+        self._init_umup(
+            params,
+            defaults,
             lr_scale_func=lr_scale_func_adam,
             independent_weight_decay=independent_weight_decay,
             allow_non_unit_scaling_params=allow_non_unit_scaling_params,
             compile=compile,
-            differentiable=differentiable,
         )
-        torch.optim.Optimizer.__init__(self, params_list(params), defaults)
-        self._step_supports_amp_scaling = True  # see UmupOptimizer._amp_kwargs
-
-    def _check_hypers(self, group: dict[str, Any], where: str) -> None:
-        _check_lr(group["lr"], where)
-        _check_nonneg(group["eps"], "epsilon", where)
-        _check_nonneg(group["weight_decay"], "weight_decay", where)
-        betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(
-                f"betas must be a pair (beta1, beta2), got {betas!r} ({where})."
-            )
-        if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
-            raise ValueError(
-                f"betas must be either both floats or both Tensors ({where})."
-            )
-        for k, beta in enumerate(betas):
-            check_tensor_scalar(beta, f"betas[{k}]")
-            if not 0.0 <= as_float(beta, f"betas[{k}]") < 1.0:
-                raise ValueError(
-                    f"Invalid beta parameter at index {k}: {as_float(beta, 'beta')} "
-                    f"({where}); betas must lie in [0, 1)."
-                )
-        _check_exclusive_flags(group, where)
-
-    def _hyper_row(self, group: dict[str, Any]) -> list[float | Tensor]:
-        beta1, beta2 = group["betas"]
-        return [group["lr"], beta1, beta2, group["eps"], group["weight_decay"]]
-
-    def _config(self, group: dict[str, Any]) -> Hashable:
-        mode: WeightDecayMode
-        if group["weight_decay"] == 0:
-            mode = "none"
-        elif group["decoupled_weight_decay"]:
-            mode = "decoupled"
-        else:
-            mode = "l2"
-        return AdamConfig(
-            amsgrad=bool(group["amsgrad"]),
-            maximize=bool(group["maximize"]),
-            weight_decay=mode,
-            stochastic_rounding=bool(group.get("stochastic_rounding", False)),
-        )
-
-    def _init_state(
-        self, p: Tensor, state: dict[str, Any], group: dict[str, Any]
-    ) -> bool:
-        created = "step" not in state
-        if created:
-            state["step"] = torch.zeros((), dtype=step_dtype(), device=p.device)
-            state["exp_avg"] = _zeros_state(p, group)
-            state["exp_avg_sq"] = _zeros_state(p, group)
-        if group["amsgrad"] and "max_exp_avg_sq" not in state:
-            state["max_exp_avg_sq"] = _zeros_state(p, group)
-        return created
-
-    _scalar_state_keys = frozenset({"step"})
-
-    def _state_keys(self, config: Hashable) -> tuple[str | None, ...]:
-        amsgrad = config.amsgrad  # type: ignore[attr-defined]
-        return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq" if amsgrad else None, "step")
 
 
 class AdamW(Adam, torch.optim.AdamW):
@@ -270,15 +167,15 @@ class SGD(UmupOptimizer, torch.optim.SGD):
 
     ``readout_constraint`` must match the ``constraint`` of unit_scaling's
     ``LinearReadout``: ``None`` uses the Adam rule, ``"to_output_scale"`` the SGD rule
-    of the module docstring. Other arguments as :class:`Adam` and ``torch.optim.SGD``.
+    (see :mod:`umup_compile.optim`). Other arguments as :class:`Adam` and
+    ``torch.optim.SGD``.
 
-    Note [first SGD step]: torch starts a momentum buffer as a copy of the first
-    gradient, not as a damped update of zeros. Steps that create buffers therefore run
-    eagerly (once per parameter); every later step runs in the chosen engine.
+    Steps that create momentum buffers run eagerly (Note [first SGD step] in
+    ``_specs``); every later step runs in the chosen engine.
     """
 
-    _hyper_names = SGD_HYPERS
-    _functional = staticmethod(sgd_step_)
+    _spec = _specs.SGD
+    _EXTRA_ATTRS = ("readout_constraint",)
 
     def __init__(
         self,
@@ -311,54 +208,12 @@ class SGD(UmupOptimizer, torch.optim.SGD):
             "fused": fused,
             "state_dtype": state_dtype,
         }
-        self._check_hypers(defaults, "optimizer defaults")
         self.readout_constraint = readout_constraint
-        self._setup_umup(
+        self._init_umup(
+            params,
+            defaults,
             lr_scale_func=lr_scale_func_sgd(readout_constraint),
             independent_weight_decay=independent_weight_decay,
             allow_non_unit_scaling_params=allow_non_unit_scaling_params,
             compile=compile,
-            differentiable=differentiable,
         )
-        torch.optim.Optimizer.__init__(self, params_list(params), defaults)
-        self._step_supports_amp_scaling = True  # see UmupOptimizer._amp_kwargs
-
-    def _check_hypers(self, group: dict[str, Any], where: str) -> None:
-        _check_lr(group["lr"], where)
-        _check_nonneg(group["momentum"], "momentum", where)
-        _check_nonneg(group["weight_decay"], "weight_decay", where)
-        dampening = as_float(group["dampening"], "dampening")
-        if group["nesterov"] and (
-            as_float(group["momentum"], "momentum") <= 0 or dampening != 0
-        ):
-            raise ValueError(
-                f"Nesterov momentum requires a momentum and zero dampening ({where})."
-            )
-        _check_exclusive_flags(group, where)
-
-    def _hyper_row(self, group: dict[str, Any]) -> list[float | Tensor]:
-        return [group[name] for name in SGD_HYPERS]
-
-    def _config(self, group: dict[str, Any]) -> Hashable:
-        return SGDConfig(
-            momentum=group["momentum"] != 0,
-            nesterov=bool(group["nesterov"]),
-            maximize=bool(group["maximize"]),
-            weight_decay=group["weight_decay"] != 0,
-        )
-
-    def _init_state(
-        self, p: Tensor, state: dict[str, Any], group: dict[str, Any]
-    ) -> bool:
-        if group["momentum"] != 0 and state.get("momentum_buffer") is None:
-            state["momentum_buffer"] = _zeros_state(p, group)
-            return True
-        return False
-
-    def _state_keys(self, config: Hashable) -> tuple[str | None, ...]:
-        return ("momentum_buffer" if config.momentum else None,)  # type: ignore[attr-defined]
-
-    def _extra_kwargs(self, bucket: Bucket, fresh: set[int]) -> dict[str, Any]:
-        if not fresh or not bucket.config.momentum:  # type: ignore[attr-defined]
-            return {}
-        return {"fresh_buffers": [id(p) in fresh for p in bucket.params]}

@@ -1,84 +1,65 @@
-"""Layouts for the compiled engine: few calls per step, each over many tensors.
+"""Buffers and copies of a layout (``_layout`` decides who goes where).
 
-Compiling one graph that unrolls every parameter costs ~0.9 s per tensor on a 2-core
-CPU (500 tensors: minutes). A layout instead splits a bucket into *units* whose graphs
-are reused, so the number of graphs does not grow with the parameter count:
+The **pack** holds its small parameters' state in one buffer per state key
+(``state[p][key]`` is a view into it, so ``state_dict`` keeps torch's per-parameter
+layout); gradients and parameters are copied into scratch buffers, updated by one
+dynamic-shape kernel, and copied back. Buffers are ``(rows, width)``, each parameter
+starting a row, and ``segment_t`` maps each row to its parameter's coefficients.
 
-- the **pack**: small parameters (fewer than :data:`PACK_MAX_NUMEL` elements, or not
-  contiguous). Their state lives in one buffer per state key (``state[p][key]`` is a
-  view into it, so ``state_dict`` keeps torch's per-parameter layout); gradients and
-  parameters are copied into scratch buffers, updated by one dynamic-shape kernel, and
-  copied back. Buffers are ``(rows, PACK_ROW)``, each parameter starting a row, and
-  ``segment_t`` maps each row to its parameter's coefficients.
-- the **unrolled unit**: when a bucket has at most :data:`UNROLL_MAX` large contiguous
-  parameters, one static-shape graph over all of them, passed as they are. Its kind
-  names their shapes, so another membership would compile another graph: beyond
-  :data:`MAX_UNROLLED_KINDS` per optimizer, other memberships use chunks.
-- **chunks** (more large parameters, or after that): up to :data:`CHUNK` parameters of
-  one size, passed as flat aliases (no copies; one graph serves every shape of that
-  size), compiled with static shapes (C++ guards). Sizes beyond the
-  :data:`MAX_STATIC_SIZES` most frequent share dynamic-shape chunks (Python shape
-  guards). Chunk lengths are powers of two, so a size has at most ``log2(CHUNK) + 1``
-  graphs, whatever the membership.
-
-Why both: on CPU each compiled call costs ~0.5-1 ms of Python, because the kernel
-before it has streamed the caches empty (measured: the same call takes 0.2 ms warm and
-0.9 ms after copying 64 MB). On the GPT-like benchmark (34 large tensors of 4 sizes,
-1 thread, one process) six calls per step (pack + five chunks) ran 1.16-1.24x torch
-fused, two (pack + unrolled unit) 1.01-1.12x, one graph over every tensor 1.05-1.13x.
-The unrolled unit compiles as fast there (42 s vs 43 s for chunks, fresh cache, 2
-threads) but grows ~0.8 s per tensor (66 tensors: 71 s against 46 s), hence the limit.
-
-Measured on 2 CPU cores (torch 2.13), first step with a cold cache: 500 and 2000
-tensors of 64x64 in ~14 s, where the graph unrolled over every tensor took minutes.
-Packing copies (~24 B/element) only pay off below ~16K elements, hence the threshold.
+Note [pack copies]: with many small tensors the copies, not the update, are the step:
+``torch._foreach_copy_`` costs ~0.7 µs per tensor on CPU (a dispatch each), while
+``torch.stack`` into a dense block costs ~0.1 µs per tensor. So the row width is the
+largest of :data:`ROW_WIDTHS` that most members' sizes are multiples of (no padding),
+members are ordered by shape, and each run of equal-shape unpadded members is copied
+in by one ``stack`` (gradients and parameters); the rest, and the copy back out, use
+``_foreach_copy_``. Measured (8,000 tensors of 16 elements, 1 thread): copies
+2.3 -> 1.0 µs per tensor.
 Parameters are copied rather than re-pointed into the pack (``p.data = view``): a view
 would make ``torch.save(model.state_dict())`` write the whole pack per parameter, and
 safetensors refuses shared storage.
 
-A layout is cached per bucket and rebuilt (counted in ``layout_builds``) when the set
-of parameters with gradients changes, a parameter's state is created, or a state tensor
-was replaced behind our back (e.g. ``load_state_dict``).
+The other **units** pass their members' tensors to the engine: as they are (the
+unrolled and strided units) or as flat aliases (chunks), so one graph serves every
+shape of a size.
 """
 
 from __future__ import annotations
 
 import itertools
-import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-PACK_MAX_NUMEL = 16384
+from ._layout import (
+    PACK_KIND,
+    STRIDED_KIND,
+    UnitKind,
+    UnrolledKinds,
+    is_large,
+    plan_units,
+)
+
 PACK_ROW = 128
-CHUNK = 8
-MAX_STATIC_SIZES = 8
-UNROLL_MAX = 48
-MAX_UNROLLED_KINDS = 1
+# Row widths a pack may take, widest first (see Note [pack copies]).
+ROW_WIDTHS = (PACK_ROW, 64, 32, 16)
 
-# A state key is elementwise (shaped like the parameter) unless listed as scalar.
 State = dict[str, Tensor]
-
-
-# Per parameter: group index, lr scale, wd scale, stochastic-rounding seed.
-Factors = tuple[Tensor, Tensor, Tensor, Tensor]
+TensorLists = tuple[list[Tensor], ...]
 
 
 @dataclass
 class Unit:
-    """One compiled call: the members' bucket indices and their factor tensors."""
+    """One compiled call: its members (bucket indices), kind and state lists.
+
+    ``state_lists`` has one list per state key of the layout, in order: the members'
+    tensors (unrolled), their flat aliases (chunks) or the pack's one buffer.
+    """
 
     members: list[int]
-    factors: Factors
-    state_views: list[list[Tensor]]  # per state key: see ``chunk_lists``
-    kind: str  # the graph class: "pack", "static:<shapes>", "static<k>x<numel>", "chunk<k>"
-
-    @property
-    def unrolled(self) -> bool:
-        """Whether the members are passed as they are (not as flat aliases)."""
-        return is_unrolled(self.kind)
+    kind: UnitKind
+    state_lists: list[list[Tensor]]
 
 
 @dataclass
@@ -86,6 +67,9 @@ class Pack:
     """Small parameters' state and scratch buffers, ``(rows, PACK_ROW)`` each."""
 
     unit: Unit
+    params: list[Tensor]  # the members, in unit order
+    runs: list[tuple[int, int, Tensor, Tensor]]  # stacked runs: start, end, blocks
+    loose: list[int]  # unit positions of the members copied one by one
     segment_t: Tensor  # each row's parameter
     local_index_t: Tensor  # each row's first element's index within its parameter
     flat_param: Tensor
@@ -96,183 +80,45 @@ class Pack:
 
 @dataclass
 class Layout:
-    """A bucket's units, valid while membership and state tensors stay the same."""
+    """A bucket's units: the pack (when it has small parameters), then the others."""
 
-    positions: tuple[tuple[int, int], ...]
-    states: list[list[Tensor]]  # per state key, the members' tensors (identity check)
     pack: Pack | None
-    chunks: list[Unit]
-
-
-def is_large(p: Tensor) -> bool:
-    """Whether ``p`` is updated through flat views (else it joins the pack)."""
-    return p.numel() >= PACK_MAX_NUMEL and p.is_contiguous()
-
-
-def _chunks(
-    large: list[int], params: Sequence[Tensor], unrolled: set[str]
-) -> list[tuple[list[int], str]]:
-    """Units of large parameters with their graph kind (see the module docstring).
-
-    ``unrolled`` holds the unrolled kinds this optimizer has compiled; a new one is
-    added while there are fewer than :data:`MAX_UNROLLED_KINDS`.
-
-    Parameters of the :data:`MAX_STATIC_SIZES` most frequent sizes are chunked by
-    size, into static-shape graphs (C++ guards, ~0.15 ms a call); the rest share
-    dynamic-shape graphs, whose Python shape guards cost ~0.3-0.7 ms a call.
-    """
-    if 0 < len(large) <= UNROLL_MAX:
-        members = sorted(large, key=lambda k: (params[k].numel(), params[k].shape))
-        kind = _unrolled_kind([params[k].shape for k in members])
-        if kind in unrolled or len(unrolled) < MAX_UNROLLED_KINDS:
-            unrolled.add(kind)
-            return [(members, kind)]
-    by_size: dict[int, list[int]] = {}
-    for k in large:
-        by_size.setdefault(params[k].numel(), []).append(k)
-    frequent = sorted(by_size, key=lambda n: -len(by_size[n]))[:MAX_STATIC_SIZES]
-    out, rest = [], []
-    for numel, members in by_size.items():
-        if numel not in frequent:
-            rest += members
-            continue
-        for chunk in _split(members):
-            out.append((chunk, f"static{len(chunk)}x{numel}"))
-    out += [(chunk, f"chunk{len(chunk)}") for chunk in _split(sorted(rest))]
-    return out
-
-
-def is_unrolled(kind: str) -> bool:
-    """Whether ``kind`` names an unrolled unit (see ``_unrolled_kind``)."""
-    return kind.startswith("static:")
-
-
-def _unrolled_kind(shapes: list[torch.Size]) -> str:
-    """``"static:2*16x32+1*64x64"`` for sorted shapes (16, 32), (16, 32), (64, 64)."""
-    runs: list[tuple[int, torch.Size]] = []
-    for shape in shapes:
-        if runs and runs[-1][1] == shape:
-            runs[-1] = (runs[-1][0] + 1, shape)
-        else:
-            runs.append((1, shape))
-    return "static:" + "+".join(
-        f"{count}*{'x'.join(map(str, shape))}" for count, shape in runs
-    )
-
-
-def _split(members: list[int]) -> list[list[int]]:
-    chunks, start = [], 0
-    for size in chunk_sizes(len(members)):
-        chunks.append(members[start : start + size])
-        start += size
-    return chunks
-
-
-def chunk_sizes(n: int) -> list[int]:
-    """Split ``n`` into chunks of :data:`CHUNK`, then powers of two (8 8 4 1)."""
-    sizes = [CHUNK] * (n // CHUNK)
-    rest, size = n % CHUNK, CHUNK
-    while rest:
-        size //= 2
-        if rest >= size:
-            sizes.append(size)
-            rest -= size
-    return sizes
-
-
-def factor_tensors(
-    positions: Sequence[tuple[int, int]],
-    lr_scales: Sequence[Sequence[float]],
-    wd_scales: Sequence[Sequence[float]],
-    sr_seeds: Sequence[int],
-    device: torch.device,
-    dtype: torch.dtype,
-) -> Factors:
-    """(group index, lr scale, wd scale, rounding seed) vectors of the parameters.
-
-    A parameter's rounding seed mixes its group's ``sr_seed`` with its position, so
-    every parameter draws its own stream (see ``_rounding``).
-    """
-    return (
-        torch.tensor([g for g, _ in positions], dtype=torch.int64, device=device),
-        torch.tensor(
-            [lr_scales[g][i] for g, i in positions], dtype=dtype, device=device
-        ),
-        torch.tensor(
-            [wd_scales[g][i] for g, i in positions], dtype=dtype, device=device
-        ),
-        torch.tensor(
-            [(sr_seeds[g] & 0xFFFFFFFF) | (i << 32) | (g << 52) for g, i in positions],
-            dtype=torch.int64,
-            device=device,
-        ),
-    )
+    units: list[Unit]
 
 
 def build_layout(
     params: Sequence[Tensor],
-    positions: Sequence[tuple[int, int]],
     states: Sequence[State],
-    keys: Sequence[str | None],
+    keys: Sequence[str],
     scalar_keys: frozenset[str],
-    lr_scales: Sequence[Sequence[float]],
-    wd_scales: Sequence[Sequence[float]],
-    sr_seeds: Sequence[int],
-    scalar_dtype: torch.dtype,
-    unrolled: set[str],
+    unrolled: UnrolledKinds,
 ) -> Layout:
     """Lay out one bucket, moving its small parameters' state into flat buffers.
 
     Args:
-        params, positions, states: the bucket's parameters, their (group, index)
-            and their state dicts, aligned.
-        keys: the state keys in the functional's order (``None``: an empty list).
+        params, states: the bucket's parameters and their state dicts, aligned.
+        keys: the state keys the update reads, in the functional's order.
         scalar_keys: keys holding one 0-d tensor per parameter (e.g. ``step``).
-        lr_scales, wd_scales, sr_seeds: every group's u-μP factors and rounding seed.
-        scalar_dtype: dtype of the factor tensors.
-        unrolled: the unrolled kinds compiled so far (updated, see ``_chunks``).
+        unrolled: the unrolled kinds this optimizer compiled (see ``plan_units``).
     """
-    device = params[0].device
-    small = [k for k, p in enumerate(params) if not is_large(p)]
-    large = [k for k, p in enumerate(params) if is_large(p)]
-    for k in large:  # flat views need contiguous state
+    dense = [k for k, p in enumerate(params) if p.is_contiguous()]
+    strided = [k for k, p in enumerate(params) if not p.is_contiguous()]
+    small = [k for k in dense if not is_large(params[k])]
+    large = [k for k in dense if is_large(params[k])]
+    for k in large:  # flat aliases need contiguous state
         for key in keys:
-            if key is not None and not states[k][key].is_contiguous():
+            if not states[k][key].is_contiguous():
                 states[k][key] = states[k][key].contiguous()
-
-    def factors(members: Sequence[int]) -> Factors:
-        return factor_tensors(
-            [positions[k] for k in members],
-            lr_scales,
-            wd_scales,
-            sr_seeds,
-            device,
-            scalar_dtype,
-        )
-
-    pack = None
-    if small:
-        pack = _build_pack(
-            small,
-            factors(small),
-            [params[k] for k in small],
-            [states[k] for k in small],
-            keys,
-            scalar_keys,
-        )
-    chunks = []
-    for members, kind in _chunks(large, params, unrolled):
-        alias = (lambda t: t) if is_unrolled(kind) else _flat
-        views = [
-            [alias(states[k][key]) for k in members] if key else [] for key in keys
-        ]
-        chunks.append(Unit(members, factors(members), views, kind))
-    return Layout(
-        positions=tuple(positions),
-        states=[[s[key] for s in states] if key else [] for key in keys],
-        pack=pack,
-        chunks=chunks,
-    )
+    pack = _build_pack(small, params, states, keys, scalar_keys) if small else None
+    planned = plan_units(large, params, unrolled)
+    if strided:
+        planned.append((strided, STRIDED_KIND))
+    units = []
+    for members, kind in planned:
+        alias = (lambda t: t) if kind.as_is else _flat
+        lists = [[alias(states[k][key]) for k in members] for key in keys]
+        units.append(Unit(members, kind, lists))
+    return Layout(pack, units)
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -280,7 +126,7 @@ def _flat(t: Tensor) -> Tensor:
 
     Dynamo guards on a view's base (its sizes and strides), so flat views of
     differently shaped parameters would recompile; an alias made with ``set_`` shares
-    the storage without a base. It also never is 0-d (see ``_base``).
+    the storage without a base. It also never is 0-d (see ``_runner``).
     """
     flat = t.new_empty(0)
     return flat.set_(
@@ -288,23 +134,38 @@ def _flat(t: Tensor) -> Tensor:
     )
 
 
+def _row_width(numels: Sequence[int]) -> int:
+    """The widest row that at least 3/4 of the members fill without padding."""
+    for width in ROW_WIDTHS:
+        if 4 * sum(n % width == 0 for n in numels) >= 3 * len(numels):
+            return width
+    return PACK_ROW
+
+
 def _build_pack(
     members: list[int],
-    factors: Factors,
-    params: Sequence[Tensor],
-    states: Sequence[State],
-    keys: Sequence[str | None],
+    bucket_params: Sequence[Tensor],
+    bucket_states: Sequence[State],
+    keys: Sequence[str],
     scalar_keys: frozenset[str],
 ) -> Pack:
-    """Small parameters in rows of :data:`PACK_ROW` elements, each starting a row.
+    """Small parameters in rows, each starting a row (see Note [pack copies]).
 
-    Rows let the kernel gather coefficients once per row (see ``_coefficients``);
-    the padding (< PACK_ROW elements per parameter) stays zero in gradients and
-    parameters and is never read back.
+    Rows let the kernel gather coefficients once per row (see ``_coefficients`` in
+    ``_functional``); the padding (less than a row per parameter) stays zero in
+    gradients and parameters and is never read back.
     """
+    width = _row_width([bucket_params[k].numel() for k in members])
+
+    by_shape: dict[tuple[int, ...], list[int]] = {}  # equal shapes side by side
+    for k in members:
+        by_shape.setdefault(tuple(bucket_params[k].shape), []).append(k)
+    members = [k for run in by_shape.values() for k in run]
+    params = [bucket_params[k] for k in members]
+    states = [bucket_states[k] for k in members]
     p0 = params[0]
     device = p0.device
-    row_counts = [-(-p.numel() // PACK_ROW) for p in params]
+    row_counts = [-(-p.numel() // width) for p in params]
     rows = sum(row_counts)
     firsts = [0, *itertools.accumulate(row_counts)][:-1]  # each parameter's first row
     counts = torch.tensor(row_counts, device=device)
@@ -316,31 +177,30 @@ def _build_pack(
     row_starts = torch.repeat_interleave(
         torch.tensor(firsts, device=device), counts, output_size=rows
     )
-    local_index_t = ((torch.arange(rows, device=device) - row_starts) * PACK_ROW).to(
+    local_index_t = ((torch.arange(rows, device=device) - row_starts) * width).to(
         torch.int32
     )
-    offsets = [first * PACK_ROW for first in firsts]
-    flat_param = torch.zeros(rows, PACK_ROW, dtype=p0.dtype, device=device)
+    offsets = [first * width for first in firsts]
+    flat_param = torch.zeros(rows, width, dtype=p0.dtype, device=device)
     flat_grad = torch.zeros_like(flat_param)
     flat_state: list[list[Tensor]] = []
     for key in keys:
-        if key is None:
-            flat_state.append([])
-            continue
         if key in scalar_keys:
             flat = torch.stack([s[key].reshape(()) for s in states])
             views = list(flat.unbind())
         else:
-            flat = torch.zeros(
-                rows, PACK_ROW, dtype=states[0][key].dtype, device=device
-            )
+            flat = torch.zeros(rows, width, dtype=states[0][key].dtype, device=device)
             views = _views(flat, offsets, params)
             torch._foreach_copy_(views, [s[key] for s in states])
         for s, view in zip(states, views):
             s[key] = view  # state_dict keeps per-parameter tensors: views
         flat_state.append([flat])
+    runs, loose = _runs(params, offsets, width, flat_param, flat_grad)
     return Pack(
-        unit=Unit(members, factors, flat_state, "pack"),
+        unit=Unit(members, PACK_KIND, flat_state),
+        params=params,
+        runs=runs,
+        loose=loose,
         segment_t=segment_t,
         local_index_t=local_index_t,
         flat_param=flat_param,
@@ -348,6 +208,40 @@ def _build_pack(
         param_views=_views(flat_param, offsets, params),
         grad_views=_views(flat_grad, offsets, params),
     )
+
+
+def _runs(
+    params: Sequence[Tensor],
+    offsets: Sequence[int],
+    width: int,
+    flat_param: Tensor,
+    flat_grad: Tensor,
+) -> tuple[list[tuple[int, int, Tensor, Tensor]], list[int]]:
+    """Runs of equal-shape unpadded members (copied in by ``stack`` into a dense
+    block of each buffer), and the other members' positions."""
+    runs: list[tuple[int, int, Tensor, Tensor]] = []
+    loose: list[int] = []
+    start = 0
+    while start < len(params):
+        shape, numel = params[start].shape, params[start].numel()
+        end = start + 1
+        while end < len(params) and params[end].shape == shape:
+            end += 1
+        if numel % width == 0 and end - start > 1 and params[start].is_contiguous():
+            a, b = offsets[start], offsets[start] + (end - start) * numel
+            block = (end - start, *shape)
+            runs.append(
+                (
+                    start,
+                    end,
+                    flat_grad.view(-1)[a:b].view(block),
+                    flat_param.view(-1)[a:b].view(block),
+                )
+            )
+        else:
+            loose += range(start, end)
+        start = end
+    return runs, loose
 
 
 def _views(
@@ -361,58 +255,46 @@ def _views(
     ]
 
 
-def is_current(
-    layout: Layout,
-    positions: Sequence[tuple[int, int]],
-    states: Sequence[State],
-    keys: Sequence[str | None],
-) -> bool:
-    """Whether ``layout`` still describes the bucket (same members, same tensors)."""
-    if layout.positions != tuple(positions):
-        return False
-    for j, key in enumerate(keys):
-        if key is not None and not all(
-            map(operator.is_, map(operator.itemgetter(key), states), layout.states[j])
-        ):
-            return False
-    return True
+def pack_in(pack: Pack, grads: list[Tensor]) -> TensorLists:
+    """Copy the members' gradients (in unit order) and parameters in; return the
+    call's tensor lists (see Note [pack copies])."""
+    params = pack.params
+    for start, end, grad_block, param_block in pack.runs:
+        torch.stack(grads[start:end], out=grad_block)
+        torch.stack(params[start:end], out=param_block)
+    if len(pack.loose) == len(params):
+        torch._foreach_copy_(pack.grad_views, grads)
+        torch._foreach_copy_(pack.param_views, params)
+    elif pack.loose:
+        loose = pack.loose
+        torch._foreach_copy_(
+            [pack.grad_views[k] for k in loose], [grads[k] for k in loose]
+        )
+        torch._foreach_copy_(
+            [pack.param_views[k] for k in loose], [params[k] for k in loose]
+        )
+    return ([pack.flat_param], [pack.flat_grad], *pack.unit.state_lists)
 
 
-TensorLists = tuple[list[Tensor], ...]
-
-
-def pack_lists(
-    pack: Pack, params: Sequence[Tensor], grads: Sequence[Tensor]
-) -> TensorLists:
-    """Copy the members' parameters and gradients in; return the call's tensor lists."""
-    members = pack.unit.members
-    torch._foreach_copy_(pack.grad_views, [grads[k] for k in members])
-    torch._foreach_copy_(pack.param_views, [params[k] for k in members])
-    return ([pack.flat_param], [pack.flat_grad], *pack.unit.state_views)
-
-
-def unpack(pack: Pack, params: Sequence[Tensor]) -> None:
+def pack_out(pack: Pack) -> None:
     """Copy the updated parameters back out of the pack."""
-    torch._foreach_copy_([params[k] for k in pack.unit.members], pack.param_views)
+    torch._foreach_copy_(pack.params, pack.param_views)
 
 
-def chunk_lists(
-    unit: Unit, params: Sequence[Tensor], grads: Sequence[Tensor]
-) -> TensorLists:
-    """A unit's parameters, gradients and state: flat aliases for a chunk, the
-    tensors themselves for the unrolled unit (gradients made contiguous).
+def unit_lists(unit: Unit, params: list[Tensor], grads: list[Tensor]) -> TensorLists:
+    """A unit's parameters, gradients (both in unit order) and state: flat aliases
+    for a chunk, the tensors themselves for the unrolled unit (gradients made
+    contiguous).
 
     Updates through an alias do not bump the parameter's version counter, so it is
     bumped here, as an in-place update would (autograd then catches a step taken
     between a forward and its backward).
     """
-    chunk = [params[k] for k in unit.members]
-    torch.autograd.graph.increment_version(chunk)
-    grad_list = (grads[k] for k in unit.members)
-    if unit.unrolled:
-        return (chunk, [g.contiguous() for g in grad_list], *unit.state_views)
+    torch.autograd.graph.increment_version(params)
+    if unit.kind.as_is:
+        return (list(params), [g.contiguous() for g in grads], *unit.state_lists)
     return (
-        [_flat(p) for p in chunk],
-        [_flat(g) if g.is_contiguous() else g.reshape(-1) for g in grad_list],
-        *unit.state_views,
+        [_flat(p) for p in params],
+        [_flat(g) if g.is_contiguous() else g.reshape(-1) for g in grads],
+        *unit.state_lists,
     )

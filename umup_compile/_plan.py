@@ -31,20 +31,22 @@ def check_param(
     label: str,
     *,
     allow_non_unit_scaling_params: bool,
-    needs_real: bool = True,
 ) -> bool:
     """Validate one parameter; return whether it is u-μP tagged.
 
+    Complex parameters are accepted, as torch.optim updates them (as real views);
+    their fan-in comes from their own shape.
+
     Raises:
-        TypeError: not a floating-point tensor.
+        TypeError: not a floating-point or complex tensor.
         ValueError: invalid tags, or untagged while untagged parameters are not allowed.
     """
     if not isinstance(p, Tensor):
         raise TypeError(f"{label}: optimizer params must be Tensors, got {type(p)}.")
-    if needs_real and not p.is_floating_point():
+    if not (p.is_floating_point() or p.is_complex()):
         raise TypeError(
-            f"{label}: dtype {p.dtype} is not supported; u-μP optimizers update real "
-            "floating-point parameters (use torch.view_as_real for complex ones)."
+            f"{label}: dtype {p.dtype} is not supported; optimizers update "
+            "floating-point or complex parameters."
         )
     if hasattr(p, "mup_type") or hasattr(p, "mup_scaling_depth"):
         check_tags(
@@ -90,7 +92,13 @@ def group_scales(
             p, label, allow_non_unit_scaling_params=allow_non_unit_scaling_params
         )
         try:
-            scale = float(lr_scale_func(p)) if tagged else 1.0  # type: ignore[arg-type]
+            # A zero-element parameter has nothing to update: its fan-in or width
+            # may be 0, where the rules divide by zero, so it keeps scale 1.
+            scale = (
+                float(lr_scale_func(p))  # type: ignore[arg-type]
+                if tagged and p.numel() > 0
+                else 1.0
+            )
         except ValueError as e:
             raise ValueError(f"{label}: {e}") from None
         lr_scales.append(scale)
@@ -193,3 +201,11 @@ def as_float(value: float | Tensor, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{what} must be a float or a 1-element Tensor, got {value!r}.")
     return float(value)
+
+
+def check_tensor_scalar(value: Any, what: str) -> None:
+    """Raise torch's error for a multi-element tensor hyper-parameter."""
+    if isinstance(value, Tensor) and value.numel() != 1:
+        raise ValueError(
+            f"Tensor {what} must be 1-element, got shape {tuple(value.shape)}"
+        )

@@ -51,6 +51,8 @@ counter, or ``step * num_tensors + tensor_index`` for independent tensors.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -181,3 +183,22 @@ def round_bf16_with_bits(x: Tensor, bits: Tensor) -> Tensor:
     # The high half of the pattern *is* the bf16 pattern: no float conversion, whose
     # NaN handling could differ between eager and compiled kernels.
     return summed.bitwise_right_shift_(16).to(torch.int16).view(torch.bfloat16)
+
+
+def parameter_seeds(group_seeds: Sequence[int], indices: Sequence[int]) -> list[int]:
+    """Each parameter's stream seed: its group's ``sr_seed`` and its own index.
+
+    ``indices`` are the parameters' positions in the optimizer (counted across
+    groups), so any number of groups and of parameters per group gives distinct
+    seeds: the low 32 bits hold the group's seed, the high bits the index (below
+    ``2**31``, so the int64 stays positive). :func:`stream_keys` mixes the two halves
+    with bijections of 32 bits, so distinct indices under one ``sr_seed`` give
+    distinct keys at every step.
+    """
+    for index in indices:
+        if not 0 <= index < 2**31:
+            raise ValueError(
+                f"a stochastic-rounding stream needs a parameter index in [0, 2**31), "
+                f"got {index}"
+            )
+    return [(s & _MASK32) | (k << 32) for s, k in zip(group_seeds, indices)]

@@ -1,0 +1,258 @@
+"""Gathering: the parameters that have gradients, in buckets, with their state.
+
+:func:`gather` is the full pass: it walks every group once, validates each parameter
+with a gradient, sorts it into a bucket of equal (device, dtype, static config, state
+dtype) and creates its missing state. :class:`SteadyCheck` is what later steps run
+instead while nothing structural changed: one walk over the parameters to collect the
+gradients, with C-level checks that the membership, the groups' static options, the
+parameters' dtype and device, and the state tensors are those the layouts were built
+for. Anything else sends the step back to :func:`gather`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import operator
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._hypers import Position
+from ._plan import describe_param
+from ._specs import AlgorithmSpec
+
+if torch.distributed.is_available():
+    from torch.distributed.tensor import DTensor as DTensor
+else:  # a torch build without torch.distributed has no DTensor parameters
+    DTensor = ()  # type: ignore[assignment,misc]
+
+Group = dict[str, Any]
+State = dict[str, Any]
+# (device, param dtype, static config, state dtype, grad dtype)
+BucketKey = tuple[torch.device, torch.dtype, Hashable, Any, torch.dtype]
+
+# Devices whose kernels can be captured into graphs (torch.optim's list, less xla).
+CAPTURABLE_DEVICES = ("cuda", "xpu", "hpu")
+# Group keys besides the spec's config that fix a step's structure.
+_STRUCTURE_KEYS = ("state_dtype", "capturable", "differentiable", "sr_seed")
+
+_GRAD = operator.attrgetter("grad")
+_DTYPE = operator.attrgetter("dtype")
+_DEVICE = operator.attrgetter("device")
+_SHAPE = operator.attrgetter("shape")
+_IS_SPARSE = operator.attrgetter("is_sparse")
+
+
+def _IS_NONE(x: object) -> bool:  # noqa: N802 - named like the getters above
+    return x is None
+
+
+@dataclass
+class Bucket:
+    """Parameters that share (device, dtype, static config, state dtype)."""
+
+    key: BucketKey
+    config: Hashable
+    params: list[Tensor] = field(default_factory=list)
+    positions: list[Position] = field(default_factory=list)
+    states: list[State] = field(default_factory=list)
+    fresh: list[bool] = field(default_factory=list)  # state created this step
+    grads: list[Tensor] = field(default_factory=list)  # this step's
+    has_scalars: bool = False
+    sharded: bool = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.key[0]
+
+    @property
+    def mixed(self) -> bool:
+        """Whether the gradients' dtype differs from the parameters'."""
+        return self.key[1] != self.key[4]
+
+
+@dataclass(frozen=True)
+class Structure:
+    """What fixes a step's structure in a group: its params list, the spec's config
+    keys and :data:`_STRUCTURE_KEYS`. ``raw`` reads their values (a C-level getter,
+    compared at every step); ``derived`` what they mean (compared when raw values
+    changed: a scheduled weight decay changes ``weight_decay`` but not the config)."""
+
+    spec: AlgorithmSpec
+    raw: Any
+    extra: Any
+
+    @staticmethod
+    def of(spec: AlgorithmSpec, defaults: Group) -> Structure:
+        extra = tuple(k for k in _STRUCTURE_KEYS if k in defaults)
+        return Structure(
+            spec,
+            operator.itemgetter("params", *spec.config_keys, *extra),
+            operator.itemgetter("params", *extra),
+        )
+
+    def derived(self, groups: Sequence[Group]) -> list[tuple[Any, ...]]:
+        return [(self.spec.config(g), *self.extra(g)) for g in groups]
+
+
+def gather(
+    groups: Sequence[Group],
+    state: dict[Tensor, State],
+    spec: AlgorithmSpec,
+    *,
+    traced: bool,
+    optimizer_name: str,
+) -> list[Bucket]:
+    """Bucket the parameters that have gradients and create their missing state.
+
+    Raises:
+        ValueError: a sparse gradient, or ``capturable=True`` on a device that
+            graph capture does not support; raised before any state is created.
+    """
+    buckets: dict[BucketKey, Bucket] = {}
+    todo: list[tuple[Bucket, Tensor, Tensor, Group]] = []
+    flat = 0
+    for g, group in enumerate(groups):
+        config = spec.config(group)
+        # Dynamo sets "capturable" on the groups of optimizers it traces, any device.
+        capturable = group.get("capturable") and not traced
+        local: dict[tuple[torch.device, torch.dtype, torch.dtype], Bucket] = {}
+        for i, p in enumerate(group["params"]):
+            grad = p.grad
+            if grad is None:
+                continue
+            if capturable and p.device.type not in CAPTURABLE_DEVICES:
+                raise ValueError(
+                    "capturable=True needs parameters on a device that graph capture "
+                    f"supports ({', '.join(CAPTURABLE_DEVICES)}), but "
+                    f"{_describe(p, group, g, i)} is on {p.device}; pass "
+                    "capturable=False (the default) there."
+                )
+            if grad.is_sparse:
+                raise ValueError(
+                    f"{_describe(p, group, g, i)} has a sparse gradient, which "
+                    f"{optimizer_name} does not support; use a dense gradient (e.g. "
+                    "nn.Embedding(sparse=False))."
+                )
+            _check_grad(p, grad, spec, _describe(p, group, g, i))
+            bucket = local.get((p.device, p.dtype, grad.dtype))
+            if bucket is None:
+                key = (p.device, p.dtype, config, group.get("state_dtype"), grad.dtype)
+                bucket = buckets.get(key)
+                if bucket is None:
+                    bucket = buckets[key] = Bucket(key, config)
+                local[(p.device, p.dtype, grad.dtype)] = bucket
+            bucket.has_scalars |= p.ndim == 0
+            bucket.sharded |= isinstance(p, DTensor)
+            bucket.params.append(p)
+            bucket.grads.append(grad)
+            bucket.positions.append(Position(g, i, flat + i))
+            todo.append((bucket, p, grad, group))
+        flat += len(group["params"])
+    # State is created only once every parameter passed its checks.
+    for bucket, p, grad, group in todo:
+        s = state[p]
+        bucket.states.append(s)
+        bucket.fresh.append(spec.init_state(p, grad, s, group))
+    return list(buckets.values())
+
+
+def _check_grad(p: Tensor, grad: Tensor, spec: AlgorithmSpec, label: str) -> None:
+    """Reject a gradient the update cannot use, as torch's kernels would (later, and
+    after changing some parameters): another shape or device, or another dtype where
+    the algorithm's state follows the parameter's."""
+    if grad.shape != p.shape:
+        raise ValueError(
+            f"{label} has a gradient of shape {tuple(grad.shape)}; a gradient must "
+            "have its parameter's shape (set .grad to a tensor like the parameter)."
+        )
+    if grad.device != p.device:
+        raise ValueError(
+            f"{label} is on {p.device} but its gradient is on {grad.device}; move "
+            "the gradient to the parameter's device."
+        )
+    if grad.dtype != p.dtype and not spec.grad_dtype_may_differ:
+        raise TypeError(
+            f"{label} is {p.dtype} but its gradient is {grad.dtype}; {spec.name} "
+            "needs gradients of the parameter's dtype (cast the gradient, e.g. "
+            "p.grad = p.grad.to(p.dtype))."
+        )
+
+
+def _describe(p: Tensor, group: Group, g: int, i: int) -> str:
+    names = group.get("param_names")
+    return describe_param(p, names[i] if names else None, g, i)
+
+
+class SteadyCheck:
+    """The checks and lists a steady step reuses (see the module docstring).
+
+    Built after the layouts, from the state tensors they use (a pack replaces
+    small parameters' state with views of its buffers).
+    """
+
+    def __init__(
+        self,
+        groups: Sequence[Group],
+        buckets: Sequence[Bucket],
+        keys: Sequence[Sequence[str]],
+        structure: Structure,
+    ) -> None:
+        self._structure = structure
+        self._raw = list(map(structure.raw, groups))
+        self._derived = structure.derived(groups)
+        self._members = [p for b in buckets for p in b.params]
+        member_ids = set(map(id, self._members))
+        self._rest = [p for g in groups for p in g["params"] if id(p) not in member_ids]
+        self._bounds = list(itertools.accumulate(len(b.params) for b in buckets))
+        self._dtypes = list(map(_DTYPE, self._members))
+        self._devices = list(map(_DEVICE, self._members))
+        grads = [g for b in buckets for g in b.grads]
+        self._grad_dtypes = list(map(_DTYPE, grads))
+        self._shapes = list(map(_SHAPE, self._members))
+        self._states = [s for b in buckets for s in b.states]
+        self._tensors = [
+            (operator.itemgetter(key), b.states, [s[key] for s in b.states])
+            for b, bucket_keys in zip(buckets, keys)
+            for key in bucket_keys
+        ]
+
+    def grads(
+        self, groups: Sequence[Group], state: dict[Tensor, State]
+    ) -> list[list[Tensor]] | None:
+        """Each bucket's gradients, or ``None`` when the step must gather again."""
+        raw = list(map(self._structure.raw, groups))
+        if raw != self._raw:
+            if self._structure.derived(groups) != self._derived:
+                return None
+            self._raw = raw
+        members = self._members
+        grads = list(map(_GRAD, members))
+        if not all(map(operator.is_not, grads, itertools.repeat(None))):
+            return None
+        if self._rest and not all(map(_IS_NONE, map(_GRAD, self._rest))):
+            return None
+        if (
+            any(map(_IS_SPARSE, grads))
+            or list(map(_DTYPE, members)) != self._dtypes
+            or list(map(_DTYPE, grads)) != self._grad_dtypes
+            or list(map(_SHAPE, grads)) != self._shapes
+            or list(map(_DEVICE, grads)) != self._devices
+            or list(map(_DEVICE, members)) != self._devices
+        ):
+            return None
+        try:
+            if not all(
+                map(operator.is_, map(state.__getitem__, members), self._states)
+            ):
+                return None
+            for get, states, tensors in self._tensors:
+                if not all(map(operator.is_, map(get, states), tensors)):
+                    return None
+        except KeyError:  # a state entry was deleted
+            return None
+        starts = [0, *self._bounds]
+        return [grads[a:b] for a, b in zip(starts, self._bounds)]

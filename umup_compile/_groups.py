@@ -1,0 +1,202 @@
+"""Group admission: validate a new param group and attach its u-μP factors.
+
+Everything here runs before a group joins ``param_groups``, so a rejected group
+changes nothing. The group keeps the user's keys; ``lr_scales``/``wd_scales`` are
+added (see ``_plan``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._plan import as_float, describe_param, group_scales
+from ._rules import LrScaleFunc
+from ._specs import AlgorithmSpec
+
+Group = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ScalingOptions:
+    """The optimizer-wide u-μP options every group is scaled with."""
+
+    lr_scale_func: LrScaleFunc
+    independent_weight_decay: bool
+    allow_non_unit_scaling_params: bool
+
+
+def params_list(params: Iterable[Any]) -> Iterable[Any]:
+    """Reject a lone tensor as ``params``, as torch does (it is not an iterable of them)."""
+    if isinstance(params, Tensor):
+        raise TypeError(
+            "params argument given to the optimizer should be an iterable of Tensors or "
+            f"dicts, but got {torch.typename(params)}"
+        )
+    return params
+
+
+def admit_group(
+    param_group: Any,
+    *,
+    defaults: Group,
+    existing: Sequence[Group],
+    spec: AlgorithmSpec,
+    options: ScalingOptions,
+) -> Group:
+    """Validate ``param_group`` and return it with its ``lr_scales``/``wd_scales``.
+
+    Args:
+        param_group: ``{"params": ..., <options>}``; params may be tensors or
+            ``(name, tensor)`` pairs, as torch accepts.
+        defaults: the optimizer's defaults (a group's own values override them).
+        existing: the groups already admitted (a parameter may be in one group only).
+        spec: the algorithm, whose option checks run on the merged group.
+        options: the u-μP scaling options.
+
+    Raises:
+        TypeError, ValueError: bad options or parameters, naming the culprit.
+    """
+    if not isinstance(param_group, dict):
+        raise TypeError(
+            f"param_group must be a dict, but got {type(param_group).__name__}"
+        )
+    group = dict(param_group)
+    entries = group["params"] if "params" in group else None
+    if entries is None:
+        raise ValueError("param group has no 'params'; pass {'params': [...], ...}.")
+    if isinstance(entries, Tensor):
+        entries = [entries]
+    elif isinstance(entries, set):
+        raise TypeError(
+            "optimizer parameters need to be organized in ordered collections, but "
+            "the ordering of tensors in sets will change between runs. Please use a "
+            "list instead."
+        )
+    entries = list(entries)
+    named = [isinstance(e, tuple) for e in entries]
+    if any(named) and not all(named):
+        raise ValueError(
+            "all optimizer params should be with/without names. Some param names "
+            "are missing"
+        )
+    names: list[str | None] = (
+        [e[0] for e in entries] if any(named) else [None] * len(entries)
+    )
+    params: list[Tensor] = [e[1] for e in entries] if any(named) else entries
+    g = len(existing)
+    merged = {**defaults, **group}
+    spec.check_group(merged, f"param group {g}")
+    _check_low_precision(merged, params, names, g)
+    if merged.get("fused"):
+        _check_fused(params, names, g)
+    _check_membership(params, names, g, existing)
+    lr_scales, wd_scales = group_scales(
+        params,
+        names,
+        g,
+        lr=as_float(merged["lr"], "lr"),
+        weight_decay=as_float(merged["weight_decay"], "weight_decay"),
+        lr_scale_func=options.lr_scale_func,
+        independent_weight_decay=options.independent_weight_decay,
+        allow_non_unit_scaling_params=options.allow_non_unit_scaling_params,
+    )
+    group["params"] = entries
+    group["lr_scales"] = lr_scales
+    group["wd_scales"] = wd_scales
+    return group
+
+
+def _check_membership(
+    params: list[Tensor], names: list[str | None], g: int, existing: Sequence[Group]
+) -> None:
+    seen: set[int] = set()
+    for i, p in enumerate(params):
+        if not isinstance(p, Tensor):
+            raise TypeError(
+                "optimizer can only optimize Tensors, but one of the params is "
+                f"{torch.typename(p)} (param group {g}, index {i})"
+            )
+        if not p.is_leaf:
+            raise ValueError(
+                f"can't optimize a non-leaf Tensor: {describe_param(p, names[i], g, i)} "
+                "has a grad_fn; pass the leaf itself (e.g. an nn.Parameter, or "
+                "t.detach().requires_grad_())."
+            )
+        if id(p) in seen:
+            raise ValueError(
+                f"{describe_param(p, names[i], g, i)} appears twice in its param "
+                "group; list each parameter once."
+            )
+        seen.add(id(p))
+    for h, other in enumerate(existing):
+        for q in other["params"]:
+            if id(q) in seen:
+                i = next(k for k, p in enumerate(params) if p is q)
+                raise ValueError(
+                    "some parameters appear in more than one parameter group: "
+                    f"{describe_param(q, names[i], g, i)} is already in param group "
+                    f"{h}; put each parameter in one group only."
+                )
+
+
+def _fused_devices() -> list[str]:
+    """The device types torch's fused kernels support (torch's own list)."""
+    try:
+        from torch.optim.optimizer import (  # type: ignore[attr-defined]
+            _get_fused_kernels_supported_devices,
+        )
+
+        return list(_get_fused_kernels_supported_devices())
+    except ImportError:  # an internal helper: keep torch 2.13's list as a fallback
+        return ["mps", "cuda", "xpu", "hpu", "cpu"]
+
+
+def _check_fused(params: list[Tensor], names: list[str | None], g: int) -> None:
+    """torch's ``fused=True`` rule, raised when the group is added (torch raises it
+    at the first step): floating-point parameters on a supported device."""
+    devices = _fused_devices()
+    for i, p in enumerate(params):
+        what = (
+            "`fused=True` requires all the params to be floating point Tensors of "
+            f"supported devices: {devices}, but {describe_param(p, names[i], g, i)}"
+        )
+        if not p.is_floating_point():
+            raise TypeError(
+                f"{what} is {p.dtype}; pass fused=None (the engine fuses anyway)."
+            )
+        if p.device.type not in devices:
+            raise ValueError(
+                f"{what} is on {p.device.type}; pass fused=None (the engine fuses "
+                "anyway)."
+            )
+
+
+def _check_low_precision(
+    group: Group, params: list[Tensor], names: list[str | None], g: int
+) -> None:
+    """Validate ``state_dtype`` and ``stochastic_rounding`` (Note [low precision])."""
+    dtype = group.get("state_dtype")
+    if dtype is not None and not (
+        isinstance(dtype, torch.dtype) and dtype.is_floating_point
+    ):
+        raise TypeError(
+            f"state_dtype must be None (the parameter's dtype) or a floating dtype such "
+            f"as torch.float32, got {dtype!r} (param group {g})."
+        )
+    rounding = group.get("stochastic_rounding", False)
+    if not isinstance(rounding, bool):
+        raise TypeError(
+            f"stochastic_rounding must be a bool, got {rounding!r} (param group {g})."
+        )
+    for i, p in enumerate(params):
+        if rounding and p.dtype == torch.float16:
+            raise ValueError(
+                f"stochastic_rounding=True rounds bfloat16 parameters, but "
+                f"{describe_param(p, names[i], g, i)} is float16; use bfloat16 "
+                "parameters or stochastic_rounding=False."
+            )

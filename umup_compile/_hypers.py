@@ -1,0 +1,193 @@
+"""The tensors a step's values arrive in: hyper-parameters and per-parameter factors.
+
+Note [hyper tensor]: every value a scheduler may change reaches the update as a column
+of one ``(groups, hypers)`` tensor per device, so a new lr never recompiles. Python
+floats are cached and the tensor is refreshed in place only when one changes, through
+pinned memory on accelerators (an asynchronous copy, no host sync). Tensor
+hyper-parameters (``lr=torch.tensor(...)``, filled in place by schedulers) are written
+into it on the device at every step, so a CUDA graph that captured the step reads
+their current values at replay. While an outer ``torch.compile`` traces the step, the
+values are stacked with tensor ops instead and no cache is kept.
+
+The u-μP factors and rounding seeds are per parameter and change only with the
+layout: :func:`factor_vectors` builds them once per unit.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._rounding import parameter_seeds
+from ._specs import AlgorithmSpec
+
+Group = dict[str, Any]
+
+
+def scalar_dtype(device: torch.device) -> torch.dtype:
+    """Dtype of hyper-parameter arithmetic: float64 where the device has it."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a parameter sits: group ``group``, index ``index`` in it, and ``flat``
+    in the optimizer (counted across groups)."""
+
+    group: int
+    index: int
+    flat: int
+
+
+@dataclass(frozen=True)
+class FactorVectors:
+    """Per-parameter vectors of one call: group row, u-μP lr and wd scales, seed."""
+
+    group_index_t: Tensor
+    lr_scales_t: Tensor
+    wd_scales_t: Tensor
+    sr_seeds_t: Tensor
+
+
+def factor_vectors(
+    positions: Sequence[Position], groups: Sequence[Group], device: torch.device
+) -> FactorVectors:
+    """The factor vectors of the parameters at ``positions``."""
+    dtype = scalar_dtype(device)
+    seeds = parameter_seeds(
+        [groups[p.group].get("sr_seed", 0) for p in positions],
+        [p.flat for p in positions],
+    )
+    return FactorVectors(
+        torch.tensor([p.group for p in positions], dtype=torch.int64, device=device),
+        torch.tensor(
+            [groups[p.group]["lr_scales"][p.index] for p in positions],
+            dtype=dtype,
+            device=device,
+        ),
+        torch.tensor(
+            [groups[p.group]["wd_scales"][p.index] for p in positions],
+            dtype=dtype,
+            device=device,
+        ),
+        torch.tensor(seeds, dtype=torch.int64, device=device),
+    )
+
+
+_PLAIN = {float, int, bool}
+
+
+class _DeviceTable:
+    """The hyper tensor of one device, with the values it was last filled from."""
+
+    def __init__(self, n_groups: int, n_columns: int, device: torch.device) -> None:
+        dtype = scalar_dtype(device)
+        self.hyper_t = torch.zeros((n_groups, n_columns), dtype=dtype, device=device)
+        # A host mirror to refresh columns in (the tensor itself on CPU; meta tensors
+        # hold no values to copy).
+        self.host = (
+            self.hyper_t
+            if device.type == "cpu"
+            else torch.zeros((n_groups, n_columns), dtype=dtype)
+        )
+        self.raw: dict[str, list[Any]] = {}  # group key -> the groups' values
+        self.tensors: dict[tuple[int, int], Tensor] = {}  # (row, column) -> 0-d view
+        self.tensor_at: tuple[Tensor, Tensor] | None = None
+
+
+class HyperTable:
+    """The ``(groups, hypers)`` tensor of an optimizer, per device (Note [hyper tensor]).
+
+    Values are compared and refreshed per group key with C-level list operations, so
+    a scheduler that changes every group's lr refreshes one column.
+    """
+
+    def __init__(self, spec: AlgorithmSpec) -> None:
+        self._columns = spec.hyper_columns
+        keys: dict[str, list[tuple[int, int | None]]] = {}
+        for j, (key, item) in enumerate(spec.hyper_columns):
+            keys.setdefault(key, []).append((j, item))
+        self._keys = [
+            (key, operator.itemgetter(key), cols) for key, cols in keys.items()
+        ]
+        self._tables: dict[torch.device, _DeviceTable] = {}
+
+    def invalidate(self) -> None:
+        self._tables.clear()
+
+    def tensor(self, groups: Sequence[Group], device: torch.device) -> Tensor:
+        """The current values on ``device``, without a host-device sync."""
+        table = self._tables.get(device)
+        if table is None or table.hyper_t.shape[0] != len(groups):
+            table = self._tables[device] = _DeviceTable(
+                len(groups), len(self._columns), device
+            )
+        changed = False
+        for key, get, columns in self._keys:
+            values = list(map(get, groups))
+            if values != table.raw.get(key):
+                _fill(table, values, columns)
+                table.raw[key] = values
+                changed = True
+        if changed:
+            if table.host is not table.hyper_t and device.type != "meta":
+                # through pinned memory: an asynchronous copy, no sync
+                table.hyper_t.copy_(table.host.pin_memory(), non_blocking=True)
+            table.tensor_at = _positions(table.tensors, device)
+        if table.tensor_at is not None:
+            values_t = torch.stack(list(table.tensors.values()))
+            table.hyper_t.index_put_(
+                table.tensor_at, values_t.to(device=device, dtype=table.hyper_t.dtype)
+            )
+        return table.hyper_t
+
+    def traced(self, groups: Sequence[Group], device: torch.device) -> Tensor:
+        """The values stacked with tensor ops, for a step an outer compile traces:
+        floats become graph constants and no guard is placed on the cache."""
+        dtype = scalar_dtype(device)
+        return torch.stack(
+            [
+                torch.stack(
+                    [
+                        torch.as_tensor(
+                            group[key] if item is None else group[key][item],
+                            dtype=dtype,
+                            device=device,
+                        ).reshape(())
+                        for key, item in self._columns
+                    ]
+                )
+                for group in groups
+            ]
+        )
+
+
+def _fill(
+    table: _DeviceTable, values: list[Any], columns: list[tuple[int, int | None]]
+) -> None:
+    """Write one group key's values into their columns of the host mirror."""
+    for j, item in columns:
+        col = values if item is None else [v[item] for v in values]
+        for at in [at for at in table.tensors if at[1] == j]:
+            del table.tensors[at]
+        if not set(map(type, col)) <= _PLAIN:  # C-level: isinstance(Tensor) is slow
+            for r, v in enumerate(col):
+                if isinstance(v, Tensor):  # a view: sees in-place fills
+                    table.tensors[(r, j)] = v.reshape(())
+            col = [0.0 if isinstance(v, Tensor) else v for v in col]
+        table.host[:, j] = torch.tensor(col, dtype=table.host.dtype)
+
+
+def _positions(
+    tensors: dict[tuple[int, int], Tensor], device: torch.device
+) -> tuple[Tensor, Tensor] | None:
+    """Index tensors (rows, columns) of the tensor-valued entries, if any."""
+    if not tensors:
+        return None
+    rows, columns = zip(*tensors)
+    return torch.tensor(rows, device=device), torch.tensor(columns, device=device)

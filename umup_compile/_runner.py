@@ -1,0 +1,360 @@
+"""The step runner: owns the engine, the layouts and what a steady step reuses.
+
+One :meth:`StepRunner.step` is: collect this step's gradients (the cached plan's
+:class:`~umup_compile._gather.SteadyCheck`, or a full :func:`~umup_compile._gather.gather`
+that also creates state and rebuilds the plan), refresh the hyper-parameter tensor of
+each device, then make each prepared call: the pack (copy in, update, copy out) and the
+other units of every bucket's layout under the compiled engine, or one call over each
+bucket's lists under the eager engine. Whether an outer ``torch.compile`` traces the
+step is asked once; then nothing is cached (Note [nested compile]).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._engine import Engine
+from ._gather import Bucket, BucketKey, DTensor, SteadyCheck, Structure, gather
+from ._hypers import FactorVectors, HyperTable, Position, factor_vectors
+from ._layout import UnrolledKinds
+from ._pack import Layout, Pack, Unit, build_layout, pack_in, pack_out, unit_lists
+from ._specs import AlgorithmSpec
+
+Group = dict[str, Any]
+State = dict[str, Any]
+Picker = Callable[[Sequence[Tensor]], list[Tensor]]
+
+
+def local_shard(t: Tensor) -> Tensor:
+    """The local shard of a ``DTensor`` (FSDP2's params, grads, state), else ``t``.
+
+    Note [sharded parameters]: the update is elementwise, so each rank runs it on its
+    shards as plain tensors: no DTensor dispatch per op, no DTensor mixed with the
+    plain hyper-parameter tensors. ``to_local()`` is a view, so the in-place update
+    lands in the DTensor. The u-μP factors come from ``p.shape``, which a DTensor
+    reports globally: those of the full weight. Sharded buckets take the list path,
+    rebuilt at every step, not packs: a pack rebinds the state to views of its flat
+    buffer, and the state must stay DTensors for ``state_dict``/DCP.
+    """
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _at_least_1d(t: Tensor) -> Tensor:
+    # Dynamo (torch 2.13) drops in-place updates of 0-d float64 graph inputs;
+    # 1-element views of them update correctly, in both engines alike.
+    return t.view(1) if t.ndim == 0 else t
+
+
+def _picker(members: Sequence[int]) -> Picker:
+    """A C-level ``lambda xs: [xs[k] for k in members]``."""
+    if len(members) == 1:
+        k = members[0]
+        return lambda xs: [xs[k]]
+    get = operator.itemgetter(*members)
+    return lambda xs: list(get(xs))
+
+
+@dataclass
+class Call:
+    """One prepared engine call over some of a bucket's parameters."""
+
+    kind: str
+    static: bool
+    pick: Picker  # the call's gradients from the bucket's
+    params: list[Tensor]
+    factors: FactorVectors
+    unit: Unit | None = None  # a layout unit (else: the list path)
+    pack: Pack | None = None
+    state_lists: list[list[Tensor]] = field(default_factory=list)  # list path
+
+
+@dataclass
+class BucketPlan:
+    """A bucket and how it runs."""
+
+    bucket: Bucket
+    keys: tuple[str, ...]  # the state keys its config uses, in slot order
+    calls: list[Call]
+    layout_path: bool
+
+
+@dataclass
+class _CachedLayout:
+    positions: tuple[Position, ...]
+    tensors: list[list[Tensor]]  # per key, the members' state tensors
+    layout: Layout
+
+
+class StepRunner:
+    """Runs steps of one optimizer (see the module docstring).
+
+    Args:
+        spec: the algorithm.
+        engine: runs the functional update (eager or compiled).
+        structure: what fixes a step's structure in a group (``_gather.Structure``).
+    """
+
+    def __init__(
+        self, spec: AlgorithmSpec, engine: Engine, structure: Structure
+    ) -> None:
+        self.spec = spec
+        self.engine = engine
+        self.hypers = HyperTable(spec)
+        self.layout_builds = 0  # counted so that tests can bound it
+        self.unrolled = UnrolledKinds()
+        self.layouts: dict[BucketKey, _CachedLayout] = {}
+        self._structure = structure
+        self._plans: list[BucketPlan] | None = None
+        self._check: SteadyCheck | None = None
+        self._differentiable = False
+
+    def invalidate(self) -> None:
+        """Forget every cache (groups were added, a checkpoint was loaded)."""
+        self._plans = None
+        self._check = None
+        self.layouts.clear()
+        self.hypers.invalidate()
+
+    def step(
+        self,
+        groups: Sequence[Group],
+        state: dict[Tensor, State],
+        *,
+        amp: dict[str, Tensor | None],
+        name: str,
+    ) -> None:
+        """Run one step over ``groups`` (gradients read from ``.grad``)."""
+        if torch.compiler.is_compiling():
+            with torch.set_grad_enabled(any(g["differentiable"] for g in groups)):
+                self._traced_step(groups, state, amp, name)
+            return
+        grads = None
+        if self._check is not None:
+            grads = self._check.grads(groups, state)
+        fresh_step = grads is None
+        if grads is None or self._plans is None:
+            buckets = gather(
+                groups, state, self.spec, traced=False, optimizer_name=name
+            )
+            self._plans = [self._plan(b, groups) for b in buckets]
+            self._check = SteadyCheck(
+                groups, buckets, [p.keys for p in self._plans], self._structure
+            )
+            self._differentiable = any(g["differentiable"] for g in groups)
+            grads = [b.grads for b in buckets]
+        hyper: dict[torch.device, tuple[Tensor, dict[str, Tensor]]] = {}
+        with torch.set_grad_enabled(self._differentiable):
+            for plan, bucket_grads in zip(self._plans, grads):
+                device = plan.bucket.device
+                if device not in hyper:
+                    hyper[device] = (
+                        self.hypers.tensor(groups, device),
+                        _amp_kwargs(amp, device),
+                    )
+                self._run(plan, bucket_grads, groups, *hyper[device], fresh_step)
+
+    # -- plans --------------------------------------------------------------------
+
+    def _plan(self, bucket: Bucket, groups: Sequence[Group]) -> BucketPlan:
+        keys = self.spec.active_keys(bucket.config)
+        # Sharded (Note [sharded parameters]), complex and mixed-dtype buckets take
+        # the list path.
+        if (
+            not self.engine.packs
+            or bucket.sharded
+            or bucket.mixed
+            or bucket.key[1].is_complex
+        ):
+            call = _bucket_call(bucket, keys, groups)
+            return BucketPlan(bucket, keys, [call], layout_path=False)
+        layout = self._layout(bucket, keys)
+        calls = []
+        if layout.pack is not None:
+            calls.append(self._unit_call(bucket, layout.pack.unit, groups, layout.pack))
+        calls += [self._unit_call(bucket, u, groups) for u in layout.units]
+        return BucketPlan(bucket, keys, calls, layout_path=True)
+
+    @staticmethod
+    def _unit_call(
+        bucket: Bucket, unit: Unit, groups: Sequence[Group], pack: Pack | None = None
+    ) -> Call:
+        return Call(
+            kind=unit.kind.name,
+            static=unit.kind.static,
+            pick=_picker(unit.members),
+            params=[bucket.params[k] for k in unit.members],
+            factors=factor_vectors(
+                [bucket.positions[k] for k in unit.members], groups, bucket.device
+            ),
+            unit=unit,
+            pack=pack,
+        )
+
+    def _layout(self, bucket: Bucket, keys: tuple[str, ...]) -> Layout:
+        """The bucket's layout: the cached one while it still describes the bucket."""
+        cached = self.layouts.get(bucket.key)
+        positions = tuple(bucket.positions)
+        if (
+            cached is None
+            or any(bucket.fresh)
+            or cached.positions != positions
+            or not all(
+                all(map(operator.is_, map(operator.itemgetter(k), bucket.states), ts))
+                for k, ts in zip(keys, cached.tensors)
+            )
+        ):
+            layout = build_layout(
+                bucket.params, bucket.states, keys, self.spec.scalar_keys, self.unrolled
+            )
+            self.layout_builds += 1
+            cached = self.layouts[bucket.key] = _CachedLayout(
+                positions, [[s[k] for s in bucket.states] for k in keys], layout
+            )
+        return cached.layout
+
+    # -- calls --------------------------------------------------------------------
+
+    def _run(
+        self,
+        plan: BucketPlan,
+        grads: list[Tensor],
+        groups: Sequence[Group],
+        hyper_t: Tensor,
+        amp_kwargs: dict[str, Tensor],
+        fresh_step: bool,
+    ) -> None:
+        bucket, spec = plan.bucket, self.spec
+        base: dict[str, Any] = {"config": bucket.config, **amp_kwargs}
+        if fresh_step and spec.fresh_matters(bucket.config) and any(bucket.fresh):
+            # Note [first SGD step]: state-creating steps run eagerly, as lists.
+            call = _bucket_call(bucket, plan.keys, groups)
+            kwargs = {**self._kwargs(base, call), "fresh_buffers": list(bucket.fresh)}
+            spec.update(*self._args(plan, call, grads, hyper_t), **kwargs)
+            return
+        if bucket.sharded:  # fresh local views at every step
+            call = _bucket_call(bucket, plan.keys, groups)
+            args = self._args(plan, call, grads, hyper_t)
+            self.engine(spec.update, args, self._kwargs(base, call))
+            return
+        if bucket.mixed:  # Dynamo refuses parameters whose .grad has another dtype
+            call = plan.calls[0]
+            spec.update(
+                *self._args(plan, call, grads, hyper_t), **self._kwargs(base, call)
+            )
+            return
+        for call in plan.calls:
+            args = self._args(plan, call, call.pick(grads), hyper_t)
+            self.engine(
+                spec.update, args, self._kwargs(base, call), call.kind, call.static
+            )
+            if call.pack is not None:
+                pack_out(call.pack)
+
+    def _args(
+        self, plan: BucketPlan, call: Call, grads: list[Tensor], hyper_t: Tensor
+    ) -> tuple[Any, ...]:
+        """The update's positional arguments for ``call``."""
+        if call.pack is not None:
+            lists = pack_in(call.pack, grads)
+        elif call.unit is not None:
+            lists = unit_lists(call.unit, call.params, grads)
+        else:
+            lists = (call.params, _list_view(plan.bucket, grads), *call.state_lists)
+        by_key = dict(zip(plan.keys, lists[2:]))
+        f = call.factors
+        return (
+            *lists[:2],
+            *(by_key.get(slot, []) for slot in self.spec.state_slots),
+            hyper_t,
+            f.group_index_t,
+            f.lr_scales_t,
+            f.wd_scales_t,
+        )
+
+    def _kwargs(self, base: dict[str, Any], call: Call) -> dict[str, Any]:
+        kwargs = dict(base)
+        rounds = self.spec.rounds(base["config"])
+        if call.pack is not None:
+            kwargs["segment_t"] = call.pack.segment_t
+            if rounds:
+                kwargs["local_index_t"] = call.pack.local_index_t
+        if rounds:
+            kwargs["sr_seeds_t"] = call.factors.sr_seeds_t
+        return kwargs
+
+    # -- traced -------------------------------------------------------------------
+
+    def _traced_step(
+        self,
+        groups: Sequence[Group],
+        state: dict[Tensor, State],
+        amp: dict[str, Tensor | None],
+        name: str,
+    ) -> None:
+        """A step inside an outer ``torch.compile``: lists only, nothing cached, the
+        raw update inlined into the outer graph (Note [nested compile])."""
+        buckets = gather(groups, state, self.spec, traced=True, optimizer_name=name)
+        hyper: dict[torch.device, Tensor] = {}
+        for bucket in buckets:
+            device = bucket.device
+            if device not in hyper:
+                hyper[device] = self.hypers.traced(groups, device)
+            keys = self.spec.active_keys(bucket.config)
+            plan = BucketPlan(bucket, keys, [], layout_path=False)
+            call = _bucket_call(bucket, keys, groups)
+            base = {"config": bucket.config, **_amp_kwargs(amp, device)}
+            kwargs = self._kwargs(base, call)
+            if self.spec.fresh_matters(bucket.config) and any(bucket.fresh):
+                kwargs["fresh_buffers"] = list(bucket.fresh)
+            self.spec.update(
+                *self._args(plan, call, bucket.grads, hyper[device]), **kwargs
+            )
+
+
+def _list_view(bucket: Bucket, tensors: Sequence[Tensor]) -> list[Tensor]:
+    """``tensors`` as the list path passes them: local shards, complex tensors as
+    real views (torch.optim's semantics: the update is elementwise on the real and
+    imaginary parts), 0-d as 1-element."""
+    out = list(tensors)
+    if bucket.sharded:  # Note [sharded parameters]
+        out = [local_shard(t) for t in out]
+    if bucket.key[1].is_complex:
+        out = [torch.view_as_real(t) if t.is_complex() else t for t in out]
+    if bucket.has_scalars:
+        out = [_at_least_1d(t) for t in out]
+    return out
+
+
+def _bucket_call(
+    bucket: Bucket, keys: tuple[str, ...], groups: Sequence[Group]
+) -> Call:
+    """The whole bucket as one call over per-parameter lists (the list path)."""
+    return Call(
+        kind="",
+        static=False,
+        pick=list,
+        params=_list_view(bucket, bucket.params),
+        factors=factor_vectors(bucket.positions, groups, bucket.device),
+        state_lists=[_list_view(bucket, [s[k] for s in bucket.states]) for k in keys],
+    )
+
+
+def _amp_kwargs(
+    amp: dict[str, Tensor | None], device: torch.device
+) -> dict[str, Tensor]:
+    """A GradScaler's ``grad_scale``/``found_inf`` on ``device``, by keyword.
+
+    With ``_step_supports_amp_scaling`` the scaler neither unscales nor syncs; the
+    core divides by the scale and masks a step with infs (Note [skipped steps]).
+    """
+    return {
+        key: value.to(device=device, dtype=torch.float32, non_blocking=True)
+        for key, value in amp.items()
+        if value is not None
+    }

@@ -1,0 +1,279 @@
+"""Algorithms as data: one frozen :class:`AlgorithmSpec` per update rule.
+
+A spec says everything the shared machinery needs about an algorithm: how to check a
+group's options, which group values become hyper-parameter columns (dynamic: a change
+never recompiles) and which become the static config (a change recompiles on purpose),
+the state it keeps and how it starts, and the functional update of ``_functional``.
+The optimizer, the gatherer and the runner read specs and never call back into a
+subclass. Adding an algorithm means one spec and one functional update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._functional import (
+    ADAM_HYPERS,
+    SGD_HYPERS,
+    AdamConfig,
+    SGDConfig,
+    WeightDecayMode,
+    adam_step_,
+    sgd_step_,
+)
+from ._plan import as_float, check_tensor_scalar
+
+Group = dict[str, Any]
+State = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class AlgorithmSpec:
+    """One update rule, as data.
+
+    Attributes:
+        name: for messages.
+        update: the functional update (``params, grads, *state lists, hyper_t,
+            group_index_t, lr_scales_t, wd_scales_t, *, config, ...``).
+        hyper_names: the columns of ``hyper_t``.
+        hyper_columns: where each column's value is in a group: ``(key, None)`` for
+            ``group[key]``, ``(key, i)`` for ``group[key][i]`` (floats or 1-element
+            tensors).
+        config_keys: the group keys ``config`` reads.
+        config: a group's static config (frozen, hashable).
+        state_slots: the update's positional state arguments, in order.
+        active_keys: the state keys a config uses (the other slots get empty lists).
+        scalar_keys: state keys holding one 0-d tensor per parameter.
+        init_state: create a parameter's missing state, given its gradient; return
+            whether any was made.
+        required_keys: the state keys a resumed parameter must have, for a config
+            (a checkpoint without them is refused at load).
+        grad_dtype_may_differ: whether a gradient may have another dtype than its
+            parameter (torch's SGD accepts it; Adam's kernels do not).
+        check_group: raise ``ValueError``/``TypeError`` for bad options (``where``
+            names the group).
+        fresh_matters: whether, for a config, a step that creates state must tell
+            the update which state is new (SGD's first momentum step, run eagerly).
+        rounds: whether a config rounds bf16 parameters stochastically.
+    """
+
+    name: str
+    update: Callable[..., None]
+    hyper_names: tuple[str, ...]
+    hyper_columns: tuple[tuple[str, int | None], ...]
+    config_keys: tuple[str, ...]
+    config: Callable[[Group], Hashable]
+    state_slots: tuple[str, ...]
+    active_keys: Callable[[Any], tuple[str, ...]]
+    scalar_keys: frozenset[str]
+    init_state: Callable[[Tensor, Tensor, State, Group], bool]
+    required_keys: Callable[[Any], tuple[str, ...]]
+    grad_dtype_may_differ: bool
+    check_group: Callable[[Group, str], None]
+    fresh_matters: Callable[[Any], bool]
+    rounds: Callable[[Any], bool]
+
+
+def step_dtype() -> torch.dtype:
+    """Dtype of the ``step`` state, as torch.optim chooses it."""
+    return (
+        torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+    )
+
+
+def _zeros_state(p: Tensor, group: Group) -> Tensor:
+    """A zero state tensor like ``p``, in the group's ``state_dtype``."""
+    dtype = group.get("state_dtype") or p.dtype
+    return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+
+
+# -- checks shared by the specs ---------------------------------------------------------
+
+
+def _check_lr(lr: Any, where: str) -> None:
+    if lr is None:
+        raise ValueError(
+            f"{where}: lr is None; pass lr=<float> or give the group an 'lr'."
+        )
+    check_tensor_scalar(lr, "lr")
+    if not as_float(lr, "lr") >= 0.0:
+        raise ValueError(f"Invalid learning rate: {lr} ({where}); lr must be >= 0.")
+
+
+def _check_nonneg(value: Any, name: str, where: str) -> None:
+    check_tensor_scalar(value, name)
+    if not as_float(value, name) >= 0.0:
+        raise ValueError(f"Invalid {name} value: {value} ({where}); it must be >= 0.")
+
+
+def _check_exclusive_flags(group: Group, where: str) -> None:
+    if group.get("fused") and group.get("foreach"):
+        raise ValueError(f"`fused` and `foreach` cannot be `True` together ({where}).")
+    if group.get("fused") and group.get("differentiable"):
+        raise ValueError(f"`fused` does not support `differentiable` ({where}).")
+
+
+# -- Adam / AdamW -----------------------------------------------------------------------
+
+
+def _adam_check(group: Group, where: str) -> None:
+    _check_lr(group["lr"], where)
+    _check_nonneg(group["eps"], "epsilon", where)
+    _check_nonneg(group["weight_decay"], "weight_decay", where)
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(
+            f"betas must be a pair (beta1, beta2), got {betas!r} ({where})."
+        )
+    if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
+        raise ValueError(f"betas must be either both floats or both Tensors ({where}).")
+    for k, beta in enumerate(betas):
+        check_tensor_scalar(beta, f"betas[{k}]")
+        if not 0.0 <= as_float(beta, f"betas[{k}]") < 1.0:
+            raise ValueError(
+                f"Invalid beta parameter at index {k}: {as_float(beta, 'beta')} "
+                f"({where}); betas must lie in [0, 1)."
+            )
+    _check_exclusive_flags(group, where)
+
+
+def _adam_config(group: Group) -> AdamConfig:
+    mode: WeightDecayMode
+    if group["weight_decay"] == 0:
+        mode = "none"
+    elif group["decoupled_weight_decay"]:
+        mode = "decoupled"
+    else:
+        mode = "l2"
+    return AdamConfig(
+        amsgrad=bool(group["amsgrad"]),
+        maximize=bool(group["maximize"]),
+        weight_decay=mode,
+        stochastic_rounding=bool(group.get("stochastic_rounding", False)),
+    )
+
+
+def _step_device(p: Tensor) -> torch.device:
+    """Where ``step`` lives: on the parameter's device (no host sync to read it),
+    except for meta parameters, whose dry runs still count steps (as torch's, on
+    the CPU)."""
+    return torch.device("cpu") if p.device.type == "meta" else p.device
+
+
+def _adam_init(p: Tensor, grad: Tensor, state: State, group: Group) -> bool:
+    created = "step" not in state
+    if created:
+        state["step"] = torch.zeros((), dtype=step_dtype(), device=_step_device(p))
+        state["exp_avg"] = _zeros_state(p, group)
+        state["exp_avg_sq"] = _zeros_state(p, group)
+    if group["amsgrad"] and "max_exp_avg_sq" not in state:
+        state["max_exp_avg_sq"] = _zeros_state(p, group)
+        created = True
+    return created
+
+
+def _adam_keys(config: AdamConfig) -> tuple[str, ...]:
+    if config.amsgrad:
+        return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step")
+    return ("exp_avg", "exp_avg_sq", "step")
+
+
+ADAM = AlgorithmSpec(
+    name="Adam",
+    update=adam_step_,
+    hyper_names=ADAM_HYPERS,
+    hyper_columns=(
+        ("lr", None),
+        ("betas", 0),
+        ("betas", 1),
+        ("eps", None),
+        ("weight_decay", None),
+    ),
+    config_keys=(
+        "amsgrad",
+        "maximize",
+        "weight_decay",
+        "decoupled_weight_decay",
+        "stochastic_rounding",
+    ),
+    config=_adam_config,
+    state_slots=("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"),
+    active_keys=_adam_keys,
+    scalar_keys=frozenset({"step"}),
+    init_state=_adam_init,
+    required_keys=_adam_keys,
+    grad_dtype_may_differ=False,
+    check_group=_adam_check,
+    fresh_matters=lambda config: False,
+    rounds=lambda config: bool(config.stochastic_rounding),
+)
+
+
+# -- SGD ----------------------------------------------------------------------------
+
+
+def _sgd_check(group: Group, where: str) -> None:
+    _check_lr(group["lr"], where)
+    _check_nonneg(group["momentum"], "momentum", where)
+    _check_nonneg(group["weight_decay"], "weight_decay", where)
+    dampening = as_float(group["dampening"], "dampening")
+    if group["nesterov"] and (
+        as_float(group["momentum"], "momentum") <= 0 or dampening != 0
+    ):
+        raise ValueError(
+            f"Nesterov momentum requires a momentum and zero dampening ({where})."
+        )
+    _check_exclusive_flags(group, where)
+
+
+def _sgd_config(group: Group) -> SGDConfig:
+    return SGDConfig(
+        momentum=group["momentum"] != 0,
+        nesterov=bool(group["nesterov"]),
+        maximize=bool(group["maximize"]),
+        weight_decay=group["weight_decay"] != 0,
+    )
+
+
+def _sgd_init(p: Tensor, grad: Tensor, state: State, group: Group) -> bool:
+    if group["momentum"] != 0 and state.get("momentum_buffer") is None:
+        # torch starts the buffer as a clone of the (weight-decayed) gradient: its
+        # layout, and the dtype of ``grad + weight_decay * p``.
+        dtype = grad.dtype
+        if group["weight_decay"] != 0:
+            dtype = torch.promote_types(dtype, p.dtype)
+        state["momentum_buffer"] = torch.zeros_like(
+            grad,
+            dtype=group.get("state_dtype") or dtype,
+            memory_format=torch.preserve_format,
+        )
+        return True
+    return False
+
+
+# Note [first SGD step]: torch starts a momentum buffer as a copy of the first
+# gradient, not as a damped update of zeros. Steps that create buffers therefore run
+# eagerly (once per parameter) with ``fresh_buffers``; every later step runs in the
+# chosen engine.
+SGD = AlgorithmSpec(
+    name="SGD",
+    update=sgd_step_,
+    hyper_names=SGD_HYPERS,
+    hyper_columns=tuple((name, None) for name in SGD_HYPERS),
+    config_keys=("momentum", "nesterov", "maximize", "weight_decay"),
+    config=_sgd_config,
+    state_slots=("momentum_buffer",),
+    active_keys=lambda config: ("momentum_buffer",) if config.momentum else (),
+    scalar_keys=frozenset(),
+    init_state=_sgd_init,
+    required_keys=lambda config: (),  # a missing buffer starts again, as in torch
+    grad_dtype_may_differ=True,
+    check_group=_sgd_check,
+    fresh_matters=lambda config: bool(config.momentum),
+    rounds=lambda config: False,
+)
