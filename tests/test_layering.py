@@ -18,7 +18,7 @@ ALLOWED: dict[str, set[str]] = {
     "_functional": {"_rounding"},
     "_specs": {"_functional", "_plan"},
     "_groups": {"_plan", "_rules", "_specs"},
-    "_checkpoint": {"_specs"},
+    "_checkpoint": {"_plan", "_specs"},
     "_hypers": {"_rounding", "_specs"},
     "_gather": {"_hypers", "_plan", "_specs"},
     "_layout": set(),

@@ -140,6 +140,21 @@ class UmupOptimizer(torch.optim.Optimizer):
         super().add_param_group(group)
         self._runner.invalidate()
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load optimizer state from this class, torch.optim, or unit_scaling.optim.
+
+        A torch checkpoint carries no ``lr_scales``/``wd_scales``; the current ones are
+        kept. A ``unit_scaling.optim`` checkpoint (one group per parameter) is
+        recognised and its per-parameter state loaded into this optimizer's groups,
+        which keep their own hyper-parameters. The conversions run as load hooks (see
+        ``_checkpoint``), so hooks you register see torch's usual sequence.
+
+        Raises:
+            ValueError: the checkpoint's groups, state shapes or state keys do not
+                match this optimizer's; nothing is changed.
+        """
+        super().load_state_dict(state_dict)
+
     def describe(self) -> str:
         """Tabulate every parameter's u-μP factors, effective lr/weight decay and bucket.
 
