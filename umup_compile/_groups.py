@@ -30,6 +30,83 @@ class ScalingOptions:
     allow_non_unit_scaling_params: bool
 
 
+ANY_KEY = "*"  # an edit that may have changed any key (update, pop, ...)
+
+
+class Edits:
+    """The keys written to an optimizer's param groups since the last step (see
+    :class:`ParamGroup`)."""
+
+    __slots__ = ("keys",)
+
+    def __init__(self) -> None:
+        self.keys: set[str] = set()
+
+    def note(self, key: Any) -> None:
+        self.keys.add(key if isinstance(key, str) else ANY_KEY)
+
+    def take(self) -> frozenset[str]:
+        """The keys written since the last call."""
+        keys = frozenset(self.keys)
+        self.keys.clear()
+        return keys
+
+
+class ParamGroup(dict):  # type: ignore[type-arg]
+    """A param group (a plain ``dict`` to torch and to users) that counts its edits.
+
+    Note [group edits]: a steady step must notice a scheduler's new lr or a toggled
+    ``amsgrad`` in any group; reading every group's options at every step costs
+    ~0.4 µs per group (2,000 groups: 0.8 ms). Every write through the mapping (a
+    scheduler's ``group["lr"] = ...``, ``setdefault``, ``update``...) records its
+    key in the optimizer's :class:`Edits`, so a step compares only what was written:
+    nothing when no group was edited, the lr column alone under a scheduler. Values
+    changed without a write (a tensor lr filled in place) are read at every step
+    anyway.
+    """
+
+    __slots__ = ("edits",)
+
+    def __init__(self, group: dict[str, Any], edits: Edits) -> None:
+        super().__init__(group)
+        self.edits = edits
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.edits.note(key)
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: Any) -> None:
+        self.edits.note(key)
+        super().__delitem__(key)
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        self.edits.note(key)
+        return super().setdefault(key, default)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self.edits.note(ANY_KEY)
+        super().update(*args, **kwargs)
+
+    def pop(self, *args: Any) -> Any:
+        self.edits.note(ANY_KEY)
+        return super().pop(*args)
+
+    def popitem(self) -> Any:
+        self.edits.note(ANY_KEY)
+        return super().popitem()
+
+    def clear(self) -> None:
+        self.edits.note(ANY_KEY)
+        super().clear()
+
+    def __ior__(self, other: Any) -> Any:  # type: ignore[misc]
+        self.edits.note(ANY_KEY)
+        return super().__ior__(other)
+
+    def __reduce__(self) -> Any:
+        return (ParamGroup, (dict(self), self.edits))
+
+
 def params_list(params: Iterable[Any]) -> Iterable[Any]:
     """Reject a lone tensor as ``params``, as torch does (it is not an iterable of them)."""
     if isinstance(params, Tensor):
