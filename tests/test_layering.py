@@ -19,7 +19,7 @@ ALLOWED: dict[str, set[str]] = {
     "_specs": {"_functional", "_plan"},
     "_groups": {"_plan", "_rules", "_specs"},
     "_checkpoint": {"_plan", "_specs"},
-    "_hypers": {"_groups", "_rounding", "_specs"},
+    "_hypers": {"_rounding", "_specs"},
     "_gather": {"_hypers", "_plan", "_specs"},
     "_layout": set(),
     "_pack": {"_layout"},

@@ -20,7 +20,7 @@ from ._describe import optimizer_table
 from ._engine import Engine, make_engine
 from ._env import compile_from_env
 from ._gather import Structure
-from ._groups import Edits, ParamGroup, ScalingOptions, admit_group, params_list
+from ._groups import ScalingOptions, admit_group, params_list
 from ._rules import LrScaleFunc
 from ._runner import StepRunner
 from ._specs import AlgorithmSpec
@@ -68,7 +68,6 @@ class UmupOptimizer(torch.optim.Optimizer):
 
     def _setup(self, options: dict[str, Any], defaults: dict[str, Any]) -> None:
         self._umup_options = options
-        self._edits = Edits()  # Note [group edits]
         self._scaling = ScalingOptions(
             lr_scale_func=options["lr_scale_func"],
             independent_weight_decay=options["independent_weight_decay"],
@@ -120,7 +119,6 @@ class UmupOptimizer(torch.optim.Optimizer):
             self.__dict__.update(umup["extra"])
             self._setup(umup["options"], self.defaults)
             self._register_hooks()
-            self.param_groups = [ParamGroup(g, self._edits) for g in self.param_groups]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group, validating it and applying the u-μP scaling.
@@ -139,7 +137,7 @@ class UmupOptimizer(torch.optim.Optimizer):
             spec=self._spec,
             options=self._scaling,
         )
-        super().add_param_group(ParamGroup(group, self._edits))
+        super().add_param_group(group)
         self._runner.invalidate()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -230,9 +228,8 @@ class UmupOptimizer(torch.optim.Optimizer):
 
 def _after_load(optimizer: torch.optim.Optimizer) -> None:
     """Loading replaced groups and state tensors: every step cache is stale."""
-    edits = optimizer._edits  # type: ignore[attr-defined]
-    optimizer.param_groups = [ParamGroup(g, edits) for g in optimizer.param_groups]
-    for group in optimizer.param_groups:  # another torch version may lack keys
+    groups = optimizer.param_groups
+    for group in groups:  # a checkpoint of another torch version may lack keys
         for key, value in optimizer.defaults.items():
             group.setdefault(key, value)
     optimizer._runner.invalidate()  # type: ignore[attr-defined]

@@ -202,13 +202,6 @@ class SteadyCheck:
         structure: Structure,
     ) -> None:
         self._structure = structure
-        self._groups = list(groups)
-        # Keys whose edits cannot change the structure (pure hyper-parameters).
-        self._free = frozenset(
-            key
-            for key, _ in structure.spec.hyper_columns
-            if key not in structure.spec.config_keys
-        )
         self._raw = list(map(structure.raw, groups))
         self._derived = structure.derived(groups)
         self._members = [p for b in buckets for p in b.params]
@@ -227,29 +220,15 @@ class SteadyCheck:
             for key in bucket_keys
         ]
 
-    def same_groups(self, groups: Sequence[Group]) -> bool:
-        """Whether ``groups`` are the group objects the check was built from."""
-        return len(groups) == len(self._groups) and all(
-            map(operator.is_, groups, self._groups)
-        )
-
     def grads(
-        self,
-        groups: Sequence[Group],
-        state: dict[Tensor, State],
-        edited: frozenset[str] | None,
+        self, groups: Sequence[Group], state: dict[Tensor, State]
     ) -> list[list[Tensor]] | None:
-        """Each bucket's gradients, or ``None`` when the step must gather again.
-
-        ``edited``: the group keys written since the last step (Note [group
-        edits]), or ``None`` when unknown.
-        """
-        if edited is None or not edited <= self._free:
-            raw = list(map(self._structure.raw, groups))
-            if raw != self._raw:
-                if self._structure.derived(groups) != self._derived:
-                    return None
-                self._raw = raw
+        """Each bucket's gradients, or ``None`` when the step must gather again."""
+        raw = list(map(self._structure.raw, groups))
+        if raw != self._raw:
+            if self._structure.derived(groups) != self._derived:
+                return None
+            self._raw = raw
         members = self._members
         grads = list(map(_GRAD, members))
         if not all(map(operator.is_not, grads, itertools.repeat(None))):

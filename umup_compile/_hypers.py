@@ -23,7 +23,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._groups import ANY_KEY
 from ._rounding import parameter_seeds
 from ._specs import AlgorithmSpec
 
@@ -121,29 +120,15 @@ class HyperTable:
     def invalidate(self) -> None:
         self._tables.clear()
 
-    def tensor(
-        self,
-        groups: Sequence[Group],
-        device: torch.device,
-        *,
-        edited: frozenset[str] | None = None,
-    ) -> Tensor:
-        """The current values on ``device``, without a host-device sync.
-
-        ``edited``: the group keys written since the last call (Note [group
-        edits]); only those are compared. ``None``: compare every key.
-        """
+    def tensor(self, groups: Sequence[Group], device: torch.device) -> Tensor:
+        """The current values on ``device``, without a host-device sync."""
         table = self._tables.get(device)
         if table is None or table.hyper_t.shape[0] != len(groups):
             table = self._tables[device] = _DeviceTable(
                 len(groups), len(self._columns), device
             )
-            edited = None
         changed = False
-        keys = self._keys
-        if edited is not None:
-            keys = [k for k in keys if k[0] in edited or ANY_KEY in edited]
-        for key, get, columns in keys:
+        for key, get, columns in self._keys:
             values = list(map(get, groups))
             if values != table.raw.get(key):
                 _fill(table, values, columns)

@@ -134,26 +134,9 @@ class StepRunner:
             with torch.set_grad_enabled(any(g["differentiable"] for g in groups)):
                 self._traced_step(groups, state, amp, name)
             return
-        try:
-            self._step(groups, state, amp, name)
-        except BaseException:
-            self._check = None  # gather again: the edits this step took are not lost
-            raise
-
-    def _step(
-        self,
-        groups: Sequence[Group],
-        state: dict[Tensor, State],
-        amp: dict[str, Tensor | None],
-        name: str,
-    ) -> None:
         grads = None
-        edits = getattr(groups[0], "edits", None) if groups else None
-        edited = None if edits is None else edits.take()  # Note [group edits]
         if self._check is not None:
-            if not self._check.same_groups(groups):
-                edited = None
-            grads = self._check.grads(groups, state, edited)
+            grads = self._check.grads(groups, state)
         fresh_step = grads is None
         if grads is None or self._plans is None:
             buckets = gather(
@@ -165,14 +148,13 @@ class StepRunner:
             )
             self._differentiable = any(g["differentiable"] for g in groups)
             grads = [b.grads for b in buckets]
-            edited = None
         hyper: dict[torch.device, tuple[Tensor, dict[str, Tensor]]] = {}
         with torch.set_grad_enabled(self._differentiable):
             for plan, bucket_grads in zip(self._plans, grads):
                 device = plan.bucket.device
                 if device not in hyper:
                     hyper[device] = (
-                        self.hypers.tensor(groups, device, edited=edited),
+                        self.hypers.tensor(groups, device),
                         _amp_kwargs(amp, device),
                     )
                 self._run(plan, bucket_grads, groups, *hyper[device], fresh_step)
