@@ -85,13 +85,21 @@ class Structure:
     raw: Any
     extra: Any
 
+    # The hyper-parameter keys whose values ``raw`` covers: all but ``lr`` (which
+    # schedulers change at every step), so that one pass over the groups checks them
+    # with the structure and the hyper table compares only the lr column.
+    covered: frozenset[str]
+
     @staticmethod
     def of(spec: AlgorithmSpec, defaults: Group) -> Structure:
         extra = tuple(k for k in _STRUCTURE_KEYS if k in defaults)
+        hyper_keys = list(dict.fromkeys(key for key, _ in spec.hyper_columns))
+        more = tuple(k for k in hyper_keys if k != "lr" and k not in spec.config_keys)
         return Structure(
             spec,
-            operator.itemgetter("params", *spec.config_keys, *extra),
+            operator.itemgetter("params", *spec.config_keys, *extra, *more),
             operator.itemgetter("params", *extra),
+            frozenset(k for k in hyper_keys if k != "lr"),
         )
 
     def derived(self, groups: Sequence[Group]) -> list[tuple[Any, ...]]:
@@ -223,12 +231,19 @@ class SteadyCheck:
     def grads(
         self, groups: Sequence[Group], state: dict[Tensor, State]
     ) -> list[list[Tensor]] | None:
-        """Each bucket's gradients, or ``None`` when the step must gather again."""
+        """Each bucket's gradients, or ``None`` when the step must gather again.
+
+        Sets :attr:`stable`: the hyper-parameter keys found unchanged since the last
+        step (the hyper table need not compare them again).
+        """
+        self.stable: frozenset[str] = frozenset()
         raw = list(map(self._structure.raw, groups))
         if raw != self._raw:
             if self._structure.derived(groups) != self._derived:
                 return None
             self._raw = raw
+        else:
+            self.stable = self._structure.covered
         members = self._members
         grads = list(map(_GRAD, members))
         if not all(map(operator.is_not, grads, itertools.repeat(None))):

@@ -120,15 +120,28 @@ class HyperTable:
     def invalidate(self) -> None:
         self._tables.clear()
 
-    def tensor(self, groups: Sequence[Group], device: torch.device) -> Tensor:
-        """The current values on ``device``, without a host-device sync."""
+    def tensor(
+        self,
+        groups: Sequence[Group],
+        device: torch.device,
+        *,
+        stable: frozenset[str] = frozenset(),
+    ) -> Tensor:
+        """The current values on ``device``, without a host-device sync.
+
+        ``stable``: group keys known unchanged since the last call (the steady check
+        compared them); only the others are compared here.
+        """
         table = self._tables.get(device)
         if table is None or table.hyper_t.shape[0] != len(groups):
             table = self._tables[device] = _DeviceTable(
                 len(groups), len(self._columns), device
             )
+            stable = frozenset()
         changed = False
         for key, get, columns in self._keys:
+            if key in stable and key in table.raw:
+                continue
             values = list(map(get, groups))
             if values != table.raw.get(key):
                 _fill(table, values, columns)

@@ -138,6 +138,9 @@ class StepRunner:
         if self._check is not None:
             grads = self._check.grads(groups, state)
         fresh_step = grads is None
+        stable = (
+            self._check.stable if grads is not None and self._check else frozenset()
+        )
         if grads is None or self._plans is None:
             buckets = gather(
                 groups, state, self.spec, traced=False, optimizer_name=name
@@ -154,7 +157,7 @@ class StepRunner:
                 device = plan.bucket.device
                 if device not in hyper:
                     hyper[device] = (
-                        self.hypers.tensor(groups, device),
+                        self.hypers.tensor(groups, device, stable=stable),
                         _amp_kwargs(amp, device),
                     )
                 self._run(plan, bucket_grads, groups, *hyper[device], fresh_step)
