@@ -188,7 +188,7 @@ class StepRunner:
         bucket: Bucket, unit: Unit, groups: Sequence[Group], pack: Pack | None = None
     ) -> Call:
         return Call(
-            kind=unit.kind.name,
+            kind=_engine_kind(bucket, unit.kind.name, pack),
             static=unit.kind.static,
             pick=_picker(unit.members),
             params=[bucket.params[k] for k in unit.members],
@@ -320,6 +320,16 @@ class StepRunner:
             )
 
 
+def _engine_kind(bucket: Bucket, name: str, pack: Pack | None = None) -> str:
+    """The engine's name for a call's graph: the unit kind, plus what else its
+    graph specialises on (dtypes, a pack's row width), so that Dynamo's recompile
+    limit counts variants of one graph, not of every bucket's (the parameters'
+    dtypes differ across buckets)."""
+    device, dtype, _, state_dtype, grad_dtype = bucket.key
+    tag = f"{name}@{device.type}:{dtype}/{state_dtype}/{grad_dtype}"
+    return tag if pack is None else f"{tag}/w{pack.flat_param.shape[1]}"
+
+
 def _list_view(bucket: Bucket, tensors: Sequence[Tensor]) -> list[Tensor]:
     """``tensors`` as the list path passes them: local shards, complex tensors as
     real views (torch.optim's semantics: the update is elementwise on the real and
@@ -339,7 +349,7 @@ def _bucket_call(
 ) -> Call:
     """The whole bucket as one call over per-parameter lists (the list path)."""
     return Call(
-        kind="",
+        kind=_engine_kind(bucket, "list"),
         static=False,
         pick=list,
         params=_list_view(bucket, bucket.params),

@@ -1,0 +1,1179 @@
+"""Reliability at the edges (issue 13): many groups, complex parameters, odd inputs.
+
+Every input here was first run through ``torch.optim`` (or ``unit_scaling.optim`` for
+tagged parameters). Where torch accepts it, ours must give torch's numbers, state
+keys, dtypes, devices and shapes, in the eager and the compiled engine (through the
+cheap ``aot_eager`` backend; Inductor for a few cases). Where torch rejects it, ours
+must raise a ``ValueError``/``TypeError`` that names the parameter, before anything
+changes: parameters and state bitwise as before, ``opt.state`` not grown.
+
+Parameters are named (``named_parameters()`` style) where an error must name one; the
+culprit is always called ``bad``.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytest
+import torch
+import unit_scaling.optim as uso
+from torch import Tensor, nn
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch.testing._internal import common_optimizers as co
+
+import umup_compile as uc
+from tests.edge_helpers import (
+    ENGINES,
+    UMUP,
+    assert_pair_close,
+    assert_state_layout_like,
+    assert_unchanged,
+    build,
+    snapshot,
+    tolerance,
+)
+from tests.helpers import use_backend
+from umup_compile.optim import SGD, Adam, AdamW, lr_scale_func_adam
+
+# name -> (ours, torch's, unit_scaling's)
+OPTIMIZERS: dict[str, tuple[type, type, type]] = {
+    "adam": (Adam, torch.optim.Adam, uso.Adam),
+    "adamw": (AdamW, torch.optim.AdamW, uso.AdamW),
+    "sgd": (SGD, torch.optim.SGD, uso.SGD),
+}
+# Options that exercise every state key and both weight-decay paths.
+KWARGS: dict[str, dict[str, Any]] = {
+    "adam": {"lr": 0.01, "weight_decay": 0.1, "amsgrad": True},
+    "adamw": {"lr": 0.01, "weight_decay": 0.1},
+    "sgd": {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.1},
+}
+STEPS = 3
+
+
+def _grad_gen(step: int, k: int) -> torch.Generator:
+    return torch.Generator().manual_seed(1000 * step + k)
+
+
+def _random_grads(params: Sequence[Tensor], step: int) -> None:
+    """Deterministic gradients in each parameter's dtype (same for both sides);
+    complex parameters get complex gradients (real and imaginary parts random)."""
+    for k, p in enumerate(params):
+        gen = _grad_gen(step, k)
+        if p.is_complex():
+            g = torch.randn((*p.shape, 2), generator=gen, dtype=torch.float64)
+            p.grad = torch.view_as_complex(g).to(p.dtype)
+        else:
+            g = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            p.grad = g.to(p.dtype)
+
+
+def _ours_and_torch(
+    name: str, params: Any, ref_params: Any, engine: str, **kwargs: Any
+) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+    ours_cls, torch_cls, _ = OPTIMIZERS[name]
+    kwargs = {**KWARGS[name], **kwargs}
+    ours = build(ours_cls, params, engine, **kwargs, **UMUP)
+    ref = torch_cls(ref_params, **kwargs, foreach=False)
+    return ours, ref
+
+
+# -- a. stochastic-rounding seeds --------------------------------------------------
+
+
+def seeds(group_sizes: Sequence[int], sr_seeds: Sequence[int]) -> list[list[int]]:
+    """Every parameter's stochastic-rounding seed, per group, for an optimizer whose
+    groups hold ``group_sizes`` parameters and have ``sr_seed`` ``sr_seeds[g]``.
+
+    The ONLY place in the tests that names the private seed derivation (today
+    ``_rounding.parameter_seeds`` over the parameters' indices counted across groups,
+    as ``_hypers.factor_vectors`` calls it); update it here when that moves.
+    """
+    from umup_compile._rounding import parameter_seeds
+
+    group_seeds: list[int] = []
+    flat: list[int] = []
+    for g, n in enumerate(group_sizes):
+        group_seeds += [sr_seeds[g]] * n
+        flat += range(len(flat), len(flat) + n)
+    out = parameter_seeds(group_seeds, flat)
+    nested, start = [], 0
+    for n in group_sizes:
+        nested.append(out[start : start + n])
+        start += n
+    return nested
+
+
+# 2,100 one-parameter groups (group indices past 2**11, where group << 52 overflowed
+# int64), then a group of 2**20 + 3 (positions past 2**20, where i << 32 reached the
+# group bits: (g, i + 2**20) collided with (g + 1, i)), then more groups after it.
+SEED_GROUP_SIZES = [1] * 2100 + [2**20 + 3] + [2, 1, 5]
+
+
+@pytest.mark.parametrize("sr_seed", [0, 12345, 0x7FFFFFFF])
+def test_rounding_seeds_distinct_past_2048_groups_and_2_20_positions(sr_seed: int):
+    out = seeds(SEED_GROUP_SIZES, [sr_seed] * len(SEED_GROUP_SIZES))
+    flat = [s for group in out for s in group]
+    assert len(flat) == sum(SEED_GROUP_SIZES)
+    assert len(set(flat)) == len(flat)
+    assert all(-(2**63) <= s < 2**63 for s in flat)  # they fit an int64 tensor
+
+
+def test_rounding_seeds_deterministic_and_keyed_by_group_seed():
+    sizes = [2, 1, 3]
+    assert seeds(sizes, [5, 5, 5]) == seeds(sizes, [5, 5, 5])
+    a, b = seeds(sizes, [5, 5, 5]), seeds(sizes, [6, 6, 6])
+    assert all(x != y for ga, gb in zip(a, b) for x, y in zip(ga, gb))
+
+
+# -- b. thousands of groups and tensors ---------------------------------------------
+
+MANY_GROUPS = 2100
+MANY_TENSORS = 5000
+# Tiny tagged tensors of every mup_type: all of them go to the compiled pack.
+SCALE_SPECS: list[tuple[tuple[int, ...], str, int | None]] = [
+    ((4, 4), "weight", None),
+    ((3,), "bias", 2),
+    ((2, 2, 2), "weight", 2),
+    ((3,), "norm", None),
+    ((2, 3), "output", None),
+]
+
+
+def _scale_params(n: int, dtype: torch.dtype = torch.float64) -> list[nn.Parameter]:
+    gen = torch.Generator().manual_seed(n)
+    return [
+        uc.Parameter(torch.randn(shape, generator=gen, dtype=dtype), mup_type, depth)  # type: ignore[arg-type]
+        for shape, mup_type, depth in (
+            SCALE_SPECS[k % len(SCALE_SPECS)] for k in range(n)
+        )
+    ]
+
+
+def _run_vs_unit_scaling(
+    name: str,
+    ours_groups: Any,
+    ours_params: list[Tensor],
+    ref_params: list[Tensor],
+    engine: str,
+    steps: int = 2,
+    **kwargs: Any,
+) -> torch.optim.Optimizer:
+    ours_cls, _, uso_cls = OPTIMIZERS[name]
+    ours = build(ours_cls, ours_groups, engine, **kwargs)
+    ref = uso_cls(ref_params, **kwargs)
+    pairs = list(zip(ours_params, ref_params))
+    for step in range(steps):
+        _random_grads(ours_params, step)
+        _random_grads(ref_params, step)
+        ours.step()
+        ref.step()
+        assert_pair_close(ours, ref, pairs, where=f"step {step + 1}: ")
+    return ours
+
+
+SCALE_KWARGS = {
+    "adam": {"lr": 0.01, "weight_decay": 0.1},
+    "sgd": {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.1},
+}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("name", ["adam", "sgd"])
+def test_many_groups_of_one_param_match_unit_scaling(name: str, engine: str):
+    # unit_scaling's own layout, one group per parameter, passed to ours as groups.
+    params = _scale_params(MANY_GROUPS)
+    ref_params = copy.deepcopy(params)
+    groups = [{"params": [p]} for p in params]
+    _run_vs_unit_scaling(name, groups, params, ref_params, engine, **SCALE_KWARGS[name])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_many_tensors_in_one_group_match_unit_scaling(engine: str):
+    params = _scale_params(MANY_TENSORS)
+    ref_params = copy.deepcopy(params)
+    _run_vs_unit_scaling(
+        "adam", params, params, ref_params, engine, **SCALE_KWARGS["adam"]
+    )
+
+
+def test_many_groups_compile_like_one_group():
+    # Groups are bookkeeping: 2,100 one-parameter groups trace the graphs that the
+    # same parameters in one group do (one pack graph).
+    counts = []
+    for grouped in (False, True):
+        params = _scale_params(MANY_GROUPS, torch.float32)
+        opt = Adam(
+            [{"params": [p]} for p in params] if grouped else params,
+            lr=0.01,
+            weight_decay=0.1,
+        )
+        counter = CompileCounterWithBackend("aot_eager")
+        use_backend(opt, counter)
+        for step in range(3):
+            _random_grads(params, step)
+            opt.step()
+        counts.append(counter.frame_count)
+    assert counts[0] == counts[1] == 1, counts
+
+
+def _mid_ulp_params(n: int, groups: bool) -> tuple[Any, list[nn.Parameter]]:
+    # bf16 1.5 with an exact Adam step of 2**-8 (eps=0): every element lands half-way
+    # between two bf16 values, so it rounds up with probability 1/2 per element.
+    params = [
+        nn.Parameter(torch.full((64,), 1.5, dtype=torch.bfloat16)) for _ in range(n)
+    ]
+    return ([{"params": [p]} for p in params] if groups else params), params
+
+
+@pytest.mark.parametrize(
+    ("groups", "engine"),
+    [(True, "eager"), (True, "aot_eager"), (False, "aot_eager")],
+    ids=["2100_groups-eager", "2100_groups-aot_eager", "one_group-aot_eager"],
+)
+def test_many_params_stochastic_rounding_streams_distinct(engine: str, groups: bool):
+    # Identical parameters and gradients: only their rounding streams differ, so every
+    # parameter must come out different (2**-64 per pair if the streams are distinct).
+    results = []
+    for run_engine in (engine, "eager"):
+        spec, params = _mid_ulp_params(MANY_GROUPS, groups)
+        opt = build(
+            Adam,
+            spec,
+            run_engine,
+            lr=2.0**-8,
+            eps=0.0,
+            stochastic_rounding=True,
+            allow_non_unit_scaling_params=True,
+        )
+        for p in params:
+            p.grad = torch.full_like(p, -1.0)
+        opt.step()
+        results.append(torch.stack([p.detach() for p in params]))
+    rows = {tuple(row.view(torch.int16).tolist()) for row in results[0]}
+    assert len(rows) == MANY_GROUPS
+    assert torch.equal(results[0], results[1])  # the compiled engine's streams too
+
+
+def test_compiled_step_keeps_compiling_with_mixed_dtypes_and_changing_membership():
+    # Found by tests/test_property.py (shrunk): float64, float32 and bf16 parameters
+    # in one SGD, a few without gradients on one step, a group added on another. Each
+    # variant is legitimately a new graph, but all of them must stay within what the
+    # compiled engine can hold (with use_backend's strict engine a failure raises; the
+    # default engine would fall back to eager for good, with a warning).
+    def make() -> list[nn.Parameter]:
+        _GEN.manual_seed(5)
+        specs = [
+            ((), torch.float64),
+            ((2,), torch.bfloat16),
+            ((1,), torch.float32),
+            ((0,), torch.float32),
+            ((0, 3, 1), torch.bfloat16),
+            ((), torch.float64),
+        ]
+        return [nn.Parameter(_randn(*s).to(dtype)) for s, dtype in specs]
+
+    runs = []
+    for engine in ("aot_eager", "eager"):
+        params = make()
+        opt = build(SGD, [params[k] for k in (1, 2, 3, 5)], engine, lr=0.01, **UMUP)
+        for step, missing in enumerate([(), (1, 2, 5), ()]):
+            if step == 1:
+                opt.add_param_group({"params": [params[0], params[4]]})
+            _random_grads(params, step)
+            for k in missing:
+                params[k].grad = None
+            opt.step()
+        runs.append(params)
+    for p, q in zip(*runs):
+        torch.testing.assert_close(p, q, **tolerance(p.dtype))
+
+
+# -- c. complex parameters ----------------------------------------------------------
+
+# torch's test_complex shapes, plus a 0-d, a zero-size and a 1-D parameter.
+COMPLEX_SHAPES = [(10, 5), (10, 5), (10, 5), (), (0, 3), (4,)]
+_TORCH_COMPLEX_INPUTS = {
+    "adam": co.optim_inputs_func_adam,
+    "adamw": getattr(co, "optim_inputs_func_adamw", co.optim_inputs_func_adam),
+    "sgd": co.optim_inputs_func_sgd,
+}
+
+
+# The compiled engine on the inputs that use every state key and option.
+COMPLEX_COMPILED_INPUTS = {"amsgrad", "maximize", "tensor lr", "nesterov", "dampening"}
+
+
+def _complex_inputs() -> list[Any]:
+    cases = []
+    for name, func in _TORCH_COMPLEX_INPUTS.items():
+        for optim_input in func(device="cpu", dtype=torch.complex128):
+            kwargs = dict(optim_input.kwargs)
+            if name == "adamw":  # torch's default decay; ours defaults to 0
+                kwargs.setdefault("weight_decay", 1e-2)
+            slug = re.sub(r"\W+", "_", optim_input.desc).strip("_")
+            engines = (
+                ENGINES if optim_input.desc in COMPLEX_COMPILED_INPUTS else ["eager"]
+            )
+            for engine in engines:
+                cases.append(
+                    pytest.param(name, kwargs, engine, id=f"{name}-{slug}-{engine}")
+                )
+    return cases
+
+
+def _complex_params(dtype: torch.dtype = torch.complex128) -> list[Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return [
+        torch.randn(shape, generator=gen, dtype=dtype).requires_grad_()
+        for shape in COMPLEX_SHAPES
+    ]
+
+
+def _copy_leaves(params: Sequence[Tensor]) -> list[Tensor]:
+    return [p.detach().clone().requires_grad_() for p in params]
+
+
+def _real_kwargs(kwargs: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """Tensor hyper-parameters cast to the parameters' real dtype (a deep copy)."""
+    out = copy.deepcopy(kwargs)
+    for key, value in out.items():
+        if isinstance(value, Tensor):
+            out[key] = value.to(dtype)
+    return out
+
+
+@pytest.mark.parametrize(("name", "kwargs", "engine"), _complex_inputs())
+def test_complex_params_match_torch_inputs(name: str, kwargs: dict, engine: str):
+    params = _complex_params()
+    ref_params = _copy_leaves(params)
+    ours_cls, torch_cls, _ = OPTIMIZERS[name]
+    ours = build(
+        ours_cls, params, engine, **_real_kwargs(kwargs, torch.float64), **UMUP
+    )
+    ref = torch_cls(ref_params, **_real_kwargs(kwargs, torch.float64), foreach=False)
+    pairs = list(zip(params, ref_params))
+    for step in range(STEPS):
+        _random_grads(params, step)
+        _random_grads(ref_params, step)
+        ours.step()
+        ref.step()
+        assert_pair_close(ours, ref, pairs, where=f"step {step + 1}: ")
+    assert_state_layout_like(ours, ref, pairs)  # complex state, as torch keeps it
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_complex_params_match_their_real_views(name: str, engine: str):
+    # torch's test_complex: complex parameters step like their view_as_real copies.
+    params = _complex_params()
+    real_params = [
+        torch.view_as_real(p).detach().clone().requires_grad_() for p in params
+    ]
+    ours_cls = OPTIMIZERS[name][0]
+    ours = build(ours_cls, params, engine, **KWARGS[name], **UMUP)
+    real = build(ours_cls, real_params, engine, **KWARGS[name], **UMUP)
+    for step in range(STEPS):
+        _random_grads(params, step)
+        for c, r in zip(params, real_params):
+            r.grad = torch.view_as_real(c.grad).clone()  # type: ignore[arg-type]
+        ours.step()
+        real.step()
+        assert_pair_close(ours, real, list(zip(params, real_params)))
+
+
+COMPLEX_TAGGED: list[tuple[tuple[int, ...], str, int | None]] = [
+    ((4, 6), "weight", None),  # fan_in 6 (not 12, as view_as_real's (4, 6, 2) says)
+    ((2, 3, 4), "weight", 2),  # fan_in 12
+    ((6,), "bias", 2),
+    ((6,), "norm", None),
+    ((5, 6), "output", None),
+]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_complex_tagged_params_match_unit_scaling(name: str, engine: str):
+    gen = torch.Generator().manual_seed(1)
+    params = [
+        uc.Parameter(torch.randn(shape, generator=gen, dtype=torch.complex128), t, d)  # type: ignore[arg-type]
+        for shape, t, d in COMPLEX_TAGGED
+    ]
+    ref_params = copy.deepcopy(params)
+    ours = _run_vs_unit_scaling(
+        name, params, params, ref_params, engine, steps=STEPS, **KWARGS[name]
+    )
+    # The fan-in comes from the complex parameter's own shape.
+    expected = [lr_scale_func_adam(p) for p in params]  # type: ignore[arg-type]
+    assert ours.param_groups[0]["lr_scales"] == pytest.approx(expected)
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # no silent eager fallback
+def test_complex_params_match_torch_inductor():
+    params = _complex_params(torch.complex64)
+    ref_params = _copy_leaves(params)
+    ours, ref = _ours_and_torch("adam", params, ref_params, "inductor")
+    pairs = list(zip(params, ref_params))
+    for step in range(STEPS):
+        _random_grads(params, step)
+        _random_grads(ref_params, step)
+        ours.step()
+        ref.step()
+        assert_pair_close(ours, ref, pairs, where=f"step {step + 1}: ")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_complex_state_dict_from_torch_resumes(engine: str):
+    params = _complex_params()
+    straight_params = _copy_leaves(params)
+    first = torch.optim.Adam(params, **KWARGS["adam"])
+    straight = torch.optim.Adam(straight_params, **KWARGS["adam"])
+    for step in range(2):
+        _random_grads(params, step)
+        _random_grads(straight_params, step)
+        first.step()
+        straight.step()
+    resumed = build(Adam, params, engine, **KWARGS["adam"], **UMUP)
+    resumed.load_state_dict(copy.deepcopy(first.state_dict()))
+    for step in range(2, 4):
+        _random_grads(params, step)
+        _random_grads(straight_params, step)
+        resumed.step()
+        straight.step()
+        assert_pair_close(resumed, straight, list(zip(params, straight_params)))
+
+
+# -- d. odd inputs torch accepts ------------------------------------------------------
+
+
+def _p(t: Tensor, requires_grad: bool = True) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=requires_grad)
+
+
+def _randn(*shape: int) -> Tensor:
+    return torch.randn(shape, generator=_GEN, dtype=torch.float64)
+
+
+_GEN = torch.Generator()
+
+
+def _make(build_params: Callable[[], list[Tensor]]) -> Callable[[], list[Tensor]]:
+    """Deterministic builder: the same values and layouts on every call."""
+
+    def make() -> list[Tensor]:
+        _GEN.manual_seed(0)
+        return build_params()
+
+    return make
+
+
+def _non_contiguous() -> list[Tensor]:
+    return [
+        _p(_randn(6, 4).t()),  # transposed (dense)
+        _p(_randn(8, 6)[::2]),  # strided (not dense)
+        _p(_randn(130, 256).t()),  # large (>= 16384 elements) and transposed
+        _p(_randn(3, 260, 64)[:, :256]),  # large and not dense
+    ]
+
+
+def _channels_last() -> list[Tensor]:
+    return [
+        _p(_randn(2, 3, 4, 5).to(memory_format=torch.channels_last)),
+        _p(_randn(4, 32, 16, 8).to(memory_format=torch.channels_last)),
+    ]
+
+
+def _grads_transposed(params: Sequence[Tensor], step: int) -> None:
+    for k, p in enumerate(params):
+        g = torch.randn(p.shape[::-1], generator=_grad_gen(step, k), dtype=p.dtype)
+        p.grad = g.t() if p.ndim == 2 else g
+
+
+def _grads_expanded(params: Sequence[Tensor], step: int) -> None:
+    for k, p in enumerate(params):
+        row = torch.randn(
+            (1, *p.shape[1:]), generator=_grad_gen(step, k), dtype=p.dtype
+        )
+        p.grad = row.expand(p.shape)
+
+
+def _grads_shared(params: Sequence[Tensor], step: int) -> None:
+    # Tied weights: one gradient tensor object for both.
+    g = torch.randn(params[0].shape, generator=_grad_gen(step, 0), dtype=torch.float64)
+    for p in params:
+        p.grad = g
+
+
+def _grads_non_leaf(params: Sequence[Tensor], step: int) -> None:
+    for k, p in enumerate(params):
+        w = torch.randn(
+            p.shape, generator=_grad_gen(step, k), dtype=p.dtype
+        ).requires_grad_()
+        p.grad = w * 1.5  # has a grad_fn
+
+
+def _grads_create_graph(params: Sequence[Tensor], step: int) -> None:
+    for p in params:
+        p.grad = None
+        ((p**3).sum() * (step + 1)).backward(create_graph=True)
+
+
+# (id, parameter builder, gradient setter)
+ACCEPTED: list[tuple[str, Callable[[], list[Tensor]], Callable[..., None]]] = [
+    (
+        "zero_element",
+        _make(lambda: [_p(_randn(0, 3)), _p(_randn(3)), _p(_randn(2, 0, 4))]),
+        _random_grads,
+    ),
+    ("zero_element_only", _make(lambda: [_p(_randn(0))]), _random_grads),
+    ("scalar", _make(lambda: [_p(_randn()), _p(_randn(3))]), _random_grads),
+    ("non_contiguous", _make(_non_contiguous), _random_grads),
+    ("channels_last", _make(_channels_last), _random_grads),
+    (
+        "requires_grad_false",
+        _make(lambda: [_p(_randn(3, 2), False), _p(_randn(200, 100), False)]),
+        _random_grads,
+    ),
+    (
+        "plain_tensor_leaves",
+        _make(lambda: [_randn(3, 2).requires_grad_(), _randn(4)]),
+        _random_grads,
+    ),
+    (
+        "grad_non_contiguous",
+        _make(lambda: [_p(_randn(6, 4)), _p(_randn(200, 100))]),
+        _grads_transposed,
+    ),
+    (
+        "grad_expanded",
+        _make(lambda: [_p(_randn(6, 4)), _p(_randn(200, 100))]),
+        _grads_expanded,
+    ),
+    ("grad_shared", _make(lambda: [_p(_randn(6, 4)), _p(_randn(6, 4))]), _grads_shared),
+    (
+        "grad_non_leaf",
+        _make(lambda: [_p(_randn(6, 4)), _p(_randn(200, 100))]),
+        _grads_non_leaf,
+    ),
+    (
+        "grad_create_graph",
+        _make(lambda: [_p(_randn(6, 4)), _p(_randn(3))]),
+        _grads_create_graph,
+    ),
+]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("name", ["adam", "sgd"])
+@pytest.mark.parametrize(
+    ("make", "set_grads"),
+    [case[1:] for case in ACCEPTED],
+    ids=[case[0] for case in ACCEPTED],
+)
+def test_odd_inputs_step_like_torch(make, set_grads, name: str, engine: str):
+    params, ref_params = make(), make()
+    ours, ref = _ours_and_torch(name, params, ref_params, engine)
+    pairs = list(zip(params, ref_params))
+    for step in range(STEPS):
+        set_grads(params, step)
+        set_grads(ref_params, step)
+        ours.step()
+        ref.step()
+        assert_pair_close(ours, ref, pairs, where=f"step {step + 1}: ")
+    assert_state_layout_like(ours, ref, pairs)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize(
+    "make",
+    [_make(_non_contiguous), _make(_channels_last)],
+    ids=["non_contiguous", "channels_last"],
+)
+def test_odd_layouts_state_keeps_param_memory_format(make, engine: str):
+    # torch's Adam creates its moments with zeros_like(p, torch.preserve_format): a
+    # transposed or channels_last parameter keeps that layout in its state. (torch's
+    # SGD clones the first gradient instead, so its buffer follows the gradient's
+    # layout; that is not pinned here.)
+    params, ref_params = make(), make()
+    ours, ref = _ours_and_torch("adam", params, ref_params, engine)  # AdamW's too
+    for step in range(2):
+        _random_grads(params, step)
+        _random_grads(ref_params, step)
+        ours.step()
+        ref.step()
+    assert_state_layout_like(ours, ref, list(zip(params, ref_params)), strides=True)
+
+
+@pytest.mark.parametrize("engine", [*ENGINES, "inductor"])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # no eager fallback
+def test_meta_params_step_like_torch(name: str, engine: str):
+    # Meta parameters (shape-only dry runs, deferred init) step without data; the
+    # state has torch's keys, dtypes, devices (``step`` on the CPU) and shapes.
+    params = [
+        nn.Parameter(torch.empty(s, device="meta")) for s in [(3, 4), (), (200, 100)]
+    ]
+    ref_params = [
+        nn.Parameter(torch.empty(s, device="meta")) for s in [(3, 4), (), (200, 100)]
+    ]
+    ours, ref = _ours_and_torch(name, params, ref_params, engine)
+    for _ in range(2):
+        for p in [*params, *ref_params]:
+            p.grad = torch.empty_like(p)
+        ours.step()
+        ref.step()
+    assert_state_layout_like(ours, ref, list(zip(params, ref_params)))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("check", ["numbers", "state_dtype"])
+@pytest.mark.parametrize(
+    ("param_dtype", "grad_dtype"),
+    [(torch.float32, torch.float64), (torch.float64, torch.float32)],
+    ids=["float32_param_float64_grad", "float64_param_float32_grad"],
+)
+def test_sgd_grad_dtype_differs_like_torch(
+    param_dtype, grad_dtype, check: str, engine: str
+):
+    # torch 2.13 lets a parameter's gradient have another dtype (``grad_dtype``);
+    # torch's SGD accepts it (foreach and for-loop): its momentum buffer is a clone of
+    # the first (weight-decayed) gradient, so it takes that tensor's dtype:
+    # promote_types(grad, param) with weight decay, else the gradient's. Its
+    # Adam/AdamW reject such a gradient (see REJECTED).
+    def make() -> list[nn.Parameter]:
+        _GEN.manual_seed(0)
+        ps = [
+            nn.Parameter(_randn(4, 3).to(param_dtype)),
+            nn.Parameter(_randn(5).to(param_dtype)),
+        ]
+        for p in ps:
+            p.grad_dtype = None  # type: ignore[attr-defined]
+        return ps
+
+    params, ref_params = make(), make()
+    ours, ref = _ours_and_torch("sgd", params, ref_params, engine)
+    pairs = list(zip(params, ref_params))
+    for step in range(STEPS):
+        for side in (params, ref_params):
+            for k, p in enumerate(side):
+                p.grad = torch.randn(
+                    p.shape, generator=_grad_gen(step, k), dtype=torch.float64
+                ).to(grad_dtype)
+        ours.step()
+        ref.step()
+        if check == "numbers":
+            for p, q in pairs:
+                torch.testing.assert_close(p, q, **tolerance(p.dtype))
+                torch.testing.assert_close(
+                    ours.state[p]["momentum_buffer"].double(),
+                    ref.state[q]["momentum_buffer"].double(),
+                    **tolerance(torch.float32),
+                )
+    if check == "state_dtype":
+        assert_state_layout_like(ours, ref, pairs)
+
+
+def test_zero_element_tagged_params_are_accepted():
+    # unit_scaling divides by zero on a weight with fan-in 0 or a width-0 bias (SGD's
+    # to_output_scale); torch accepts zero-element parameters, and an update of no
+    # elements needs no lr scale: ours accepts them (finite factors) and steps the rest
+    # like unit_scaling.
+    zero_weight = uc.Parameter(torch.randn(3, 0, dtype=torch.float64), "weight")
+    zero_bias = uc.Parameter(torch.randn(0, dtype=torch.float64), "bias")
+    weight = uc.Parameter(torch.randn(4, 3, dtype=torch.float64), "weight")
+    ref_weight = copy.deepcopy(weight)
+    for cls, uso_cls, kwargs in [
+        (Adam, uso.Adam, {"lr": 0.01, "weight_decay": 0.1}),
+        (
+            SGD,
+            uso.SGD,
+            {"lr": 0.01, "weight_decay": 0.1, "readout_constraint": "to_output_scale"},
+        ),
+    ]:
+        params = [zero_weight, weight, zero_bias]
+        opt = cls(params, compile=False, **kwargs)
+        ref = uso_cls([ref_weight], **kwargs)
+        for scale in [
+            *opt.param_groups[0]["lr_scales"],
+            *opt.param_groups[0]["wd_scales"],
+        ]:
+            assert scale == scale and abs(scale) != float("inf"), opt.param_groups[0]
+        for step in range(2):
+            _random_grads([weight], step)
+            _random_grads([ref_weight], step)
+            for p in (zero_weight, zero_bias):
+                p.grad = torch.zeros_like(p)
+            opt.step()
+            ref.step()
+            assert_pair_close(opt, ref, [(weight, ref_weight)])
+        assert opt.state[zero_weight] == {} or all(
+            v.shape in ((3, 0), ()) for v in opt.state[zero_weight].values()
+        )
+
+
+# -- e. odd inputs torch rejects ------------------------------------------------------
+
+
+def _contains(*parts: str) -> str:
+    """A regex matching a message that contains every part (any order)."""
+    return "(?s)" + "".join(f"(?=.*{re.escape(p)})" for p in parts)
+
+
+FUSED_TEXT = "`fused=True` requires all the params to be floating point Tensors"
+
+# A case builds an optimizer through ``make(named_params, **kwargs)``: ours, or
+# torch's with the same arguments (to check torch's answer).
+Make = Callable[..., torch.optim.Optimizer]
+
+
+def _makers(name: str, engine: str) -> tuple[Make, Make]:
+    ours_cls, torch_cls, _ = OPTIMIZERS[name]
+
+    def ours(params: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        return build(ours_cls, params, engine, **kwargs, **UMUP)
+
+    def theirs(params: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        return torch_cls(params, **kwargs)
+
+    return ours, theirs
+
+
+def _fused_with(bad_param: Callable[[], nn.Parameter]) -> Callable[[Make, str], Any]:
+    def case(make: Make, name: str) -> torch.optim.Optimizer:
+        good, bad = nn.Parameter(torch.randn(3)), bad_param()
+        opt = make([("good", good), ("bad", bad)], lr=0.01, fused=True)
+        for p in (good, bad):
+            p.grad = torch.ones_like(p)
+        return opt
+
+    return case
+
+
+def _step_once_then(
+    mutate: Callable[[nn.Parameter], None], dtype: torch.dtype = torch.float32
+) -> Callable[[Make, str], Any]:
+    """A case whose first step is fine; ``mutate(bad)`` then breaks the gradient."""
+
+    def case(make: Make, name: str) -> torch.optim.Optimizer:
+        good = nn.Parameter(torch.randn(3, dtype=dtype))
+        bad = nn.Parameter(torch.randn(3, 2, dtype=dtype))
+        opt = make([("good", good), ("bad", bad)], **KWARGS[name])
+        _random_grads([good, bad], 0)
+        opt.step()
+        _random_grads([good, bad], 1)
+        mutate(bad)
+        return opt
+
+    return case
+
+
+def _grad_dtype(dtype: torch.dtype) -> Callable[[nn.Parameter], None]:
+    def mutate(p: nn.Parameter) -> None:
+        p.grad_dtype = None  # type: ignore[attr-defined]  # torch 2.13: any grad dtype
+        p.grad = p.grad.to(dtype)  # type: ignore[union-attr]
+
+    return mutate
+
+
+def _grad_shape(*shape: int) -> Callable[[nn.Parameter], None]:
+    def mutate(p: nn.Parameter) -> None:
+        # torch refuses ``p.grad = g`` of another shape, but not through ``.data``.
+        p.grad.data = torch.randn(shape, dtype=p.dtype)  # type: ignore[union-attr]
+
+    return mutate
+
+
+# (id, optimizers, case, exception, regex, torch's answer). The culprit is "bad".
+REJECTED: list[tuple[str, list[str], Any, type[Exception], str, str]] = [
+    (
+        "fused_meta",
+        ["adam", "adamw", "sgd"],
+        _fused_with(lambda: nn.Parameter(torch.empty(2, 2, device="meta"))),
+        ValueError,
+        _contains(FUSED_TEXT, "'bad'", "meta"),
+        "rejects",
+    ),
+    (
+        "fused_complex",
+        ["adam", "adamw", "sgd"],
+        _fused_with(lambda: nn.Parameter(torch.randn(2, 2, dtype=torch.complex64))),
+        TypeError,
+        _contains(FUSED_TEXT, "'bad'", "complex64"),
+        "rejects",
+    ),
+    (
+        "grad_dtype_float64",
+        ["adam", "adamw"],
+        _step_once_then(_grad_dtype(torch.float64)),
+        TypeError,
+        _contains("'bad'", "float64", "float32"),
+        "rejects",
+    ),
+    (
+        "grad_dtype_bf16_param_float32_grad",
+        ["adam", "adamw"],
+        _step_once_then(_grad_dtype(torch.float32), torch.bfloat16),
+        TypeError,
+        _contains("'bad'", "bfloat16", "float32"),
+        "rejects",
+    ),
+    (
+        "grad_shape",
+        ["adam", "sgd"],
+        _step_once_then(_grad_shape(6)),
+        ValueError,
+        _contains("'bad'", "(6,)", "(3, 2)"),
+        "rejects",
+    ),
+    # Divergence: torch broadcasts a (2,) gradient over a (3, 2) parameter (its SGD
+    # then keeps a (2,) momentum buffer); its own ``p.grad = g`` refuses that shape.
+    (
+        "grad_shape_broadcastable",
+        ["adam", "sgd"],
+        _step_once_then(_grad_shape(2)),
+        ValueError,
+        _contains("'bad'", "(2,)", "(3, 2)"),
+        "accepts",
+    ),
+]
+
+
+def _rejected_params() -> list[Any]:
+    return [
+        pytest.param(
+            name, engine, case, exc, regex, answer, id=f"{case_id}-{name}-{engine}"
+        )
+        for case_id, names, case, exc, regex, answer in REJECTED
+        for name in names
+        for engine in ENGINES
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "engine", "case", "exc", "regex", "answer"), _rejected_params()
+)
+def test_odd_inputs_rejected_naming_param_before_any_change(
+    name: str, engine: str, case: Any, exc: type[Exception], regex: str, answer: str
+):
+    ours_make, torch_make = _makers(name, engine)
+    try:
+        case(torch_make, name).step()
+        torch_answer = "accepts"
+    except Exception:  # noqa: BLE001 - any failure is torch rejecting the input
+        torch_answer = "rejects"
+    assert torch_answer == answer  # the premise of the case still holds
+    try:
+        opt = case(ours_make, name)
+    except (ValueError, TypeError) as e:  # rejected while building: fine too
+        assert isinstance(e, exc) and re.search(regex, str(e)), repr(e)
+        return
+    before = snapshot(opt)
+    with pytest.raises(exc, match=regex):
+        opt.step()
+    assert_unchanged(opt, before)
+
+
+def test_non_leaf_param_rejected_naming_it():
+    good = nn.Parameter(torch.randn(3))
+    bad = nn.Parameter(torch.randn(3)) * 2
+    with pytest.raises(ValueError, match=_contains("non-leaf", "'bad'")):
+        Adam([("good", good), ("bad", bad)], compile=False, **UMUP)
+    opt = Adam([("good", good)], compile=False, **UMUP)
+    _random_grads([good], 0)
+    opt.step()
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=_contains("non-leaf", "group 1, index 1")):
+        opt.add_param_group({"params": [nn.Parameter(torch.randn(2)), bad]})
+    assert_unchanged(opt, before)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_grad_on_another_device_rejected_naming_param(name: str):
+    # ``p.data = p.data.cuda()`` moves a parameter but not its gradient.
+    good = nn.Parameter(torch.randn(3, device="cuda"))
+    bad = nn.Parameter(torch.randn(3, 2))
+    opt = OPTIMIZERS[name][0](
+        [("good", good), ("bad", bad)], compile=False, **KWARGS[name], **UMUP
+    )
+    _random_grads([good, bad], 0)
+    bad.data = bad.data.cuda()
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=_contains("'bad'", "cuda", "cpu")):
+        opt.step()
+    assert_unchanged(opt, before)
+
+
+# -- f. checkpoints -----------------------------------------------------------------
+
+
+def _edit_state(
+    sd: dict[str, Any], fn: Callable[[dict[str, Any]], None]
+) -> dict[str, Any]:
+    sd = copy.deepcopy(sd)
+    fn(sd)
+    return sd
+
+
+def _drop_state_key(key: str, index: int = 1) -> Callable[[dict[str, Any]], None]:
+    return lambda sd: sd["state"][index].pop(key)
+
+
+def _set_state_key(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def edit(sd: dict[str, Any]) -> None:
+        sd["state"][1][key] = copy.deepcopy(value)
+
+    return edit
+
+
+def _float_steps(sd: dict[str, Any]) -> None:
+    # torch < 1.12 saved ``step`` as a Python number.
+    for state in sd["state"].values():
+        state["step"] = float(state["step"])
+
+
+def _drop_group_flags(sd: dict[str, Any]) -> None:
+    # Checkpoints from older torch versions lack the newer group flags.
+    for group in sd["param_groups"]:
+        for key in (
+            "decoupled_weight_decay",
+            "fused",
+            "differentiable",
+            "capturable",
+            "foreach",
+        ):
+            group.pop(key, None)
+
+
+def _extra_group_key(sd: dict[str, Any]) -> None:
+    for group in sd["param_groups"]:
+        group["initial_lr"] = group["lr"]  # as lr schedulers add
+
+
+def _drop_param_state(sd: dict[str, Any]) -> None:
+    del sd["state"][0]
+
+
+# (id, optimizer, checkpoint edit): torch loads these and keeps stepping.
+CHECKPOINT_ACCEPTED: list[tuple[str, str, Callable[[dict[str, Any]], None]]] = [
+    (
+        "extra_tensor_key",
+        "adam",
+        _set_state_key("ema", torch.ones(3, 2, dtype=torch.float64)),
+    ),
+    ("extra_object_key", "adam", _set_state_key("note", "from another tool")),
+    (
+        "extra_max_exp_avg_sq_without_amsgrad",
+        "adamw",
+        _set_state_key("max_exp_avg_sq", torch.ones(3, 2, dtype=torch.float64)),
+    ),
+    ("float_step", "adam", _float_steps),
+    ("missing_group_flags", "adam", _drop_group_flags),
+    ("extra_group_key", "sgd", _extra_group_key),
+    ("param_without_state", "adam", _drop_param_state),
+    ("missing_momentum_buffer", "sgd", _drop_state_key("momentum_buffer")),
+    ("none_momentum_buffer", "sgd", _set_state_key("momentum_buffer", None)),
+]
+
+
+def _named_pair() -> list[tuple[str, nn.Parameter]]:
+    _GEN.manual_seed(3)
+    return [("good", _p(_randn(4))), ("bad", _p(_randn(3, 2)))]
+
+
+def _stepped(
+    name: str,
+    engine: str,
+    ours: bool,
+    named: list[tuple[str, nn.Parameter]],
+    steps: int = 2,
+) -> torch.optim.Optimizer:
+    ours_cls, torch_cls, _ = OPTIMIZERS[name]
+    opt = (
+        build(ours_cls, named, engine, **KWARGS[name], **UMUP)
+        if ours
+        else torch_cls(named, **KWARGS[name])
+    )
+    params = [p for _, p in named]
+    for step in range(steps):
+        _random_grads(params, step)
+        opt.step()
+    return opt
+
+
+# Loading is engine-independent; the compiled engine then rebuilds its layouts from
+# the loaded state, checked on the edits that change which state tensors exist.
+CHECKPOINT_COMPILED = {
+    "extra_tensor_key",
+    "param_without_state",
+    "missing_momentum_buffer",
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "edit", "engine"),
+    [
+        pytest.param(name, edit, engine, id=f"{case_id}-{engine}")
+        for case_id, name, edit in CHECKPOINT_ACCEPTED
+        for engine in (ENGINES if case_id in CHECKPOINT_COMPILED else ["eager"])
+    ],
+)
+def test_edited_checkpoints_load_like_torch(name: str, edit: Any, engine: str):
+    ours_named, ref_named = _named_pair(), _named_pair()
+    saved = {
+        side: _edit_state(
+            _stepped(name, engine, side == "ours", named).state_dict(), edit
+        )
+        for side, named in (("ours", ours_named), ("torch", ref_named))
+    }
+    ours_cls, torch_cls, _ = OPTIMIZERS[name]
+    ours = build(ours_cls, ours_named, engine, **KWARGS[name], **UMUP)
+    ref = torch_cls(ref_named, **KWARGS[name])
+    ours.load_state_dict(saved["ours"])
+    ref.load_state_dict(saved["torch"])
+    params, ref_params = [p for _, p in ours_named], [p for _, p in ref_named]
+    pairs = list(zip(params, ref_params))
+    for step in range(2, 4):
+        _random_grads(params, step)
+        _random_grads(ref_params, step)
+        ours.step()
+        ref.step()
+        assert_pair_close(ours, ref, pairs, where=f"step {step + 1}: ")
+
+
+# (id, optimizer, checkpoint edit, regex): torch fails on these (KeyError, at load or
+# at the next step); ours must refuse them at load, naming the parameter and the key.
+CHECKPOINT_REJECTED: list[tuple[str, str, Callable[[dict[str, Any]], None], str]] = [
+    ("missing_step", "adam", _drop_state_key("step"), _contains("'bad'", "'step'")),
+    (
+        "missing_exp_avg",
+        "adamw",
+        _drop_state_key("exp_avg"),
+        _contains("'bad'", "'exp_avg'"),
+    ),
+    (
+        "missing_exp_avg_sq",
+        "adam",
+        _drop_state_key("exp_avg_sq"),
+        _contains("'bad'", "'exp_avg_sq'"),
+    ),
+    (
+        "missing_max_exp_avg_sq_with_amsgrad",
+        "adam",
+        _drop_state_key("max_exp_avg_sq"),
+        _contains("'bad'", "'max_exp_avg_sq'"),
+    ),
+]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize(
+    ("name", "edit", "regex"),
+    [case[1:] for case in CHECKPOINT_REJECTED],
+    ids=[case[0] for case in CHECKPOINT_REJECTED],
+)
+def test_checkpoint_missing_state_keys_rejected_at_load(
+    name: str, edit: Any, regex: str, engine: str
+):
+    # torch's answer, for the record: it fails (KeyError) at load or at the next step.
+    ref_named = _named_pair()
+    ref_sd = _edit_state(_stepped(name, engine, False, ref_named).state_dict(), edit)
+    with pytest.raises(KeyError):
+        fresh = OPTIMIZERS[name][1](_named_pair(), **KWARGS[name])
+        fresh.load_state_dict(ref_sd)
+        for step in range(2):
+            _random_grads([p for g in fresh.param_groups for p in g["params"]], step)
+            fresh.step()
+
+    saved = _edit_state(_stepped(name, engine, True, _named_pair()).state_dict(), edit)
+    target = _stepped(name, engine, True, _named_pair(), steps=1)
+    before = snapshot(target)
+    with pytest.raises(ValueError, match=regex):
+        target.load_state_dict(saved)
+    assert_unchanged(target, before)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("name", ["adam", "sgd"])
+def test_add_param_group_after_checkpoint_load_matches_torch(name: str, engine: str):
+    def run(ours: bool) -> tuple[torch.optim.Optimizer, list[Tensor]]:
+        _GEN.manual_seed(7)
+        first, later = (
+            [_p(_randn(4, 3)), _p(_randn(5))],
+            [_p(_randn(2, 2)), _p(_randn(300, 100))],
+        )
+        make = (
+            (lambda ps: build(OPTIMIZERS[name][0], ps, engine, **KWARGS[name], **UMUP))
+            if ours
+            else (lambda ps: OPTIMIZERS[name][1](ps, **KWARGS[name]))
+        )
+        opt = make(first)
+        for step in range(2):
+            _random_grads(first, step)
+            opt.step()
+        buffer = io.BytesIO()
+        torch.save(opt.state_dict(), buffer)
+        buffer.seek(0)
+        resumed = make(first)
+        resumed.load_state_dict(torch.load(buffer, weights_only=True))
+        resumed.add_param_group({"params": later, "lr": 0.02, "weight_decay": 0.0})
+        return resumed, [*first, *later]
+
+    (ours, params), (ref, ref_params) = run(True), run(False)
+    pairs = list(zip(params, ref_params))
+    for step in range(2, 5):
+        _random_grads(params, step)
+        _random_grads(ref_params, step)
+        ours.step()
+        ref.step()
+        assert_pair_close(ours, ref, pairs, where=f"step {step + 1}: ")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_add_param_group_after_checkpoint_load_matches_unit_scaling(engine: str):
+    kwargs = {"lr": 0.01, "weight_decay": 0.1}
+
+    def tagged() -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        _GEN.manual_seed(8)
+        first = [
+            uc.Parameter(_randn(4, 3), "weight"),
+            uc.Parameter(_randn(3), "bias", 2),
+        ]
+        later = [
+            uc.Parameter(_randn(5, 4), "weight", 2),
+            uc.Parameter(_randn(4), "norm"),
+        ]
+        return first, later
+
+    first, later = tagged()
+    ref_first, ref_later = tagged()
+    ours = build(Adam, first, engine, **kwargs)
+    ref = uso.Adam(ref_first, **kwargs)
+    for step in range(2):
+        _random_grads(first, step)
+        _random_grads(ref_first, step)
+        ours.step()
+        ref.step()
+    ours_sd, ref_sd = copy.deepcopy(ours.state_dict()), copy.deepcopy(ref.state_dict())
+    ours = build(Adam, first, engine, **kwargs)
+    ours.load_state_dict(ours_sd)
+    ours.add_param_group({"params": later, "lr": 0.02})
+    ref = uso.Adam(ref_first, **kwargs)
+    ref.load_state_dict(ref_sd)
+    for group in uso.scaled_parameters(
+        [{"params": ref_later, "lr": 0.02}], uso.lr_scale_func_adam, weight_decay=0.1
+    ):
+        ref.add_param_group(group)
+    params, ref_params = [*first, *later], [*ref_first, *ref_later]
+    for step in range(2, 5):
+        _random_grads(params, step)
+        _random_grads(ref_params, step)
+        ours.step()
+        ref.step()
+        assert_pair_close(
+            ours, ref, list(zip(params, ref_params)), where=f"step {step + 1}: "
+        )
