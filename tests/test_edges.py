@@ -66,10 +66,10 @@ def _random_grads(params: Sequence[Tensor], step: int) -> None:
         gen = _grad_gen(step, k)
         if p.is_complex():
             g = torch.randn((*p.shape, 2), generator=gen, dtype=torch.float64)
-            p.grad = torch.view_as_complex(g).to(p.dtype)
+            p.grad = torch.view_as_complex(g).to(p.device, p.dtype)
         else:
             g = torch.randn(p.shape, generator=gen, dtype=torch.float64)
-            p.grad = g.to(p.dtype)
+            p.grad = g.to(p.device, p.dtype)
 
 
 def _ours_and_torch(
@@ -291,6 +291,59 @@ def test_compiled_step_keeps_compiling_with_mixed_dtypes_and_changing_membership
         runs.append(params)
     for p, q in zip(*runs):
         torch.testing.assert_close(p, q, **tolerance(p.dtype))
+
+
+# Which parameters have gradients, step by step ("add": a group joins): frozen and
+# unfrozen layers, a bucket holding only a zero-element tensor, a group added.
+MEMBERSHIP_STEPS: list[tuple[str, ...] | str] = [
+    ("r",),
+    ("p",),
+    ("p", "q"),
+    ("q",),
+    ("r", "p"),
+    ("r", "p", "q"),
+    "add",
+    ("p",),
+    ("p", "q"),
+    ("q",),
+    ("r",),
+    ("r", "p"),
+    ("r", "p", "q", "s"),
+    ("s",),
+    ("q", "s"),
+]
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd"])
+def test_compiled_step_keeps_compiling_through_membership_changes(name: str):
+    # One dtype: the pack's rows (0, 1, 2), its member count (1, 2+) and the group
+    # count (1, 2) change from step to step. Each is a size Dynamo specialises when it
+    # is 0 or 1, so together they must not exhaust the recompile limit (8 per graph).
+    def make() -> dict[str, nn.Parameter]:
+        _GEN.manual_seed(6)
+        shapes = {"r": (200,), "p": (1,), "q": (0,), "s": (3,)}
+        return {k: nn.Parameter(_randn(*shape).float()) for k, shape in shapes.items()}
+
+    runs = []
+    for engine in ("aot_eager", "eager"):
+        ps = make()
+        opt = build(
+            OPTIMIZERS[name][0], [ps["r"], ps["p"], ps["q"]], engine, lr=0.01, **UMUP
+        )
+        for step, members in enumerate(MEMBERSHIP_STEPS):
+            if members == "add":
+                opt.add_param_group({"params": [ps["s"]]})
+                continue
+            for key, p in ps.items():
+                p.grad = None
+                if key in members:
+                    _random_grads([p], step)
+            opt.step()
+        runs.append(ps)
+    for key in runs[0]:
+        torch.testing.assert_close(
+            runs[0][key], runs[1][key], **tolerance(torch.float32)
+        )
 
 
 # -- c. complex parameters ----------------------------------------------------------

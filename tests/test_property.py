@@ -521,6 +521,47 @@ EXAMPLES = [
 ]
 
 
+# One dtype, 14 steps: the pack's rows (0, 1, 2), member count and group count
+# change (FailOnRecompileLimitHit at f3c782c: Dynamo specialises each at 0 and 1).
+_MEMBERS = [
+    [0],
+    [1],
+    [1, 2],
+    [2],
+    [0, 1],
+    [0, 1, 2],
+    [1],
+    [1, 2],
+    [2],
+    [0],
+    [0, 1],
+    [0, 1, 2, 3],
+    [3],
+    [2, 3],
+]
+EXAMPLES.append(
+    Scenario(
+        name="sgd",
+        mode="torch",
+        engine="aot_eager",
+        tensors=[
+            TensorSpec((200,), torch.float32, None, None),
+            TensorSpec((1,), torch.float32, None, None),
+            TensorSpec((0,), torch.float32, None, None),
+            TensorSpec((3,), torch.float32, None, None),
+        ],
+        groups=[GroupSpec([0, 1, 2], {}, None), GroupSpec([3], {}, 6)],
+        defaults=dict(_BASE_DEFAULTS["sgd"]),
+        flags={"independent_weight_decay": False},
+        steps=len(_MEMBERS),
+        plan=[["grad" if k in m else "none" for k in range(4)] for m in _MEMBERS],
+        reload_at=None,
+        grad_scale=1.0,
+        seed=0,
+    )
+)
+
+
 def _with_examples(test: Any) -> Any:
     for scenario in reversed(EXAMPLES):
         test = example(scenario)(test)

@@ -188,7 +188,7 @@ class StepRunner:
         bucket: Bucket, unit: Unit, groups: Sequence[Group], pack: Pack | None = None
     ) -> Call:
         return Call(
-            kind=_engine_kind(bucket, unit.kind.name, pack),
+            kind=_engine_kind(bucket, unit.kind.name, len(unit.members), groups, pack),
             static=unit.kind.static,
             pick=_picker(unit.members),
             params=[bucket.params[k] for k in unit.members],
@@ -320,14 +320,25 @@ class StepRunner:
             )
 
 
-def _engine_kind(bucket: Bucket, name: str, pack: Pack | None = None) -> str:
+def _engine_kind(
+    bucket: Bucket,
+    name: str,
+    members: int,
+    groups: Sequence[Group],
+    pack: Pack | None = None,
+) -> str:
     """The engine's name for a call's graph: the unit kind, plus what else its
-    graph specialises on (dtypes, a pack's row width), so that Dynamo's recompile
-    limit counts variants of one graph, not of every bucket's (the parameters'
-    dtypes differ across buckets)."""
+    graph specialises on, so that Dynamo's recompile limit counts the variants of
+    one graph, not those of every bucket and membership: dtypes, a pack's row
+    width, and the size classes 0, 1, many of the dynamic sizes (Dynamo
+    specialises sizes 0 and 1 even when marked dynamic): members, groups, rows."""
     device, dtype, _, state_dtype, grad_dtype = bucket.key
-    tag = f"{name}@{device.type}:{dtype}/{state_dtype}/{grad_dtype}"
-    return tag if pack is None else f"{tag}/w{pack.flat_param.shape[1]}"
+    sizes = f"n{min(members, 2)}g{min(len(groups), 2)}"
+    tag = f"{name}@{device.type}:{dtype}/{state_dtype}/{grad_dtype}/{sizes}"
+    if pack is None:
+        return tag
+    rows, width = pack.flat_param.shape
+    return f"{tag}/w{width}r{min(rows, 2)}"
 
 
 def _list_view(bucket: Bucket, tensors: Sequence[Tensor]) -> list[Tensor]:
@@ -349,7 +360,7 @@ def _bucket_call(
 ) -> Call:
     """The whole bucket as one call over per-parameter lists (the list path)."""
     return Call(
-        kind=_engine_kind(bucket, "list"),
+        kind=_engine_kind(bucket, "list", len(bucket.params), groups),
         static=False,
         pick=list,
         params=_list_view(bucket, bucket.params),
