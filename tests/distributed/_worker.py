@@ -73,6 +73,11 @@ def _run_rank(rank: int, body: Body, init_file: str, args: tuple[Any, ...]) -> N
     # Compile in this process: a pool of compile workers per rank costs more than the
     # few small kernels it would build in parallel.
     torch._inductor.config.compile_threads = 1
+    # A private Inductor cache per rank: two ranks compiling the same graph at once
+    # must not write and load the same cached artifacts (crashes seen under load).
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        os.path.dirname(init_file), f"inductor_rank{rank}"
+    )
     torch.manual_seed(0)
     dist.init_process_group(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE
