@@ -81,7 +81,6 @@ class BucketPlan:
     bucket: Bucket
     keys: tuple[str, ...]  # the state keys its config uses, in slot order
     calls: list[Call]
-    layout_path: bool
 
 
 @dataclass
@@ -175,13 +174,13 @@ class StepRunner:
             or bucket.key[1].is_complex
         ):
             call = _bucket_call(bucket, keys, groups)
-            return BucketPlan(bucket, keys, [call], layout_path=False)
+            return BucketPlan(bucket, keys, [call])
         layout = self._layout(bucket, keys)
         calls = []
         if layout.pack is not None:
             calls.append(self._unit_call(bucket, layout.pack.unit, groups, layout.pack))
         calls += [self._unit_call(bucket, u, groups) for u in layout.units]
-        return BucketPlan(bucket, keys, calls, layout_path=True)
+        return BucketPlan(bucket, keys, calls)
 
     @staticmethod
     def _unit_call(
@@ -309,7 +308,7 @@ class StepRunner:
             if device not in hyper:
                 hyper[device] = self.hypers.traced(groups, device)
             keys = self.spec.active_keys(bucket.config)
-            plan = BucketPlan(bucket, keys, [], layout_path=False)
+            plan = BucketPlan(bucket, keys, [])
             call = _bucket_call(bucket, keys, groups)
             base = {"config": bucket.config, **_amp_kwargs(amp, device)}
             kwargs = self._kwargs(base, call)
