@@ -346,6 +346,55 @@ def test_compiled_step_keeps_compiling_through_membership_changes(name: str):
         )
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_params_list_appended_in_place_is_refused_before_anything_changes(
+    engine: str,
+):
+    # Appending to group["params"] bypasses add_param_group, so the new parameter
+    # has no u-μP factor: the steady step must notice (it used to skip it silently).
+    a, b = nn.Parameter(_randn(4, 4)), nn.Parameter(_randn(4, 4))
+    opt = build(Adam, [a], engine, lr=0.01, **UMUP)
+    for step in range(2):
+        _random_grads([a], step)
+        opt.step()
+    opt.param_groups[0]["params"].append(b)
+    _random_grads([a, b], 2)
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=r"group 0 has 2 parameters.*add_param_group"):
+        opt.step()
+    assert_unchanged(opt, before)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("edit", ["replace_param", "delete_state", "replace_state"])
+def test_steady_step_sees_params_and_state_edited_in_place(engine: str, edit: str):
+    # torch.optim reads group["params"] and state[p] at every step; so must the
+    # cached steady step (it compares them by identity).
+    name = "adam"
+    ps = [nn.Parameter(_randn(3, 5)) for _ in range(3)]
+    extra = nn.Parameter(_randn(3, 5))
+    refs = [p.detach().clone().requires_grad_() for p in [*ps, extra]]
+    ours, ref = _ours_and_torch(name, ps, refs[:3], engine)
+    for step in range(4):
+        if step == 2:
+            if edit == "replace_param":
+                ours.param_groups[0]["params"][1] = extra
+                ref.param_groups[0]["params"][1] = refs[3]
+            elif edit == "delete_state":
+                del ours.state[ps[0]]
+                del ref.state[refs[0]]
+            else:
+                ours.state[ps[2]] = {}
+                ref.state[refs[2]] = {}
+        live = ours.param_groups[0]["params"]
+        live_ref = ref.param_groups[0]["params"]
+        _random_grads(live, step)
+        _random_grads(live_ref, step)
+        ours.step()
+        ref.step()
+    assert_pair_close(ours, ref, list(zip([*ps, extra], refs)))
+
+
 # -- c. complex parameters ----------------------------------------------------------
 
 # torch's test_complex shapes, plus a 0-d, a zero-size and a 1-D parameter.

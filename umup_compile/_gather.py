@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import operator
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,14 +40,25 @@ CAPTURABLE_DEVICES = ("cuda", "xpu", "hpu")
 _STRUCTURE_KEYS = ("state_dtype", "capturable", "differentiable", "sr_seed")
 
 _GRAD = operator.attrgetter("grad")
+_PARAMS = operator.itemgetter("params")
 _DTYPE = operator.attrgetter("dtype")
 _DEVICE = operator.attrgetter("device")
 _SHAPE = operator.attrgetter("shape")
 _IS_SPARSE = operator.attrgetter("is_sparse")
 
 
-def _IS_NONE(x: object) -> bool:  # noqa: N802 - named like the getters above
-    return x is None
+Picker = Callable[[Sequence[Any]], list[Any]]
+
+
+def picker(indices: Sequence[int]) -> Picker:
+    """A C-level ``lambda xs: [xs[k] for k in indices]``."""
+    if not indices:
+        return lambda xs: []
+    if len(indices) == 1:
+        k = indices[0]
+        return lambda xs: [xs[k]]
+    get = operator.itemgetter(*indices)
+    return lambda xs: list(get(xs))
 
 
 @dataclass
@@ -76,13 +87,13 @@ class Bucket:
 
 @dataclass(frozen=True)
 class Structure:
-    """What fixes a step's structure in a group: its params list, the spec's config
-    keys and :data:`_STRUCTURE_KEYS`. ``raw`` reads their values (a C-level getter,
-    compared at every step); ``derived`` what they mean (compared when raw values
-    changed: a scheduled weight decay changes ``weight_decay`` but not the config)."""
+    """What fixes a step's structure in a group: the spec's config keys and
+    :data:`_STRUCTURE_KEYS`. :meth:`raw` reads their values (compared at every
+    step); :meth:`derived` what they mean (compared when raw values changed: a
+    scheduled weight decay changes ``weight_decay`` but not the config)."""
 
     spec: AlgorithmSpec
-    raw: Any
+    getter: Any
     extra: Any
 
     # The hyper-parameter keys whose values ``raw`` covers: all but ``lr`` (which
@@ -95,15 +106,19 @@ class Structure:
         extra = tuple(k for k in _STRUCTURE_KEYS if k in defaults)
         hyper_keys = list(dict.fromkeys(key for key, _ in spec.hyper_columns))
         more = tuple(k for k in hyper_keys if k != "lr" and k not in spec.config_keys)
+        # Membership (the params lists) is checked per parameter by SteadyCheck.
         return Structure(
             spec,
-            operator.itemgetter("params", *spec.config_keys, *extra, *more),
-            operator.itemgetter("params", *extra),
+            operator.itemgetter(*spec.config_keys, *extra, *more),
+            operator.itemgetter(*extra) if extra else (lambda g: ()),
             frozenset(k for k in hyper_keys if k != "lr"),
         )
 
+    def raw(self, groups: Sequence[Group]) -> list[Any]:
+        return list(map(self.getter, groups))
+
     def derived(self, groups: Sequence[Group]) -> list[tuple[Any, ...]]:
-        return [(self.spec.config(g), *self.extra(g)) for g in groups]
+        return [(self.spec.config(g), self.extra(g)) for g in groups]
 
 
 def gather(
@@ -124,6 +139,7 @@ def gather(
     todo: list[tuple[Bucket, Tensor, Tensor, Group]] = []
     flat = 0
     for g, group in enumerate(groups):
+        _check_admitted(group, g)
         config = spec.config(group)
         # Dynamo sets "capturable" on the groups of optimizers it traces, any device.
         capturable = group.get("capturable") and not traced
@@ -168,6 +184,19 @@ def gather(
     return list(buckets.values())
 
 
+def _check_admitted(group: Group, g: int) -> None:
+    """A group's params list edited in place (not through ``add_param_group``) has
+    parameters without u-μP factors: say so rather than guess them."""
+    n, m = len(group["params"]), len(group["lr_scales"])
+    if n != m:
+        raise ValueError(
+            f"param group {g} has {n} parameters but u-μP scales for {m}: its "
+            "'params' list was changed in place. Add parameters with "
+            "optimizer.add_param_group({'params': [...]}), which computes their "
+            "scales, or build a new optimizer."
+        )
+
+
 def _check_grad(p: Tensor, grad: Tensor, spec: AlgorithmSpec, label: str) -> None:
     """Reject a gradient the update cannot use, as torch's kernels would (later, and
     after changing some parameters): another shape or device, or another dtype where
@@ -208,20 +237,32 @@ class SteadyCheck:
         buckets: Sequence[Bucket],
         keys: Sequence[Sequence[str]],
         structure: Structure,
+        state: dict[Tensor, State],
     ) -> None:
         self._structure = structure
-        self._raw = list(map(structure.raw, groups))
+        # The state's keys and values, compared by identity: a tensor-keyed lookup
+        # per parameter would call Tensor.__hash__, a Python function, each time.
+        self._state_keys = list(state)
+        self._state_values = list(state.values())
+        self._raw = structure.raw(groups)
         self._derived = structure.derived(groups)
         self._members = [p for b in buckets for p in b.params]
-        member_ids = set(map(id, self._members))
-        self._rest = [p for g in groups for p in g["params"] if id(p) not in member_ids]
+        # Every parameter in group order, and pickers of the members (bucket order)
+        # and of the rest (which must stay without gradients) from it.
+        self._flat = [p for g in groups for p in g["params"]]
+        at = {id(p): k for k, p in enumerate(self._flat)}
+        member_at = [at[id(p)] for p in self._members]
+        member_set = set(member_at)
+        self._pick_members = picker(member_at)
+        self._pick_rest = picker(
+            [k for k in range(len(self._flat)) if k not in member_set]
+        )
         self._bounds = list(itertools.accumulate(len(b.params) for b in buckets))
         self._dtypes = list(map(_DTYPE, self._members))
         self._devices = list(map(_DEVICE, self._members))
         grads = [g for b in buckets for g in b.grads]
         self._grad_dtypes = list(map(_DTYPE, grads))
         self._shapes = list(map(_SHAPE, self._members))
-        self._states = [s for b in buckets for s in b.states]
         self._tensors = [
             (operator.itemgetter(key), b.states, [s[key] for s in b.states])
             for b, bucket_keys in zip(buckets, keys)
@@ -237,7 +278,7 @@ class SteadyCheck:
         step (the hyper table need not compare them again).
         """
         self.stable: frozenset[str] = frozenset()
-        raw = list(map(self._structure.raw, groups))
+        raw = self._structure.raw(groups)
         if raw != self._raw:
             if self._structure.derived(groups) != self._derived:
                 return None
@@ -245,10 +286,14 @@ class SteadyCheck:
         else:
             self.stable = self._structure.covered
         members = self._members
-        grads = list(map(_GRAD, members))
+        flat = list(itertools.chain.from_iterable(map(_PARAMS, groups)))
+        if len(flat) != len(self._flat) or not all(map(operator.is_, flat, self._flat)):
+            return None  # membership changed (params lists edited in place)
+        every = list(map(_GRAD, flat))
+        grads = self._pick_members(every)
         if not all(map(operator.is_not, grads, itertools.repeat(None))):
             return None
-        if self._rest and not all(map(_IS_NONE, map(_GRAD, self._rest))):
+        if not all(map(operator.is_, self._pick_rest(every), itertools.repeat(None))):
             return None
         if (
             any(map(_IS_SPARSE, grads))
@@ -259,11 +304,13 @@ class SteadyCheck:
             or list(map(_DEVICE, members)) != self._devices
         ):
             return None
+        if (
+            len(state) != len(self._state_keys)
+            or not all(map(operator.is_, state, self._state_keys))
+            or not all(map(operator.is_, state.values(), self._state_values))
+        ):
+            return None
         try:
-            if not all(
-                map(operator.is_, map(state.__getitem__, members), self._states)
-            ):
-                return None
             for get, states, tensors in self._tensors:
                 if not all(map(operator.is_, map(get, states), tensors)):
                     return None

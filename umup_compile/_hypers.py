@@ -15,6 +15,7 @@ layout: :func:`factor_vectors` builds them once per unit.
 
 from __future__ import annotations
 
+import array
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -193,7 +194,10 @@ def _fill(
                 if isinstance(v, Tensor):  # a view: sees in-place fills
                     table.tensors[(r, j)] = v.reshape(())
             col = [0.0 if isinstance(v, Tensor) else v for v in col]
-        table.host[:, j] = torch.tensor(col, dtype=table.host.dtype)
+        # Through an array (plain numbers only: it would call a tensor's __float__,
+        # a sync): ~4x faster than torch.tensor(list) on thousands of groups.
+        values_a = array.array("d", col)
+        table.host[:, j] = torch.frombuffer(values_a, dtype=torch.float64)
 
 
 def _positions(

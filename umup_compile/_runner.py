@@ -12,7 +12,7 @@ step is asked once; then nothing is cached (Note [nested compile]).
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +20,16 @@ import torch
 from torch import Tensor
 
 from ._engine import Engine
-from ._gather import Bucket, BucketKey, DTensor, SteadyCheck, Structure, gather
+from ._gather import (
+    Bucket,
+    BucketKey,
+    DTensor,
+    Picker,
+    SteadyCheck,
+    Structure,
+    gather,
+    picker,
+)
 from ._hypers import FactorVectors, HyperTable, Position, factor_vectors
 from ._layout import UnrolledKinds
 from ._pack import Layout, Pack, Unit, build_layout, pack_in, pack_out, unit_lists
@@ -28,7 +37,6 @@ from ._specs import AlgorithmSpec
 
 Group = dict[str, Any]
 State = dict[str, Any]
-Picker = Callable[[Sequence[Tensor]], list[Tensor]]
 
 
 def local_shard(t: Tensor) -> Tensor:
@@ -49,15 +57,6 @@ def _at_least_1d(t: Tensor) -> Tensor:
     # Dynamo (torch 2.13) drops in-place updates of 0-d float64 graph inputs;
     # 1-element views of them update correctly, in both engines alike.
     return t.view(1) if t.ndim == 0 else t
-
-
-def _picker(members: Sequence[int]) -> Picker:
-    """A C-level ``lambda xs: [xs[k] for k in members]``."""
-    if len(members) == 1:
-        k = members[0]
-        return lambda xs: [xs[k]]
-    get = operator.itemgetter(*members)
-    return lambda xs: list(get(xs))
 
 
 @dataclass
@@ -146,7 +145,7 @@ class StepRunner:
             )
             self._plans = [self._plan(b, groups) for b in buckets]
             self._check = SteadyCheck(
-                groups, buckets, [p.keys for p in self._plans], self._structure
+                groups, buckets, [p.keys for p in self._plans], self._structure, state
             )
             self._differentiable = any(g["differentiable"] for g in groups)
             grads = [b.grads for b in buckets]
@@ -189,7 +188,7 @@ class StepRunner:
         return Call(
             kind=_engine_kind(bucket, unit.kind.name, len(unit.members), groups, pack),
             static=unit.kind.static,
-            pick=_picker(unit.members),
+            pick=picker(unit.members),
             params=[bucket.params[k] for k in unit.members],
             factors=factor_vectors(
                 [bucket.positions[k] for k in unit.members], groups, bucket.device
