@@ -83,6 +83,7 @@ class UmupOptimizer(torch.optim.Optimizer):
         self._runner = StepRunner(
             self._spec, engine, Structure.of(self._spec, defaults)
         )
+        self._runner.hypers.bind(self)  # Note [traced hypers]
 
     def _register_hooks(self) -> None:
         _checkpoint.register(self)
@@ -118,6 +119,7 @@ class UmupOptimizer(torch.optim.Optimizer):
         if umup is not None:  # unpickling; load_state_dict passes no "_umup"
             self.__dict__.update(umup["extra"])
             self._setup(umup["options"], self.defaults)
+            self._runner.set_groups(self.param_groups)
             self._register_hooks()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -138,7 +140,7 @@ class UmupOptimizer(torch.optim.Optimizer):
             options=self._scaling,
         )
         super().add_param_group(group)
-        self._runner.invalidate()
+        self._runner.set_groups(self.param_groups)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load optimizer state from this class, torch.optim, or unit_scaling.optim.
@@ -176,7 +178,11 @@ class UmupOptimizer(torch.optim.Optimizer):
         Raises:
             ValueError: a sparse gradient, raised before anything is updated.
         """
-        self._opt_called = True  # what an lr scheduler's wrapper would record
+        groups = self._groups()
+        if not torch.compiler.is_compiling():
+            # What an lr scheduler's wrapper would record; not in a traced step,
+            # where Dynamo drops (2.13) or refuses (2.11) attribute writes here.
+            self._opt_called = True
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -185,20 +191,26 @@ class UmupOptimizer(torch.optim.Optimizer):
             "grad_scale_t": getattr(self, "grad_scale", None),
             "found_inf_t": getattr(self, "found_inf", None),
         }
-        self._runner.step(
-            self.param_groups, self.state, amp=amp, name=type(self).__name__
-        )
+        self._runner.step(groups, self.state, amp=amp, name=type(self).__name__)
         return loss
+
+    def _groups(self) -> list[dict[str, Any]]:
+        """``param_groups``, reached the way a traced step must (Note [traced
+        groups]); a list assigned by hand is seen at the next untraced step."""
+        if torch.compiler.is_compiling():
+            return self._runner.groups  # type: ignore[return-value]
+        if self._runner.groups is not self.param_groups:
+            self._runner.set_groups(self.param_groups)
+        return self.param_groups
 
     # Note [fullgraph step]: ``torch.compile(train_step, fullgraph=True)`` can include
     # ``opt.step()`` and ``opt.zero_grad()``. torch's ``zero_grad`` is Dynamo-disabled,
     # so ours is a plain loop; lr schedulers wrap ``opt.step`` in a function from a file
     # Dynamo never traces, so this step records the call itself (``_opt_called`` above)
     # and is marked as already wrapped, which makes schedulers leave it alone. Dynamo
-    # drops attribute writes on optimizers inside a traced region, so there the
-    # scheduler's one-time "lr_scheduler.step() before optimizer.step()" warning shows
-    # spuriously; and, as for torch's optimizers, a float lr is a graph constant there:
-    # pass ``lr=torch.tensor(...)`` so that schedulers fill it in place.
+    # drops or refuses attribute writes on optimizers inside a traced region, so there
+    # the hyper-parameter op records the call when the graph runs (Note [traced
+    # hypers]), which also keeps float hyper-parameters out of the graph's guards.
     step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -210,7 +222,7 @@ class UmupOptimizer(torch.optim.Optimizer):
             set_to_none: set ``.grad`` to ``None`` instead of filling it with zeros.
         """
         grads = []
-        for group in self.param_groups:
+        for group in self._groups():
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -232,4 +244,4 @@ def _after_load(optimizer: torch.optim.Optimizer) -> None:
     for group in groups:  # a checkpoint of another torch version may lack keys
         for key, value in optimizer.defaults.items():
             group.setdefault(key, value)
-    optimizer._runner.invalidate()  # type: ignore[attr-defined]
+    optimizer._runner.set_groups(groups)  # type: ignore[attr-defined]

@@ -140,10 +140,9 @@ def gather(
     flat = 0
     for g, group in enumerate(groups):
         _check_admitted(group, g)
-        config = spec.config(group)
         # Dynamo sets "capturable" on the groups of optimizers it traces, any device.
         capturable = group.get("capturable") and not traced
-        local: dict[tuple[torch.device, torch.dtype, torch.dtype], Bucket] = {}
+        entries: list[tuple[int, Tensor, Tensor]] = []
         for i, p in enumerate(group["params"]):
             grad = p.grad
             if grad is None:
@@ -162,6 +161,14 @@ def gather(
                     "nn.Embedding(sparse=False))."
                 )
             _check_grad(p, grad, spec, _describe(p, group, g, i))
+            entries.append((i, p, grad))
+        # After the gradients: a traced config may look at the state, and Dynamo
+        # must first meet the parameters through the groups (a parameter it first
+        # meets as a state key gets its .grad guarded by identity, and a step
+        # compiled alone would recompile at every call).
+        config = spec.traced_config(group, state) if traced else spec.config(group)
+        local: dict[tuple[torch.device, torch.dtype, torch.dtype], Bucket] = {}
+        for i, p, grad in entries:
             bucket = local.get((p.device, p.dtype, grad.dtype))
             if bucket is None:
                 key = (p.device, p.dtype, config, group.get("state_dtype"), grad.dtype)

@@ -6,8 +6,18 @@ floats are cached and the tensor is refreshed in place only when one changes, th
 pinned memory on accelerators (an asynchronous copy, no host sync). Tensor
 hyper-parameters (``lr=torch.tensor(...)``, filled in place by schedulers) are written
 into it on the device at every step, so a CUDA graph that captured the step reads
-their current values at replay. While an outer ``torch.compile`` traces the step, the
-values are stacked with tensor ops instead and no cache is kept.
+their current values at replay. While an outer ``torch.compile`` traces the step, see
+Note [traced hypers].
+
+Note [traced hypers]: Dynamo guards on the value of every Python float a traced
+function reads, so a step traced inside the user's ``torch.compile`` that read
+``group["lr"]`` would recompile at each scheduler step. There the hyper tensor comes
+from the custom op ``umup_compile::hyper_values`` instead: opaque to Dynamo, it runs
+:meth:`HyperTable.tensor` when the compiled graph runs, reading the groups' current
+values (floats and tensors alike), so no value is a graph constant and none is
+guarded. Its work is on the host, which CUDA graphs cannot replay: with
+``capturable=True`` the values are stacked with tensor ops in the graph instead
+(tensor hyper-parameters then replay correctly; floats are constants, as in torch).
 
 The u-μP factors and rounding seeds are per parameter and change only with the
 layout: :func:`factor_vectors` builds them once per unit.
@@ -16,7 +26,9 @@ layout: :func:`factor_vectors` builds them once per unit.
 from __future__ import annotations
 
 import array
+import itertools
 import operator
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -160,9 +172,23 @@ class HyperTable:
             )
         return table.hyper_t
 
+    def bind(self, owner: Any) -> None:
+        """Let :meth:`at_run_time` find ``owner.param_groups`` (weakly held)."""
+        self._key = next(_KEYS)
+        _LIVE[self._key] = (weakref.ref(self), weakref.ref(owner))
+        weakref.finalize(self, _LIVE.pop, self._key, None)
+
+    def at_run_time(self, groups: Sequence[Group], device: torch.device) -> Tensor:
+        """The values, read when the traced graph runs (Note [traced hypers])."""
+        anchor = torch.empty(0, device=device, dtype=scalar_dtype(device))
+        out: Tensor = torch.ops.umup_compile.hyper_values(
+            anchor, self._key, len(groups), len(self._columns)
+        )
+        return out
+
     def traced(self, groups: Sequence[Group], device: torch.device) -> Tensor:
-        """The values stacked with tensor ops, for a step an outer compile traces:
-        floats become graph constants and no guard is placed on the cache."""
+        """The values stacked with tensor ops, for a capturable step an outer
+        compile traces: floats become graph constants, tensors graph inputs."""
         dtype = scalar_dtype(device)
         return torch.stack(
             [
@@ -208,3 +234,40 @@ def _positions(
         return None
     rows, columns = zip(*tensors)
     return torch.tensor(rows, device=device), torch.tensor(columns, device=device)
+
+
+# -- the custom op of Note [traced hypers] --------------------------------------------
+
+_KEYS = itertools.count()
+# key -> (the table, the optimizer whose param_groups it reads), both weakly held
+_LIVE: dict[int, tuple[weakref.ref[HyperTable], weakref.ref[Any]]] = {}
+# Inductor must not put the op's host work into a CUDA graph (torch >= 2.7 knows the
+# tag; before, the op refuses to run under capture).
+_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+
+
+@torch.library.custom_op("umup_compile::hyper_values", mutates_args=(), tags=_TAGS)
+def _hyper_values(anchor: Tensor, key: int, groups: int, columns: int) -> Tensor:
+    table_ref, owner_ref = _LIVE[key]
+    table, owner = table_ref(), owner_ref()
+    if table is None or owner is None:
+        raise RuntimeError("umup_compile: the optimizer of this graph was deleted")
+    if anchor.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "umup_compile: a CUDA graph is capturing a step that reads its "
+            "hyper-parameters on the host; pass capturable=True (and tensor "
+            "hyper-parameters, e.g. lr=torch.tensor(lr, device='cuda'))."
+        )
+    owner._opt_called = True  # the step ran (what the untraced step records)
+    hyper_t = table.tensor(owner.param_groups, anchor.device)
+    if hyper_t.shape != (groups, columns):  # Dynamo guards the group count
+        raise RuntimeError(
+            f"umup_compile: the graph expects {groups} param groups, found "
+            f"{hyper_t.shape[0]}"
+        )
+    return hyper_t.clone()
+
+
+@_hyper_values.register_fake
+def _(anchor: Tensor, key: int, groups: int, columns: int) -> Tensor:
+    return anchor.new_empty((groups, columns))

@@ -111,6 +111,24 @@ class StepRunner:
         self._plans: list[BucketPlan] | None = None
         self._check: SteadyCheck | None = None
         self._differentiable = False
+        # The optimizer's param_groups and whether they ask for capturable=True (see
+        # set_groups).
+        self.groups: Sequence[Group] = []
+        self.capturable = False
+
+    def set_groups(self, groups: Sequence[Group]) -> None:
+        """Groups were added or loaded: keep the list, read what a traced step
+        cannot, then :meth:`invalidate`.
+
+        Note [traced groups]: a traced step reaches the groups through
+        :attr:`groups`, not ``optimizer.param_groups``: Dynamo special-cases that
+        attribute of optimizers, guarding on every value in the groups (a float lr
+        edited at call 10 would recompile there) and reporting ``capturable=True``
+        for each group.
+        """
+        self.groups = groups
+        self.capturable = any(g.get("capturable") for g in groups)
+        self.invalidate()
 
     def invalidate(self) -> None:
         """Forget every cache (groups were added, a checkpoint was loaded)."""
@@ -301,11 +319,16 @@ class StepRunner:
         """A step inside an outer ``torch.compile``: lists only, nothing cached, the
         raw update inlined into the outer graph (Note [nested compile])."""
         buckets = gather(groups, state, self.spec, traced=True, optimizer_name=name)
+        capturable = self.capturable  # in a trace, Dynamo sets every group's flag
         hyper: dict[torch.device, Tensor] = {}
         for bucket in buckets:
             device = bucket.device
-            if device not in hyper:
-                hyper[device] = self.hypers.traced(groups, device)
+            if device not in hyper:  # Note [traced hypers]
+                hyper[device] = (
+                    self.hypers.traced(groups, device)
+                    if capturable
+                    else self.hypers.at_run_time(groups, device)
+                )
             keys = self.spec.active_keys(bucket.config)
             plan = BucketPlan(bucket, keys, [])
             call = _bucket_call(bucket, keys, groups)

@@ -46,6 +46,10 @@ class AlgorithmSpec:
             tensors).
         config_keys: the group keys ``config`` reads.
         config: a group's static config (frozen, hashable).
+        traced_config: the config a step traced by an outer ``torch.compile`` uses,
+            given the group and the optimizer's state: decided without reading float
+            values where it can (Dynamo guards on every float it reads, and each
+            scheduled change would recompile; Note [traced hypers]).
         state_slots: the update's positional state arguments, in order.
         active_keys: the state keys a config uses (the other slots get empty lists).
         scalar_keys: state keys holding one 0-d tensor per parameter.
@@ -68,6 +72,7 @@ class AlgorithmSpec:
     hyper_columns: tuple[tuple[str, int | None], ...]
     config_keys: tuple[str, ...]
     config: Callable[[Group], Hashable]
+    traced_config: Callable[[Group, dict[Tensor, State]], Hashable]
     state_slots: tuple[str, ...]
     active_keys: Callable[[Any], tuple[str, ...]]
     scalar_keys: frozenset[str]
@@ -158,6 +163,17 @@ def _adam_config(group: Group) -> AdamConfig:
     )
 
 
+def _adam_traced_config(group: Group, state: dict[Tensor, State]) -> AdamConfig:
+    # Weight decay always applied: a zero decay adds 0 * p, the same numbers.
+    mode: WeightDecayMode = "decoupled" if group["decoupled_weight_decay"] else "l2"
+    return AdamConfig(
+        amsgrad=bool(group["amsgrad"]),
+        maximize=bool(group["maximize"]),
+        weight_decay=mode,
+        stochastic_rounding=bool(group.get("stochastic_rounding", False)),
+    )
+
+
 def _step_device(p: Tensor) -> torch.device:
     """Where ``step`` lives: on the parameter's device (no host sync to read it),
     except for meta parameters, whose dry runs still count steps (as torch's, on
@@ -202,6 +218,7 @@ ADAM = AlgorithmSpec(
         "stochastic_rounding",
     ),
     config=_adam_config,
+    traced_config=_adam_traced_config,
     state_slots=("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"),
     active_keys=_adam_keys,
     scalar_keys=frozenset({"step"}),
@@ -240,8 +257,26 @@ def _sgd_config(group: Group) -> SGDConfig:
     )
 
 
+def _sgd_traced_config(group: Group, state: dict[Tensor, State]) -> SGDConfig:
+    # Momentum is on where buffers exist, so that a traced steady step never reads
+    # the (scheduled) momentum; weight decay is always applied (0 * p adds nothing).
+    buffered = any(
+        state[p].get("momentum_buffer") is not None
+        for p in group["params"]
+        if p in state
+    )
+    return SGDConfig(
+        momentum=buffered or group["momentum"] != 0,
+        nesterov=bool(group["nesterov"]),
+        maximize=bool(group["maximize"]),
+        weight_decay=True,
+    )
+
+
 def _sgd_init(p: Tensor, grad: Tensor, state: State, group: Group) -> bool:
-    if group["momentum"] != 0 and state.get("momentum_buffer") is None:
+    # The buffer is looked up first: a traced step then reads the momentum only
+    # where it creates a buffer.
+    if state.get("momentum_buffer") is None and group["momentum"] != 0:
         # torch starts the buffer as a clone of the (weight-decayed) gradient: its
         # layout, and the dtype of ``grad + weight_decay * p``.
         dtype = grad.dtype
@@ -267,6 +302,7 @@ SGD = AlgorithmSpec(
     hyper_columns=tuple((name, None) for name in SGD_HYPERS),
     config_keys=("momentum", "nesterov", "maximize", "weight_decay"),
     config=_sgd_config,
+    traced_config=_sgd_traced_config,
     state_slots=("momentum_buffer",),
     active_keys=lambda config: ("momentum_buffer",) if config.momentum else (),
     scalar_keys=frozenset(),
