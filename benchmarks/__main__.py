@@ -214,7 +214,7 @@ def _tensors(value: Any) -> list[Any]:
 def step_bytes(optimizer: torch.optim.Optimizer) -> tuple[int, int]:
     """Bytes one Adam step moves, from the contestant's real tensors and dtypes.
 
-    Per parameter with a gradient: read + write the parameter, read the gradient, and
+    Per parameter: read + write the parameter, read the gradient, and
     read + write each state tensor of the parameter's shape (``exp_avg``,
     ``exp_avg_sq``; scalars such as ``step`` are left out). Returns (bytes, bytes of
     the parameters): float32 Adam gives 7 x 4 = 28 B per element, bf16 parameters
@@ -223,11 +223,12 @@ def step_bytes(optimizer: torch.optim.Optimizer) -> tuple[int, int]:
     moved = params = 0
     for group in optimizer.param_groups:
         for p in group["params"]:
-            if p.grad is None:
-                continue
+            # Every parameter had a gradient when it stepped; a contestant may clear
+            # it in its step (HeavyBall does), so a missing one counts as p's dtype.
+            grad = p.grad if p.grad is not None else p
             p_bytes = p.numel() * p.element_size()
             params += p_bytes
-            moved += 2 * p_bytes + p.grad.numel() * p.grad.element_size()
+            moved += 2 * p_bytes + grad.numel() * grad.element_size()
             for t in _tensors(optimizer.state.get(p, {})):
                 if t.shape == p.shape:
                     moved += 2 * t.numel() * t.element_size()

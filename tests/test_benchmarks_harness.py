@@ -160,3 +160,18 @@ def test_harness_capturable_contestant(tmp_path: Path) -> None:
         assert (
             row["median_ms"] is None and row["note"] == "skipped: needs a CUDA device"
         )
+
+
+def test_step_bytes_counts_gradients_a_contestant_cleared() -> None:
+    # HeavyBall clears .grad in its step; the harness divided by zero bytes then.
+    from benchmarks.__main__ import step_bytes
+
+    p = torch.nn.Parameter(torch.zeros(8, 4, dtype=torch.bfloat16))
+    opt = torch.optim.Adam([p], lr=0.1)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    with_grad = step_bytes(opt)
+    p.grad = None
+    assert step_bytes(opt) == with_grad
+    # bf16 parameter and gradient, bf16 moments: 2 * 2 + 2 + 2 * (2 + 2) per element
+    assert with_grad == (32 * 14, 32 * 2)

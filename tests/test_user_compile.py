@@ -30,6 +30,7 @@ def _fresh_dynamo() -> None:
     # cache entries of earlier tests count toward Dynamo's recompile limit.
     torch._dynamo.reset()
 
+
 # name -> (class, options): every float hyper-parameter the update reads is in play.
 OPTIMIZERS: dict[str, tuple[type, dict[str, Any]]] = {
     "adam": (Adam, {"lr": 0.05, "weight_decay": 0.1}),

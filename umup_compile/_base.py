@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from . import _checkpoint
+from ._clip import check_max_grad_norm
 from ._describe import optimizer_table
 from ._engine import Engine, make_engine
 from ._env import compile_from_env
@@ -44,10 +45,12 @@ class UmupOptimizer(torch.optim.Optimizer):
         lr_scale_func: LrScaleFunc,
         independent_weight_decay: bool,
         allow_non_unit_scaling_params: bool,
+        max_grad_norm: float | None = None,
         compile: bool | str,
     ) -> None:
         """Check the defaults, set the u-μP options and engine, then add the groups."""
         self._spec.check_group(defaults, "optimizer defaults")
+        max_grad_norm = check_max_grad_norm(max_grad_norm)
         for name, flag in (
             ("independent_weight_decay", independent_weight_decay),
             ("allow_non_unit_scaling_params", allow_non_unit_scaling_params),
@@ -58,6 +61,7 @@ class UmupOptimizer(torch.optim.Optimizer):
             "lr_scale_func": lr_scale_func,
             "independent_weight_decay": independent_weight_decay,
             "allow_non_unit_scaling_params": allow_non_unit_scaling_params,
+            "max_grad_norm": max_grad_norm,
             "compile": compile,
         }
         self._setup(options, defaults)
@@ -84,6 +88,7 @@ class UmupOptimizer(torch.optim.Optimizer):
             self._spec, engine, Structure.of(self._spec, defaults)
         )
         self._runner.hypers.bind(self)  # Note [traced hypers]
+        self._runner.max_grad_norm = options.get("max_grad_norm")
 
     def _register_hooks(self) -> None:
         _checkpoint.register(self)
@@ -98,6 +103,24 @@ class UmupOptimizer(torch.optim.Optimizer):
     def _engine(self, engine: Engine) -> None:
         self._runner.engine = engine
         self._runner.invalidate()
+
+    @property
+    def max_grad_norm(self) -> float | None:
+        """The clipping threshold (``None``: no clipping); settable."""
+        return self._runner.max_grad_norm
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value: float | None) -> None:
+        value = check_max_grad_norm(value)
+        self._umup_options["max_grad_norm"] = value
+        self._runner.max_grad_norm = value
+
+    @property
+    def last_grad_norm(self) -> torch.Tensor | None:
+        """The global gradient norm of the last step with ``max_grad_norm`` (of the
+        unscaled gradients, before clipping), as a device tensor: log it without a
+        sync. ``None`` before such a step."""
+        return self._runner.last_grad_norm
 
     @property
     def layout_builds(self) -> int:

@@ -26,6 +26,7 @@ layout: :func:`factor_vectors` builds them once per unit.
 from __future__ import annotations
 
 import array
+import inspect
 import itertools
 import operator
 import weakref
@@ -241,12 +242,18 @@ def _positions(
 _KEYS = itertools.count()
 # key -> (the table, the optimizer whose param_groups it reads), both weakly held
 _LIVE: dict[int, tuple[weakref.ref[HyperTable], weakref.ref[Any]]] = {}
-# Inductor must not put the op's host work into a CUDA graph (torch >= 2.7 knows the
-# tag; before, the op refuses to run under capture).
-_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+# Inductor must not put the op's host work into a CUDA graph: the tag where torch
+# knows it (and custom_op takes tags: not 2.6); elsewhere the op refuses to run under
+# capture.
+_TAGGED: dict[str, Any] = (
+    {"tags": (torch.Tag.cudagraph_unsafe,)}
+    if hasattr(torch.Tag, "cudagraph_unsafe")
+    and "tags" in inspect.signature(torch.library.custom_op).parameters
+    else {}
+)
 
 
-@torch.library.custom_op("umup_compile::hyper_values", mutates_args=(), tags=_TAGS)
+@torch.library.custom_op("umup_compile::hyper_values", mutates_args=(), **_TAGGED)
 def _hyper_values(anchor: Tensor, key: int, groups: int, columns: int) -> Tensor:
     table_ref, owner_ref = _LIVE[key]
     table, owner = table_ref(), owner_ref()

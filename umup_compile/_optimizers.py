@@ -58,6 +58,10 @@ class Adam(UmupOptimizer, torch.optim.Adam):
             effective lr (unit_scaling's default).
         allow_non_unit_scaling_params: give untagged parameters lr scale 1 instead of
             raising.
+        max_grad_norm: clip by the global L2 norm of all the optimizer's gradients,
+            as ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)`` before the
+            step, but fused into it (no pass rewrites the gradients, no host sync);
+            the norm is then ``last_grad_norm``. ``None`` (default): no clipping.
         compile: ``True`` (compiled, eager fallback with a warning), ``"strict"``
             (compiled, raise on failure) or ``False`` (eager).
 
@@ -86,6 +90,7 @@ class Adam(UmupOptimizer, torch.optim.Adam):
         stochastic_rounding: bool = False,
         independent_weight_decay: bool = True,
         allow_non_unit_scaling_params: bool = False,
+        max_grad_norm: float | None = None,
         compile: bool | str = True,
     ) -> None:
         defaults = {
@@ -110,6 +115,7 @@ class Adam(UmupOptimizer, torch.optim.Adam):
             lr_scale_func=lr_scale_func_adam,
             independent_weight_decay=independent_weight_decay,
             allow_non_unit_scaling_params=allow_non_unit_scaling_params,
+            max_grad_norm=max_grad_norm,
             compile=compile,
         )
 
@@ -139,6 +145,7 @@ class AdamW(Adam, torch.optim.AdamW):
         stochastic_rounding: bool = False,
         independent_weight_decay: bool = True,
         allow_non_unit_scaling_params: bool = False,
+        max_grad_norm: float | None = None,
         compile: bool | str = True,
     ) -> None:
         super().__init__(
@@ -158,6 +165,7 @@ class AdamW(Adam, torch.optim.AdamW):
             stochastic_rounding=stochastic_rounding,
             independent_weight_decay=independent_weight_decay,
             allow_non_unit_scaling_params=allow_non_unit_scaling_params,
+            max_grad_norm=max_grad_norm,
             compile=compile,
         )
 
@@ -194,6 +202,7 @@ class SGD(UmupOptimizer, torch.optim.SGD):
         independent_weight_decay: bool = True,
         allow_non_unit_scaling_params: bool = False,
         readout_constraint: str | None = None,
+        max_grad_norm: float | None = None,
         compile: bool | str = True,
     ) -> None:
         defaults = {
@@ -215,5 +224,6 @@ class SGD(UmupOptimizer, torch.optim.SGD):
             lr_scale_func=lr_scale_func_sgd(readout_constraint),
             independent_weight_decay=independent_weight_decay,
             allow_non_unit_scaling_params=allow_non_unit_scaling_params,
+            max_grad_norm=max_grad_norm,
             compile=compile,
         )

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._clip import clip_divisors, reduce_sharded, squared_norm
 from ._engine import Engine
 from ._gather import (
     Bucket,
@@ -83,6 +84,17 @@ class BucketPlan:
 
 
 @dataclass
+class Work:
+    """One update call, prepared: its arguments (a pack's gradients copied in)."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    device: torch.device
+    call: Call | None  # None: run the update eagerly (not through the engine)
+    sharded: Any = None  # a DTensor gradient of a sharded bucket (its placements)
+
+
+@dataclass
 class _CachedLayout:
     positions: tuple[Position, ...]
     tensors: list[list[Tensor]]  # per key, the members' state tensors
@@ -115,6 +127,9 @@ class StepRunner:
         # set_groups).
         self.groups: Sequence[Group] = []
         self.capturable = False
+        # Note [fused clipping]: the threshold, and the last step's norm
+        self.max_grad_norm: float | None = None
+        self.last_grad_norm: Tensor | None = None
 
     def set_groups(self, groups: Sequence[Group]) -> None:
         """Groups were added or loaded: keep the list, read what a traced step
@@ -169,6 +184,7 @@ class StepRunner:
             grads = [b.grads for b in buckets]
         hyper: dict[torch.device, tuple[Tensor, dict[str, Tensor]]] = {}
         with torch.set_grad_enabled(self._differentiable):
+            works: list[Work] = []
             for plan, bucket_grads in zip(self._plans, grads):
                 device = plan.bucket.device
                 if device not in hyper:
@@ -176,7 +192,12 @@ class StepRunner:
                         self.hypers.tensor(groups, device, stable=stable),
                         _amp_kwargs(amp, device),
                     )
-                self._run(plan, bucket_grads, groups, *hyper[device], fresh_step)
+                works += self._prepare(
+                    plan, bucket_grads, groups, *hyper[device], fresh_step
+                )
+            self._clip(works, {d: kw for d, (_, kw) in hyper.items()})
+            for work in works:
+                self._execute(work)
 
     # -- plans --------------------------------------------------------------------
 
@@ -239,7 +260,7 @@ class StepRunner:
 
     # -- calls --------------------------------------------------------------------
 
-    def _run(
+    def _prepare(
         self,
         plan: BucketPlan,
         grads: list[Tensor],
@@ -247,33 +268,69 @@ class StepRunner:
         hyper_t: Tensor,
         amp_kwargs: dict[str, Tensor],
         fresh_step: bool,
-    ) -> None:
+    ) -> list[Work]:
+        """The bucket's update calls, with their gradients copied in (packs)."""
         bucket, spec = plan.bucket, self.spec
         base: dict[str, Any] = {"config": bucket.config, **amp_kwargs}
+        device = bucket.device
         if fresh_step and spec.fresh_matters(bucket.config) and any(bucket.fresh):
             # Note [first SGD step]: state-creating steps run eagerly, as lists.
             call = _bucket_call(bucket, plan.keys, groups)
             kwargs = {**self._kwargs(base, call), "fresh_buffers": list(bucket.fresh)}
-            spec.update(*self._args(plan, call, grads, hyper_t), **kwargs)
-            return
+            args = self._args(plan, call, grads, hyper_t)
+            return [Work(args, kwargs, device, None, sharded=_sharded(bucket, grads))]
         if bucket.sharded:  # fresh local views at every step
             call = _bucket_call(bucket, plan.keys, groups)
             args = self._args(plan, call, grads, hyper_t)
-            self.engine(spec.update, args, self._kwargs(base, call))
-            return
+            kwargs = self._kwargs(base, call)
+            return [Work(args, kwargs, device, call, sharded=_sharded(bucket, grads))]
         if bucket.mixed:  # Dynamo refuses parameters whose .grad has another dtype
             call = plan.calls[0]
-            spec.update(
-                *self._args(plan, call, grads, hyper_t), **self._kwargs(base, call)
+            args = self._args(plan, call, grads, hyper_t)
+            return [Work(args, self._kwargs(base, call), device, None)]
+        return [
+            Work(
+                self._args(plan, call, call.pick(grads), hyper_t),
+                self._kwargs(base, call),
+                device,
+                call,
             )
+            for call in plan.calls
+        ]
+
+    def _execute(self, work: Work) -> None:
+        """Run one prepared update call (then copy a pack's parameters out)."""
+        if work.call is None:  # eagerly, whatever the engine
+            self.spec.update(*work.args, **work.kwargs)
             return
-        for call in plan.calls:
-            args = self._args(plan, call, call.pick(grads), hyper_t)
-            self.engine(
-                spec.update, args, self._kwargs(base, call), call.kind, call.static
-            )
-            if call.pack is not None:
-                pack_out(call.pack)
+        call = work.call
+        if work.sharded is not None:  # a list call, rebuilt each step: no kind
+            self.engine(self.spec.update, work.args, work.kwargs)
+            return
+        self.engine(self.spec.update, work.args, work.kwargs, call.kind, call.static)
+        if call.pack is not None:
+            pack_out(call.pack)
+
+    def _clip(self, works: list[Work], amp: dict[torch.device, dict[str, Any]]) -> None:
+        """Fold global-norm clipping into the works' gradient divisors (Note
+        [fused clipping]); record the norm."""
+        if self.max_grad_norm is None:
+            return
+        if not works:
+            self.last_grad_norm = torch.zeros(())
+            return
+        squares = []
+        for work in works:
+            sq = squared_norm(work.args[1])
+            if work.sharded is not None:
+                sq = reduce_sharded(sq, work.sharded)
+            squares.append(sq)
+        scales = {d: kw.get("grad_scale_t") for d, kw in amp.items()}
+        divisors, self.last_grad_norm = clip_divisors(
+            squares, self.max_grad_norm, scales
+        )
+        for work in works:
+            work.kwargs["grad_scale_t"] = divisors[work.device]
 
     def _args(
         self, plan: BucketPlan, call: Call, grads: list[Tensor], hyper_t: Tensor
@@ -321,9 +378,12 @@ class StepRunner:
         buckets = gather(groups, state, self.spec, traced=True, optimizer_name=name)
         capturable = self.capturable  # in a trace, Dynamo sets every group's flag
         hyper: dict[torch.device, Tensor] = {}
+        amp_kw: dict[torch.device, dict[str, Tensor]] = {}
+        works: list[Work] = []
         for bucket in buckets:
             device = bucket.device
             if device not in hyper:  # Note [traced hypers]
+                amp_kw[device] = _amp_kwargs(amp, device)
                 hyper[device] = (
                     self.hypers.traced(groups, device)
                     if capturable
@@ -332,13 +392,17 @@ class StepRunner:
             keys = self.spec.active_keys(bucket.config)
             plan = BucketPlan(bucket, keys, [])
             call = _bucket_call(bucket, keys, groups)
-            base = {"config": bucket.config, **_amp_kwargs(amp, device)}
+            base = {"config": bucket.config, **amp_kw[device]}
             kwargs = self._kwargs(base, call)
             if self.spec.fresh_matters(bucket.config) and any(bucket.fresh):
                 kwargs["fresh_buffers"] = list(bucket.fresh)
-            self.spec.update(
-                *self._args(plan, call, bucket.grads, hyper[device]), **kwargs
+            args = self._args(plan, call, bucket.grads, hyper[device])
+            works.append(
+                Work(args, kwargs, device, None, sharded=_sharded(bucket, bucket.grads))
             )
+        self._clip(works, amp_kw)
+        for work in works:
+            self.spec.update(*work.args, **work.kwargs)
 
 
 def _engine_kind(
@@ -388,6 +452,11 @@ def _bucket_call(
         factors=factor_vectors(bucket.positions, groups, bucket.device),
         state_lists=[_list_view(bucket, [s[k] for s in bucket.states]) for k in keys],
     )
+
+
+def _sharded(bucket: Bucket, grads: Sequence[Tensor]) -> Any:
+    """A DTensor gradient of a sharded bucket (for its placements), else None."""
+    return grads[0] if bucket.sharded and grads else None
 
 
 def _amp_kwargs(

@@ -84,6 +84,10 @@ def _run_rank(rank: int, body: Body, init_file: str, args: tuple[Any, ...]) -> N
     )
     try:
         body(rank, *args)
+        # Neither rank tears gloo down while the other still talks to it (a rank
+        # then aborted with "terminate called without an active exception"). On a
+        # failure there is no barrier: spawn ends the other rank.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

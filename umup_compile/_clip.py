@@ -1,0 +1,99 @@
+"""Global-norm gradient clipping, folded into the update (``max_grad_norm=``).
+
+Note [fused clipping]: ``torch.nn.utils.clip_grad_norm_(params, max_norm)`` reads every
+gradient for the norm, then reads and writes every gradient again to scale it, before
+the optimizer reads it a third time. Here the norm is one read of the gradients the
+update is about to see (the pack's flat gradient buffer, or the lists), and the
+coefficient ``min(1, max_norm / (norm + 1e-6))`` (torch's formula) joins the
+GradScaler's divisor: the update divides each gradient by ``scale / coefficient``,
+which it does anyway, so no pass rewrites the gradients. Everything stays on the
+device: no host sync. The norm is of the unscaled gradients (a GradScaler's scale is
+divided out), and a step the scaler skips stays skipped (its mask does not depend on
+the divisor). Sharded gradients (FSDP2) contribute their local squares, summed over
+the mesh dimensions they are sharded on; DDP's gradients are already all-reduced.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+# torch's clip_grad_norm_ adds this to the norm before dividing.
+EPS = 1e-6
+
+
+def check_max_grad_norm(value: Any) -> float | None:
+    """``max_grad_norm`` as a float, or ``None`` (no clipping).
+
+    Raises:
+        TypeError, ValueError: not a number, or negative, nan or infinite.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            f"max_grad_norm must be None or a float, got {value!r}; pass e.g. "
+            "max_grad_norm=1.0."
+        )
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(
+            f"max_grad_norm must be a finite number >= 0, got {value!r}; pass None "
+            "to turn clipping off."
+        )
+    return float(value)
+
+
+def squared_norm(grads: Sequence[Tensor]) -> Tensor:
+    """The sum of the squares of ``grads`` (a float32 0-d tensor on their device).
+
+    Complex gradients arrive as real views; padding in a pack is zero.
+    """
+    norms = torch._foreach_norm(list(grads))
+    return torch.stack(norms).to(torch.float32).square().sum()
+
+
+def reduce_sharded(squares: Tensor, like: Any) -> Tensor:
+    """Sum a DTensor gradient's local ``squares`` over the mesh dimensions its
+    placements shard (a collective on the device, no host sync)."""
+    import torch.distributed as dist
+
+    mesh = like.device_mesh
+    for dim, placement in enumerate(like.placements):
+        if placement.is_shard():
+            dist.all_reduce(squares, group=mesh.get_group(dim))
+    return squares
+
+
+def clip_divisors(
+    squares: Sequence[Tensor],
+    max_norm: float,
+    grad_scales: dict[torch.device, Tensor | None],
+) -> tuple[dict[torch.device, Tensor], Tensor]:
+    """What each device's update divides its gradients by, and the total norm.
+
+    Args:
+        squares: sums of squared (scaled) gradients, on any devices.
+        max_norm: the clipping threshold.
+        grad_scales: per device, the GradScaler's scale there (or ``None``).
+
+    Returns:
+        ``({device: scale / coefficient}, norm)``; the norm (of the unscaled
+        gradients, float32) is on the first device.
+    """
+    devices = list(grad_scales)
+    first = devices[0]
+    total = torch.stack([s.to(first, non_blocking=True) for s in squares]).sum()
+    norm = total.sqrt()
+    scale = grad_scales[first]
+    if scale is not None:
+        norm = norm / scale.to(first, torch.float32)
+    coefficient = (max_norm / (norm + EPS)).clamp(max=1.0)
+    divisors = {}
+    for device, scale_d in grad_scales.items():
+        c = coefficient.to(device, non_blocking=True)
+        divisors[device] = (1 / c) if scale_d is None else scale_d / c
+    return divisors, norm
