@@ -39,6 +39,8 @@ import torch  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 MODES = ("cold", "warm", "artifacts")
+# torch's portable cache (save/load_cache_artifacts) came with torch 2.7.
+PORTABLE = hasattr(torch.compiler, "save_cache_artifacts")
 # compile_times keys worth a column (the others are summed into "other_s"): each is
 # one nested phase of the first step; absent keys (torch versions differ) read 0.
 PHASES = {
@@ -102,7 +104,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     opt.step()
     first = time.perf_counter() - t0
-    if args.worker == "cold" and args.artifacts:
+    if args.worker == "cold" and args.artifacts and PORTABLE:
         saved = torch.compiler.save_cache_artifacts()
         if saved is not None:
             Path(args.artifacts).write_bytes(saved[0])
@@ -161,6 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="first_step_") as tmp:
         cache, blob = os.path.join(tmp, "inductor"), os.path.join(tmp, "artifacts.bin")
         for mode in args.modes:
+            if mode == "artifacts" and not PORTABLE:
+                row = {
+                    "mode": mode,
+                    "note": f"needs torch >= 2.7 ({torch.__version__})",
+                }
+                rows.append(row)
+                continue
             row = run_mode(mode, cache, blob, args)
             print(f"  {mode:9s} {row}", flush=True)
             rows.append(row)

@@ -123,6 +123,20 @@ def _umup_capturable() -> Callable[[list[nn.Parameter]], Any]:
     return build
 
 
+# The clipping threshold of the ``*-clip`` contestants: below the set's gradient norm,
+# so every step clips.
+MAX_NORM = 1.0
+
+
+def _umup_clip() -> Callable[[list[nn.Parameter]], Any]:
+    def build(params: list[nn.Parameter]) -> Any:
+        from umup_compile.optim import Adam
+
+        return Adam(params, lr=LR, max_grad_norm=MAX_NORM)
+
+    return build
+
+
 def _torch_tensor_lr() -> Callable[[list[nn.Parameter]], Any]:
     def build(params: list[nn.Parameter]) -> Any:
         return torch.optim.Adam(params, lr=torch.tensor(LR))
@@ -130,9 +144,9 @@ def _torch_tensor_lr() -> Callable[[list[nn.Parameter]], Any]:
     return build
 
 
-# name -> (builder, description, how the step runs: "step" (called), "compile"
-# (torch.compile of a function calling it) or "graph" (captured once in a CUDA graph,
-# then replayed))
+# name -> (builder, description, how the step runs: "step" (called), "clip"
+# (clip_grad_norm_ then step), "compile" (torch.compile of a function calling it) or
+# "graph" (captured once in a CUDA graph, then replayed))
 CONTESTANTS: dict[str, tuple[Callable[[list[nn.Parameter]], Any], str, str]] = {
     "umup-compiled": (
         _umup(True),
@@ -160,6 +174,18 @@ CONTESTANTS: dict[str, tuple[Callable[[list[nn.Parameter]], Any], str, str]] = {
         "umup_compile.optim.Adam(capturable=True), tensor lr, step captured in a CUDA "
         "graph and replayed (CUDA only)",
         "graph",
+    ),
+    # Global-norm clipping at MAX_NORM (not in the default list).
+    "umup-compiled-clip": (
+        _umup_clip(),
+        "umup_compile.optim.Adam(max_grad_norm=1.0): clipping fused into the step",
+        "step",
+    ),
+    "torch-fused-clip": (
+        _torch(fused=True),
+        "torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True), then "
+        "torch.optim.Adam(fused=True).step()",
+        "clip",
     ),
     # Not in the default list: torch's CPU default is the single-tensor for-loop.
     "torch-default": (_torch(), "torch.optim.Adam, defaults, 1 group", "step"),
@@ -212,7 +238,9 @@ PARAM_DTYPES: dict[str, torch.dtype] = {
 OPTIONAL = {"heavyball-adamw": "heavyball"}
 CUDA_ONLY = {"umup-capturable"}
 DEFAULT_CONTESTANTS = [
-    n for n in CONTESTANTS if n != "torch-default" and n not in PARAM_DTYPES
+    n
+    for n in CONTESTANTS
+    if n != "torch-default" and n not in PARAM_DTYPES and not n.endswith("-clip")
 ]
 SMOKE_CONTESTANTS = ["umup-compiled", "umup-eager", "us-default", BASELINE]
 # The low-precision set and its reference (the baseline of its ratios).
@@ -254,6 +282,13 @@ def build_contestant(name: str, params: list[nn.Parameter]) -> Contestant:
         return Contestant(name, opt, _graph_step(opt), sched)
     if mode == "step":
         return Contestant(name, opt, opt.step, sched)
+    if mode == "clip":
+
+        def clip_then_step() -> None:
+            torch.nn.utils.clip_grad_norm_(params, MAX_NORM, foreach=True)
+            opt.step()
+
+        return Contestant(name, opt, clip_then_step, sched)
 
     # As the torch docs show for compiling an optimizer: a compiled function that
     # calls step() (Optimizer.step itself graph-breaks, hence fullgraph=False).

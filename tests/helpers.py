@@ -3,14 +3,47 @@
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import pytest
 import torch
 from torch import Tensor, nn
+from torch.torch_version import TorchVersion
 
 import umup_compile as uc
 from umup_compile._engine import CompiledEngine
+
+TORCH = TorchVersion(torch.__version__)
+# What older torch releases lack; tests of them skip there, with the reason.
+TORCH_ADAM_DECOUPLED = (
+    "decoupled_weight_decay" in inspect.signature(torch.optim.Adam).parameters
+)
+needs_torch_adam_decoupled = pytest.mark.skipif(
+    not TORCH_ADAM_DECOUPLED,
+    reason=f"torch {torch.__version__}'s Adam has no decoupled_weight_decay (the oracle)",
+)
+# The optimizer traced inside the user's torch.compile (Note [traced hypers]).
+needs_traced_step = pytest.mark.skipif(
+    TORCH < "2.11",
+    reason=f"opt.step() inside torch.compile needs torch >= 2.11 (this is {TORCH})",
+)
+
+
+def _grad_dtype_may_differ() -> bool:
+    p = torch.zeros(1)
+    try:
+        p.grad = torch.zeros(1, dtype=torch.float64)
+    except RuntimeError:  # torch < 2.7 refuses the assignment itself
+        return False
+    return True
+
+
+needs_mixed_grad_dtype = pytest.mark.skipif(
+    not _grad_dtype_may_differ(),
+    reason=f"torch {torch.__version__} refuses a .grad of another dtype",
+)
 
 TOLERANCES: dict[torch.dtype, dict[str, float]] = {
     torch.float64: {"rtol": 1e-10, "atol": 1e-12},

@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -32,7 +34,8 @@ def test_first_step_cold_warm_and_artifacts(tmp_path: Path) -> None:
     assert set(rows) == {"cold", "warm", "artifacts"}, rows
     cold, warm, art = rows["cold"], rows["warm"], rows["artifacts"]
     assert int(cold["fx_cache_misses"]) >= 1 and int(cold["fx_cache_hits"]) == 0
-    for row in (warm, art):
+    portable = hasattr(torch.compiler, "save_cache_artifacts")  # torch >= 2.7
+    for row in (warm, art) if portable else (warm,):
         assert int(row["fx_cache_hits"]) >= 1, row
         assert int(row["fx_cache_misses"]) == 0, row
         assert int(row["graphs"]) == int(cold["graphs"]), row

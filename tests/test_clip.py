@@ -26,7 +26,7 @@ from tests.edge_helpers import (
     build,
     snapshot,
 )
-from tests.helpers import TOLERANCES
+from tests.helpers import TOLERANCES, needs_traced_step
 from umup_compile.optim import SGD, Adam, AdamW
 
 # name -> (ours, torch's, options)
@@ -157,6 +157,7 @@ def test_grad_scaler_norm_of_unscaled_grads_and_skipped_step_stays_skipped(engin
     assert_pair_close(ours, ref, list(zip(ps, qs)))
 
 
+@needs_traced_step
 @pytest.mark.parametrize("name", ["adam", "sgd"])
 def test_clipping_inside_the_users_compiled_step(name: str):
     ours_cls, _, kwargs = CASES[name]

@@ -19,6 +19,7 @@ import pytest
 import umup_compile
 import umup_compile.distributed
 import umup_compile.optim
+from tests.helpers import needs_traced_step
 
 # The test extra installs the docs extra; CI (CI=true) must never skip this silently.
 if os.environ.get("CI"):
@@ -56,6 +57,7 @@ def html(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@needs_traced_step  # the pages show a user-compiled step, and FSDP2 on CPU (2.7+)
 def test_docs_examples_run_and_print_what_they_show(tmp_path: Path) -> None:
     _sphinx("doctest", tmp_path)
     summary = (tmp_path / "output.txt").read_text()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
 
-from tests.helpers import TOLERANCES, ToyUmupNet
+from tests.helpers import TOLERANCES, ToyUmupNet, needs_traced_step
 from umup_compile.optim import SGD, AdamW
 
 CASES = [
@@ -15,6 +15,7 @@ CASES = [
 ]
 
 
+@needs_traced_step
 @pytest.mark.parametrize(
     "cls,kwargs", [c[1:] for c in CASES], ids=[c[0] for c in CASES]
 )
@@ -69,3 +70,39 @@ def test_zero_grad_set_to_none_false_keeps_zeroed_tensors() -> None:
     grads = [p.grad for p in net.parameters()]
     opt.zero_grad(set_to_none=False)
     assert all(p.grad is g and not g.any() for p, g in zip(net.parameters(), grads))
+
+
+def test_torch_older_than_2_11_runs_the_step_outside_the_users_graph(monkeypatch):
+    # Where the traced step is unsupported it raises when traced: Dynamo then runs
+    # opt.step() untraced (fullgraph=False), or reports the raise (fullgraph=True).
+    from umup_compile import _runner
+
+    monkeypatch.setattr(_runner, "TRACED_STEP_SUPPORTED", False)
+    torch._dynamo.reset()
+    net, ref_net = ToyUmupNet(), ToyUmupNet()
+    ref_net.load_state_dict(net.state_dict())
+    opt = AdamW(net.parameters(), lr=0.05, compile=False)
+    ref = AdamW(ref_net.parameters(), lr=0.05, compile=False)
+    tokens = torch.randint(0, 32, (4, 8))
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def strict() -> None:
+        opt.step()
+
+    net.loss(tokens, tokens).backward()
+    with pytest.raises(Exception, match="(?s)2.11|Observed exception"):
+        strict()
+    opt.zero_grad()
+    torch._dynamo.reset()
+
+    @torch.compile(backend="eager")
+    def step() -> None:
+        opt.step()
+
+    for _ in range(3):
+        for model, o, run in ((net, opt, step), (ref_net, ref, ref.step)):
+            model.loss(tokens, tokens).backward()
+            run()
+            o.zero_grad()
+    for p, q in zip(net.parameters(), ref_net.parameters()):
+        torch.testing.assert_close(p, q, **TOLERANCES[torch.float32])

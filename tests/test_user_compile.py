@@ -18,9 +18,10 @@ import torch
 from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
 from torch.optim import lr_scheduler as lrs
 
-from tests.helpers import TOLERANCES, ToyUmupNet
+from tests.helpers import TOLERANCES, ToyUmupNet, needs_traced_step
 from umup_compile.optim import SGD, Adam, AdamW
 
+pytestmark = needs_traced_step
 CALLS = 30
 
 

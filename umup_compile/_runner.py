@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.torch_version import TorchVersion
 
 from ._clip import clip_divisors, reduce_sharded, squared_norm
 from ._engine import Engine
@@ -58,6 +59,12 @@ def _at_least_1d(t: Tensor) -> Tensor:
     # Dynamo (torch 2.13) drops in-place updates of 0-d float64 graph inputs;
     # 1-element views of them update correctly, in both engines alike.
     return t.view(1) if t.ndim == 0 else t
+
+
+# Note [nested compile] needs Dynamo features of torch 2.11 (tested on 2.11 and 2.13;
+# 2.6 cannot trace the gather's dict of buckets). Before, a traced step raises, which
+# under fullgraph=False breaks the graph there and runs the step untraced.
+TRACED_STEP_SUPPORTED = TorchVersion(torch.__version__) >= "2.11"
 
 
 @dataclass
@@ -162,6 +169,10 @@ class StepRunner:
     ) -> None:
         """Run one step over ``groups`` (gradients read from ``.grad``)."""
         if torch.compiler.is_compiling():
+            if not TRACED_STEP_SUPPORTED:  # raising makes Dynamo run the step eagerly
+                raise RuntimeError(
+                    "umup_compile: opt.step() inside torch.compile needs torch >= 2.11; compile the forward and backward only, or use fullgraph=False"
+                )  # noqa: E501 - one line, which Dynamo shows
             with torch.set_grad_enabled(any(g["differentiable"] for g in groups)):
                 self._traced_step(groups, state, amp, name)
             return

@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import torch
 import torch._inductor.config
 import torch.distributed as dist
@@ -52,6 +53,14 @@ ENGINES: dict[str, tuple[str | None, torch.dtype]] = {
     "aot_eager": ("aot_eager", torch.float32),
     "inductor": ("inductor", torch.float32),
 }
+
+# FSDP2 in CPU processes records events on the CPU stream, which torch 2.6 cannot
+# (no torch.cpu.Stream.record_event; it came with 2.7): those tests skip there.
+needs_fsdp2_on_cpu = pytest.mark.skipif(
+    not hasattr(torch.cpu.current_stream(), "record_event"),
+    reason="FSDP2 in CPU (gloo) processes needs torch >= 2.7 "
+    "(torch.cpu.Stream.record_event)",
+)
 
 Snapshot = dict[str, Tensor]
 Body = Callable[..., None]

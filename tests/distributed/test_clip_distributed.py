@@ -20,6 +20,7 @@ from tests.distributed._worker import (
     make_model,
     make_optimizer,
     make_sharded_model,
+    needs_fsdp2_on_cpu,
     train,
 )
 from umup_compile.optim import Adam
@@ -61,10 +62,13 @@ def _clipped_like_one_process(rank: int, engine: str, wrap: str) -> None:
     assert_snapshots_close(got, want, dtype, f"rank {rank}, {wrap}, {engine}")
 
 
-@pytest.mark.parametrize("wrap", ["fsdp2", "ddp"])
+@pytest.mark.parametrize(
+    "wrap", [pytest.param("fsdp2", marks=needs_fsdp2_on_cpu), "ddp"]
+)
 def test_clipping_is_global_across_ranks(wrap: str) -> None:
     launch(_clipped_like_one_process, "eager", wrap)
 
 
+@needs_fsdp2_on_cpu
 def test_clipping_fsdp2_compiled_engine() -> None:
     launch(_clipped_like_one_process, "aot_eager", "fsdp2")

@@ -21,6 +21,7 @@ from tests.distributed._worker import (
     launch,
     make_optimizer,
     make_sharded_model,
+    needs_fsdp2_on_cpu,
     train,
 )
 from tests.distributed.test_fsdp2_parity import (
@@ -28,6 +29,8 @@ from tests.distributed.test_fsdp2_parity import (
     _matches_single_process,
 )
 from umup_compile.optim import Adam
+
+pytestmark = needs_fsdp2_on_cpu
 
 STEPS = 3
 

@@ -27,6 +27,7 @@ from tests.distributed._worker import (
     make_model,
     make_optimizer,
     make_sharded_model,
+    needs_fsdp2_on_cpu,
     train,
     train_reference,
 )
@@ -83,6 +84,7 @@ def _matches_single_process(rank: int, engine: str, cases: list[str]) -> None:
         assert_snapshots_close(got, want, dtype, f"rank {rank}, {name}, {engine}")
 
 
+@needs_fsdp2_on_cpu
 @pytest.mark.parametrize(
     "engine,cases", PARITY_RUNS, ids=[engine for engine, _ in PARITY_RUNS]
 )
@@ -116,6 +118,7 @@ def _checkpoint_round_trips(rank: int, engine: str, folder: str) -> None:
     assert_snapshots_close(got, want, dtype, f"rank {rank}, resumed, {engine}")
 
 
+@needs_fsdp2_on_cpu
 @pytest.mark.parametrize("engine", ["eager"])
 def test_fsdp2_checkpoint_round_trips(engine: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:

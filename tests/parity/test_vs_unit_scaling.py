@@ -27,6 +27,7 @@ from tests.helpers import (
     TOY_SPECS,
     assert_states_close,
     clone_params,
+    needs_torch_adam_decoupled,
     set_grads,
     toy_params,
     use_backend,
@@ -98,7 +99,14 @@ OPTIMIZERS: dict[str, tuple[type, type, list[tuple[str, dict[str, Any]]]]] = {
     "sgd": (uo.SGD, uso.SGD, SGD_INPUTS),
 }
 GRID = [
-    pytest.param(name, kwargs, id=f"{name}_{case_id}")
+    pytest.param(
+        name,
+        kwargs,
+        id=f"{name}_{case_id}",
+        marks=[needs_torch_adam_decoupled]
+        if "decoupled_weight_decay" in kwargs
+        else [],
+    )
     for name, (_, _, table) in OPTIMIZERS.items()
     for case_id, kwargs in table
 ]
