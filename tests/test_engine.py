@@ -12,6 +12,7 @@ from tests.helpers import (
     TOLERANCES,
     assert_states_close,
     clone_params,
+    needs_traced_step,
     run_steps,
     toy_params,
     use_backend,
@@ -130,6 +131,7 @@ def test_engine_strict_raises_on_compile_failure() -> None:
         opt.step()
 
 
+@needs_traced_step
 def test_engine_inlines_inside_outer_compile() -> None:
     params = toy_params()
     ref_params = clone_params(params)

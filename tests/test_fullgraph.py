@@ -75,6 +75,7 @@ def test_zero_grad_set_to_none_false_keeps_zeroed_tensors() -> None:
 def test_torch_older_than_2_11_runs_the_step_outside_the_users_graph(monkeypatch):
     # Where the traced step is unsupported it raises when traced: Dynamo then runs
     # opt.step() untraced (fullgraph=False), or reports the raise (fullgraph=True).
+    # (On torch 2.6 itself the flag is False and this is the real behaviour.)
     from umup_compile import _runner
 
     monkeypatch.setattr(_runner, "TRACED_STEP_SUPPORTED", False)
@@ -90,7 +91,8 @@ def test_torch_older_than_2_11_runs_the_step_outside_the_users_graph(monkeypatch
         opt.step()
 
     net.loss(tokens, tokens).backward()
-    with pytest.raises(Exception, match="(?s)2.11|Observed exception"):
+    # Dynamo reports the raise (its words vary by version), or passes it on
+    with pytest.raises((torch._dynamo.exc.Unsupported, RuntimeError)):
         strict()
     opt.zero_grad()
     torch._dynamo.reset()

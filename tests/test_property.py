@@ -429,7 +429,8 @@ _BASE_DEFAULTS: dict[str, dict[str, Any]] = {
         "eps": 1e-8,
         "amsgrad": False,
         "stochastic_rounding": False,
-        "decoupled_weight_decay": False,
+        # the oracle's option, where the installed torch has it
+        **({"decoupled_weight_decay": False} if TORCH_ADAM_DECOUPLED else {}),
     },
     "sgd": {
         "lr": 0.01,
