@@ -191,6 +191,12 @@ CONTESTANTS: dict[str, tuple[Callable[[list[nn.Parameter]], Any], str, str]] = {
     "torch-default": (_torch(), "torch.optim.Adam, defaults, 1 group", "step"),
     # Low precision (``python -m benchmarks --dtype bf16-fp32state``): each contestant
     # runs on its own parameter dtype (PARAM_DTYPES), from the same starting values.
+    "umup-bf16": (
+        _umup(True),
+        "umup_compile.optim.Adam, bf16 params and state (the parameter's dtype), "
+        "compiled",
+        "step",
+    ),
     "umup-fp32state": (
         _umup_lowp(False),
         "umup_compile.optim.Adam(state_dtype=float32), bf16 params, compiled",
@@ -226,6 +232,7 @@ CONTESTANTS: dict[str, tuple[Callable[[list[nn.Parameter]], Any], str, str]] = {
 }
 # Parameter dtype per contestant where it is not --dtype (the low-precision set).
 PARAM_DTYPES: dict[str, torch.dtype] = {
+    "umup-bf16": torch.bfloat16,
     "umup-fp32state": torch.bfloat16,
     "umup-fp32state-sr": torch.bfloat16,
     "umup-fp32state-sr-eager": torch.bfloat16,
@@ -245,6 +252,7 @@ DEFAULT_CONTESTANTS = [
 SMOKE_CONTESTANTS = ["umup-compiled", "umup-eager", "us-default", BASELINE]
 # The low-precision set and its reference (the baseline of its ratios).
 LOWP_CONTESTANTS = [
+    "umup-bf16",
     "umup-fp32state",
     "umup-fp32state-sr",
     "torch-fused-fp32",
