@@ -280,3 +280,30 @@ def test_stochastic_round_traces_as_one_graph() -> None:
     assert counter.frame_count == 1
     explained = torch._dynamo.explain(stochastic_round_bf16)(x, _i64(1), _i64(0))
     assert explained.graph_break_count == 0 and explained.graph_count == 1
+
+
+def test_int32_lane_hash_gives_the_bits_of_the_uint32_function() -> None:
+    # Note [32-bit lanes]: the per-element hash on int32 must be lowbias32 on uint32,
+    # written here on int64 with explicit masks (no product reaches 2**63).
+    from umup_compile._rounding import bits16
+
+    def lowbias32(h: torch.Tensor) -> torch.Tensor:
+        m = 0xFFFFFFFF
+        h = h ^ (h >> 16)
+        h = (h * 0x21F0AAAD) & m
+        h = h ^ (h >> 15)
+        h = (h * 0x735A2D97) & m
+        return h ^ (h >> 15)
+
+    gen = torch.Generator().manual_seed(3)
+    index = torch.cat(
+        [
+            torch.arange(1 << 12),
+            torch.randint(0, 1 << 40, (1 << 12,), generator=gen),  # past 2**32
+        ]
+    )
+    for k1, k2 in [(0, 0), (0xFFFFFFFF, 0x80000000), (123456789, 0x7FFFFFFF)]:
+        want = lowbias32(lowbias32((index & 0xFFFFFFFF) ^ k1) ^ k2 ^ (index >> 32))
+        got = bits16(index, _i64(k1), _i64(k2))
+        assert got.dtype == torch.int32
+        assert torch.equal(got.to(torch.int64), want >> 16)

@@ -39,10 +39,10 @@ are a hash of (element index, seed, offset) built from integer tensor ops that D
 traces and Inductor fuses into the rounding kernel; the index comes from
 ``torch.arange``, which Inductor turns into the loop index (nothing is materialised).
 The mixer is ``lowbias32`` (Wellons' hash-prospector, ``[16 21f0aaad 15 735a2d97
-15]``), a bijection on 32 bits. It runs on int64 holding values below ``2**32``: both
-multipliers are below ``2**31``, so no product reaches ``2**63``; signed overflow, which
-is undefined in Inductor's C++ and not guaranteed to wrap identically eager vs compiled,
-never happens, and masking with ``2**32 - 1`` gives the wrapped uint32 product.
+15]``), a bijection on 32 bits. The per-stream keys run on int64 holding values below
+``2**32`` (both multipliers are below ``2**31``, so no product reaches ``2**63`` and
+masking with ``2**32 - 1`` gives the wrapped uint32 product); the per-element hash
+runs on int32 lanes, see Note [32-bit lanes] (the same bits).
 (seed, offset) is first hashed into a 64-bit key ``(k1, k2)`` on 0-d tensors; each
 element then takes ``lowbias32(lowbias32(index_lo ^ k1) ^ k2 ^ index_hi)`` and keeps
 the top 16 bits. Distinct offsets give unrelated streams, so any scheme works: the step
@@ -119,18 +119,46 @@ def random_bits16(
     """
     k1, k2 = stream_keys(seed_t.reshape(()), offset_t.reshape(())).unbind()
     index = torch.arange(numel, dtype=torch.int64, device=device or seed_t.device)
-    return bits16(index, k1, k2)
+    return bits16(index, k1, k2).to(torch.int64)
+
+
+def _lowbias32_i32(h: Tensor) -> Tensor:
+    """``lowbias32`` on int32 tensors holding uint32 bit patterns (Note [32-bit lanes]).
+
+    Masking after each arithmetic right shift makes it the logical shift of the
+    uint32 function; the products wrap modulo ``2**32``.
+    """
+    h = h ^ ((h >> 16) & 0xFFFF)
+    h = h * 0x21F0AAAD
+    h = h ^ ((h >> 15) & 0x1FFFF)
+    h = h * 0x735A2D97
+    return h ^ ((h >> 15) & 0x1FFFF)
 
 
 def bits16(index: Tensor, k1: Tensor, k2: Tensor) -> Tensor:
     """The random bits of element ``index`` of the stream with keys ``(k1, k2)``.
 
-    Elementwise over broadcastable int64 tensors (see :func:`stream_keys`).
+    Elementwise over broadcastable int64 tensors (see :func:`stream_keys`); the
+    result is int32 in ``[0, 2**16)``.
+
+    Note [32-bit lanes]: the per-element hash runs on int32, the keys (computed once
+    per stream, on int64) cut to their 32 bits. AVX2 multiplies eight int32 lanes in
+    one instruction but has no 64-bit multiply (Inductor emulates it, about ten
+    instructions for four lanes), so int64 made stochastic rounding cost several
+    times the update itself. int32 products overflow, which C++ leaves undefined;
+    eager kernels and Inductor's code both compile them to the wrapping instructions
+    (``vpmulld``, ``imul``), which ``test_stochastic_round_compiled_matches_eager_bitwise``
+    checks on every run.
     """
-    h = _lowbias32_((index & _MASK32) ^ k1)
-    h ^= k2
-    h ^= index >> 32
-    return _lowbias32_(h).bitwise_right_shift_(16)
+    lo = index.to(torch.int32)  # the low 32 bits (conversion wraps)
+    h = _lowbias32_i32(lo ^ _as_i32(k1))
+    h = h ^ _as_i32(k2) ^ (index >> 32).to(torch.int32)
+    return (_lowbias32_i32(h) >> 16) & 0xFFFF
+
+
+def _as_i32(k: Tensor) -> Tensor:
+    """A key in ``[0, 2**32)`` (int64) as the int32 with the same 32 bits."""
+    return k.to(torch.int32)
 
 
 def stochastic_round_bf16(x: Tensor, seed_t: Tensor, offset_t: Tensor) -> Tensor:
