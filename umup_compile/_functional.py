@@ -122,13 +122,20 @@ def _noise(
         return None
     keys = stream_keys(sr_seeds_t, step.to(torch.int64))
     if segment_t is not None and local_index_t is not None:  # a pack: rows
+        # pack members are small: int32 indices (Note [32-bit lanes])
         k1, k2 = keys.index_select(1, segment_t).unsqueeze(-1).unbind()
-        columns = torch.arange(params[0].shape[-1], device=local_index_t.device)
-        return [(local_index_t.to(torch.int64).unsqueeze(-1) + columns, k1, k2)]
+        columns = torch.arange(
+            params[0].shape[-1], dtype=torch.int32, device=local_index_t.device
+        )
+        return [(local_index_t.to(torch.int32).unsqueeze(-1) + columns, k1, k2)]
     k1s, k2s = keys.unbind()
     return [
         (
-            torch.arange(p.numel(), dtype=torch.int64, device=p.device).view(p.shape),
+            torch.arange(
+                p.numel(),
+                dtype=torch.int32 if p.numel() < 2**31 else torch.int64,
+                device=p.device,
+            ).view(p.shape),
             k1s[i],
             k2s[i],
         )

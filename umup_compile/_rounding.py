@@ -15,16 +15,14 @@ exactly when ``r >= 2**16 - f``: probability ``f / 2**16``. Hence
 
     E[round(x)] = lo + u * f / 2**16 = x,
 
-unbiased for every finite float32, with no float arithmetic at all: the bf16 result is
-the high half of the pattern, so no float conversion (whose NaN handling differs
-between vectorised and scalar kernels) is involved. Exact bf16 values
+unbiased for every finite float32, with no float arithmetic: the bf16 result is the
+high half of the pattern (converted exactly, Note [vectorised rounding]). Exact bf16 values
 (``f = 0``) never move. The sign bit is not touched, so negative values round their
 magnitude the same way (the result stays unbiased), and ``±0`` stays ``±0``.
 
-Specials, all bitwise identical eager vs compiled:
+Specials, all bitwise identical eager vs compiled but NaN (still NaN):
 
-* NaN stays NaN, quieted, with its sign and the high bits of its payload (no noise is
-  added: a NaN's low payload plus ``r`` could carry into ``inf``).
+* NaN stays NaN (its sign and payload are not kept; Note [vectorised rounding]).
 * ``±inf`` stays ``±inf``: adding ``r`` to its pattern never reaches the next one.
 * float32 subnormals round stochastically onto bf16's subnormal grid (spacing
   ``2**-133``), unbiased like any other value; no flush to zero.
@@ -61,6 +59,7 @@ _MASK32 = 0xFFFFFFFF
 _ABS = 0x7FFFFFFF
 _INF = 0x7F800000
 _QUIET = 0x00400000
+_HIGH16 = -0x10000  # 0xFFFF0000 as int32: keeps a pattern's bf16 half
 # Arbitrary odd constants (golden ratio, murmur3) so that an all-zero input does not
 # hit lowbias32's fixed point at 0.
 _SEED_SALT = 0x9E3779B9
@@ -138,8 +137,10 @@ def _lowbias32_i32(h: Tensor) -> Tensor:
 def bits16(index: Tensor, k1: Tensor, k2: Tensor) -> Tensor:
     """The random bits of element ``index`` of the stream with keys ``(k1, k2)``.
 
-    Elementwise over broadcastable int64 tensors (see :func:`stream_keys`); the
-    result is int32 in ``[0, 2**16)``.
+    Elementwise over broadcastable tensors (see :func:`stream_keys`): int64 keys,
+    and an int64 index, or an int32 one where every index is below ``2**31`` (the
+    same bits, with no 64-bit work per element). The result is int32 in
+    ``[0, 2**16)``.
 
     Note [32-bit lanes]: the per-element hash runs on int32, the keys (computed once
     per stream, on int64) cut to their 32 bits. AVX2 multiplies eight int32 lanes in
@@ -150,9 +151,12 @@ def bits16(index: Tensor, k1: Tensor, k2: Tensor) -> Tensor:
     (``vpmulld``, ``imul``), which ``test_stochastic_round_compiled_matches_eager_bitwise``
     checks on every run.
     """
-    lo = index.to(torch.int32)  # the low 32 bits (conversion wraps)
-    h = _lowbias32_i32(lo ^ _as_i32(k1))
-    h = h ^ _as_i32(k2) ^ (index >> 32).to(torch.int32)
+    if index.dtype == torch.int32:  # below 2**31 (the caller knows): no high half
+        h = _lowbias32_i32(index ^ _as_i32(k1)) ^ _as_i32(k2)
+    else:
+        lo = index.to(torch.int32)  # the low 32 bits (conversion wraps)
+        h = _lowbias32_i32(lo ^ _as_i32(k1))
+        h = h ^ _as_i32(k2) ^ (index >> 32).to(torch.int32)
     return (_lowbias32_i32(h) >> 16) & 0xFFFF
 
 
@@ -201,16 +205,24 @@ def round_bf16_with_bits(x: Tensor, bits: Tensor) -> Tensor:
     """Round float32 ``x`` to bfloat16, adding the random ``bits`` in ``[0, 2**16)``.
 
     See Note [stochastic rounding]; :func:`stochastic_round_bf16` draws the bits.
+
+    Note [vectorised rounding]: Inductor's CPU code vectorises no kernel that touches
+    int16, so the bf16 pattern is not cut from the int32 one (``>> 16``, then int16,
+    then a bf16 view: that made the whole fused update scalar, 4x slower). The rounded
+    pattern, its low half cleared, is a float32 that bf16 holds exactly, so converting
+    it is exact and bitwise the same in every kernel. NaN is the exception: vectorised
+    and scalar conversions give different NaN patterns (and Inductor stores bf16
+    results through a float32 conversion whatever the op), so a NaN stays NaN, but
+    its sign and payload are not kept.
     """
     pattern = x.view(torch.int32)
-    # NaN adds no noise (its pattern plus r could carry into inf or, for +NaN,
-    # overflow int32) and gets the quiet bit, which lies in the kept high half.
     nan = (pattern & _ABS) > _INF
+    # NaN adds no noise (its pattern plus r could overflow int32, into -0.0) and gets
+    # the quiet bit, in the kept high half (a NaN whose payload is all in the low
+    # half would otherwise become inf).
     summed = torch.where(nan, pattern | _QUIET, pattern)
-    summed += bits.to(torch.int32).masked_fill_(nan, 0)
-    # The high half of the pattern *is* the bf16 pattern: no float conversion, whose
-    # NaN handling could differ between eager and compiled kernels.
-    return summed.bitwise_right_shift_(16).to(torch.int16).view(torch.bfloat16)
+    summed = summed + bits.to(torch.int32).masked_fill(nan, 0)
+    return (summed & _HIGH16).view(torch.float32).to(torch.bfloat16)
 
 
 def parameter_seeds(group_seeds: Sequence[int], indices: Sequence[int]) -> list[int]:
