@@ -14,6 +14,7 @@ from torch.torch_version import TorchVersion
 
 import umup_compile as uc
 from umup_compile._engine import CompiledEngine
+from umup_compile._runner import TRACED_STEP_SUPPORTED
 
 TORCH = TorchVersion(torch.__version__)
 # What older torch releases lack; tests of them skip there, with the reason.
@@ -26,7 +27,7 @@ needs_torch_adam_decoupled = pytest.mark.skipif(
 )
 # The optimizer traced inside the user's torch.compile (Note [traced hypers]).
 needs_traced_step = pytest.mark.skipif(
-    TORCH < "2.11",
+    not TRACED_STEP_SUPPORTED,
     reason=f"opt.step() inside torch.compile needs torch >= 2.11 (this is {TORCH})",
 )
 

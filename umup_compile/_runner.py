@@ -100,6 +100,11 @@ class Work:
     call: Call | None  # None: run the update eagerly (not through the engine)
     sharded: Any = None  # a DTensor gradient of a sharded bucket (its placements)
 
+    @property
+    def grads(self) -> Sequence[Tensor]:
+        """The gradients the update reads (its second positional argument)."""
+        return self.args[1]  # type: ignore[no-any-return]
+
 
 @dataclass
 class _CachedLayout:
@@ -171,8 +176,10 @@ class StepRunner:
         if torch.compiler.is_compiling():
             if not TRACED_STEP_SUPPORTED:  # raising makes Dynamo run the step eagerly
                 raise RuntimeError(
-                    "umup_compile: opt.step() inside torch.compile needs torch >= 2.11; compile the forward and backward only, or use fullgraph=False"
-                )  # noqa: E501 - one line, which Dynamo shows
+                    "umup_compile: opt.step() inside torch.compile needs torch >= "
+                    "2.11; compile the forward and backward only, or use "
+                    "fullgraph=False"
+                )
             with torch.set_grad_enabled(any(g["differentiable"] for g in groups)):
                 self._traced_step(groups, state, amp, name)
             return
@@ -332,7 +339,7 @@ class StepRunner:
             return
         squares = []
         for work in works:
-            sq = squared_norm(work.args[1])
+            sq = squared_norm(work.grads)
             if work.sharded is not None:
                 sq = reduce_sharded(sq, work.sharded)
             squares.append(sq)
