@@ -23,7 +23,8 @@ ALLOWED: dict[str, set[str]] = {
     "_gather": {"_hypers", "_plan", "_specs"},
     "_layout": set(),
     "_pack": {"_layout"},
-    "_engine": set(),
+    "_codegen_hints": set(),
+    "_engine": {"_codegen_hints"},
     "_env": set(),
     "_clip": set(),
     "_runner": {

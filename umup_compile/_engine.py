@@ -18,6 +18,8 @@ from typing import Any, Protocol
 import torch
 import torch.fx.experimental._config as fx_config
 
+from ._codegen_hints import codegen_hints
+
 StepFn = Callable[..., None]
 
 
@@ -157,13 +159,15 @@ class CompiledEngine:
         if dynamic:
             _mark_dynamic((*args, *rest.values()))
         try:
-            # Without duck shaping, equal sizes get no equality guard: the next
-            # chunk's different sizes reuse the graph.
-            if dynamic:
-                with fx_config.patch(use_duck_shape=False):  # type: ignore[attr-defined]
+            # A first call compiles here: its bf16 kernels get full vectors (Note
+            # [bf16 tiling], Note [vector bitcast]). Without duck shaping, equal sizes get no equality
+            # guard: the next chunk's different sizes reuse the graph.
+            with codegen_hints:
+                if dynamic:
+                    with fx_config.patch(use_duck_shape=False):  # type: ignore[attr-defined]
+                        compiled(*args, **rest)
+                else:
                     compiled(*args, **rest)
-            else:
-                compiled(*args, **rest)
         except Exception as e:  # noqa: BLE001 - any backend failure means "cannot compile"
             if self.strict or not _is_compile_failure(e):
                 raise

@@ -42,9 +42,17 @@ The mixer is ``lowbias32`` (Wellons' hash-prospector, ``[16 21f0aaad 15 735a2d97
 masking with ``2**32 - 1`` gives the wrapped uint32 product); the per-element hash
 runs on int32 lanes, see Note [32-bit lanes] (the same bits).
 (seed, offset) is first hashed into a 64-bit key ``(k1, k2)`` on 0-d tensors; each
-element then takes ``lowbias32(lowbias32(index_lo ^ k1) ^ k2 ^ index_hi)`` and keeps
+element then takes ``lowbias32(index_lo ^ k1 ^ lowbias32(index_hi)) ^ k2`` and keeps
 the top 16 bits. Distinct offsets give unrelated streams, so any scheme works: the step
 counter, or ``step * num_tensors + tensor_index`` for independent tensors.
+
+One round per element: the keys already carry all the mixing of (seed, offset), and
+one round of ``lowbias32`` (its measured bias is 0.17, near the ideal) decorrelates
+neighbouring indices. Two rounds cost a third of a low-precision step (GPT-like set,
+1 thread: 1.36x the run without rounding, against 1.2x with one). Below ``2**32``
+the high half is 0 and ``lowbias32(0) = 0``, so an int32 index gives the same bits.
+Past it, 2**64 indices share 2**32 inputs: element ``(lo, hi)`` repeats the bits of
+``(lo ^ lowbias32(hi), 0)``, which rounding does not mind (each stays unbiased).
 """
 
 from __future__ import annotations
@@ -151,13 +159,15 @@ def bits16(index: Tensor, k1: Tensor, k2: Tensor) -> Tensor:
     (``vpmulld``, ``imul``), which ``test_stochastic_round_compiled_matches_eager_bitwise``
     checks on every run.
     """
-    if index.dtype == torch.int32:  # below 2**31 (the caller knows): no high half
-        h = _lowbias32_i32(index ^ _as_i32(k1)) ^ _as_i32(k2)
-    else:
-        lo = index.to(torch.int32)  # the low 32 bits (conversion wraps)
-        h = _lowbias32_i32(lo ^ _as_i32(k1))
-        h = h ^ _as_i32(k2) ^ (index >> 32).to(torch.int32)
-    return (_lowbias32_i32(h) >> 16) & 0xFFFF
+    h = index ^ _as_i32(k1) if index.dtype == torch.int32 else _wide_input(index, k1)
+    return ((_lowbias32_i32(h) ^ _as_i32(k2)) >> 16) & 0xFFFF
+
+
+def _wide_input(index: Tensor, k1: Tensor) -> Tensor:
+    """The hash input of an int64 index: its high half folded into the low one, as
+    ``lowbias32(hi)`` (0 below ``2**32``: the int32 index's input there)."""
+    high = _lowbias32_i32((index >> 32).to(torch.int32))
+    return index.to(torch.int32) ^ _as_i32(k1) ^ high  # .to wraps: the low 32 bits
 
 
 def _as_i32(k: Tensor) -> Tensor:
