@@ -229,6 +229,12 @@ CONTESTANTS: dict[str, tuple[Callable[[list[nn.Parameter]], Any], str, str]] = {
         "heavyball AdamW(weight_decay=0), bf16 params, its default state dtype",
         "step",
     ),
+    # The same on the run's --dtype (the default list: the GPT-like fp32 run).
+    "heavyball": (
+        _heavyball_adamw(),
+        "heavyball AdamW(weight_decay=0), 1 group (optional: pip install heavyball)",
+        "step",
+    ),
 }
 # Parameter dtype per contestant where it is not --dtype (the low-precision set).
 PARAM_DTYPES: dict[str, torch.dtype] = {
@@ -242,9 +248,9 @@ PARAM_DTYPES: dict[str, torch.dtype] = {
 }
 # Contestants that need a package that is not a dependency: skipped (a row with a
 # note, no timings) when the import fails. Likewise for CUDA-only contestants.
-OPTIONAL = {"heavyball-adamw": "heavyball"}
+OPTIONAL = {"heavyball-adamw": "heavyball", "heavyball": "heavyball"}
 # Contestants whose step sets .grad to None (HeavyBall's does).
-CLEARS_GRADS = {"heavyball-adamw"}
+CLEARS_GRADS = {"heavyball-adamw", "heavyball"}
 CUDA_ONLY = {"umup-capturable"}
 DEFAULT_CONTESTANTS = [
     n

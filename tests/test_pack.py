@@ -194,6 +194,36 @@ def test_many_tensors_one_pack_graph(
     assert counter.frame_count == 1 + len({kind for _, kind in chunks})
 
 
+@pytest.mark.parametrize(
+    "n_small,total_max,packed",
+    [(3, 64, False), (4, 64, True), (3, 4, True)],
+    ids=["joined", "too_many_small", "unit_too_large"],
+)
+def test_few_small_params_join_the_unrolled_unit(
+    n_small: int, total_max: int, packed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Note [small into the unrolled unit]: a few small tensors join the unrolled
+    unit (one graph, no pack); past FOLD_SMALL_MAX, or past UNROLL_WITH_SMALL_MAX
+    members in all, they keep a pack. The numbers are eager's, bitwise."""
+    monkeypatch.setattr(_layout, "FOLD_SMALL_MAX", 3)
+    monkeypatch.setattr(_layout, "UNROLL_WITH_SMALL_MAX", total_max)
+    params = [uc.Parameter(torch.randn(130, 128), "weight") for _ in range(2)]
+    params += [uc.Parameter(torch.randn(16), "norm") for _ in range(n_small)]
+    ref_params = clone_params(params)
+    opt = Adam(params, lr=0.01, weight_decay=0.1)
+    counter = CompileCounter()
+    use_backend(opt, counter)
+    ref = Adam(ref_params, lr=0.01, weight_decay=0.1, compile=False)
+    run_steps([opt, ref], [params, ref_params], 3)
+    assert_same(opt, ref)
+    layout = next(iter(opt._runner.layouts.values())).layout
+    assert (layout.pack is not None) == packed
+    (unit,) = layout.units
+    assert unit_class(unit.kind) == "unrolled"
+    assert len(unit.members) == 2 + (0 if packed else n_small)
+    assert counter.frame_count == (2 if packed else 1)
+
+
 def test_pack_rows() -> None:
     """Each packed parameter starts a row of ``PACK_ROW``; the padding stays zero."""
     params = [uc.Parameter(torch.randn(n), "bias") for n in (16, 130, 256)]

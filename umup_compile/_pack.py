@@ -109,8 +109,10 @@ def build_layout(
         for key in keys:
             if not states[k][key].is_contiguous():
                 states[k][key] = states[k][key].contiguous()
+    planned = plan_units(large, params, unrolled, small)
+    placed = {k for members, _ in planned for k in members}
+    small = [k for k in small if k not in placed]
     pack = _build_pack(small, params, states, keys, scalar_keys) if small else None
-    planned = plan_units(large, params, unrolled)
     if strided:
         planned.append((strided, STRIDED_KIND))
     units = []
