@@ -34,7 +34,9 @@ from typing import Any
 
 import torch
 
-_depth = 0  # open codegen_hints contexts (Inductor generates code in the caller's thread)
+_depth = (
+    0  # open codegen_hints contexts (Inductor generates code in the caller's thread)
+)
 _installed: bool | None = None  # None: not tried yet
 # Same-size pairs whose vectors bit_cast cleanly (AVX2, AVX-512 and the scalar ISA).
 _BITCASTABLE = {torch.float32, torch.int32, torch.float64, torch.int64}
@@ -61,7 +63,9 @@ def _cpp_backend() -> Any | None:
 def _install_tiling(cpp: Any) -> None:
     """Wrap ``TilingSelect.select_tiling``; see Note [bf16 tiling]."""
     original: Callable[..., Any] = cpp.TilingSelect.select_tiling
-    lowp_of: Callable[[Any], tuple[torch.dtype | None, bool]] = cpp.get_loop_body_lowp_fp
+    lowp_of: Callable[[Any], tuple[torch.dtype | None, bool]] = (
+        cpp.get_loop_body_lowp_fp
+    )
 
     def select_tiling(self: Any, fn_list: Any, var_sizes_list: Any) -> Any:
         if _depth == 0:
@@ -91,7 +95,9 @@ def _install_bitcast(cpp: Any) -> None:
     """Replace the vectorised ``to_dtype_bitcast``; see Note [vector bitcast]."""
     from torch._inductor.virtualized import V
 
-    original: Callable[..., Any] = cpp.CppVecOverrides.__dict__["to_dtype_bitcast"].__func__
+    original: Callable[..., Any] = cpp.CppVecOverrides.__dict__[
+        "to_dtype_bitcast"
+    ].__func__
 
     def to_dtype_bitcast(x: Any, dtype: torch.dtype, src_dtype: torch.dtype) -> Any:
         kernel = V.kernel

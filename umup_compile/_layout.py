@@ -131,8 +131,10 @@ def plan_units(
     """
     if 0 < len(large) <= UNROLL_MAX:
         candidates = [list(large)]
-        if small and len(small) <= FOLD_SMALL_MAX and len(large) + len(small) <= (
-            UNROLL_WITH_SMALL_MAX
+        if (
+            small
+            and len(small) <= FOLD_SMALL_MAX
+            and len(large) + len(small) <= (UNROLL_WITH_SMALL_MAX)
         ):
             candidates.insert(0, [*large, *small])
         for chosen in candidates:
