@@ -96,8 +96,8 @@ def test_hints_bitcast_whole_vectors(
 ) -> None:
     _lanes(torch.float32)
     hinted, plain = runs[True][2], runs[False][2]
-    assert "c10::bit_cast<at::vec::VectorizedN<int32_t,2>>" in hinted
-    assert "c10::bit_cast<at::vec::VectorizedN<float,2>>" in hinted
+    assert "at::vec::VectorizedN<int32_t,2> out; static_assert" in hinted
+    assert "at::vec::VectorizedN<float,2> out; static_assert" in hinted
     assert "tmpbuf_out" not in hinted  # no scalar round trip left
     assert "tmpbuf_out" in plain
 
@@ -137,3 +137,42 @@ def test_engine_compiles_under_the_hints(monkeypatch: pytest.MonkeyPatch) -> Non
     engine(fn, (torch.zeros(3),), {"config": ()}, static=True)
     assert seen == [True]  # Dynamo ran fn's Python while tracing, hints on
     assert not _codegen_hints.active()
+
+
+def test_optimizer_compiles_its_kernels_with_the_hints() -> None:
+    """bf16 parameters, float32 state, stochastic rounding, compile='strict' (a C++
+    error would raise, not fall back): the step's kernels carry both hints and give
+    the eager numbers to within one bf16 ulp (the float32 math may round apart)."""
+    import umup_compile as uc
+    from umup_compile.optim import Adam
+
+    def build(compile_: object) -> tuple[list[torch.nn.Parameter], Adam]:
+        g = torch.Generator().manual_seed(1)
+        params = [
+            uc.Parameter(torch.randn(shape, generator=g).bfloat16(), "weight")
+            for shape in [(64, 96), (96, 64)]
+        ]
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g).bfloat16()
+        opt = Adam(
+            params,
+            lr=0.01,
+            state_dtype=torch.float32,
+            stochastic_rounding=True,
+            compile=compile_,  # type: ignore[arg-type]
+        )
+        return params, opt
+
+    params, opt = build("strict")
+    ref_params, ref = build(False)
+    with inductor_config.patch(force_disable_caches=True):
+        opt.step()  # creates the state (eager), then the compiled steps
+        _, code = run_and_get_code(opt.step)
+    ref.step()
+    ref.step()
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p.float(), q.float(), rtol=2**-7, atol=0)
+    source = "\n".join(code)
+    # The pack's rows: some loop steps by bf16's width.
+    assert f"+=static_cast<int64_t>({_lanes(torch.bfloat16)}L)" in source
+    assert "std::memcpy(&out" in source

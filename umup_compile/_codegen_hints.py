@@ -23,8 +23,9 @@ as a scalar loop through two stack buffers (its generic fallback). Stochastic ro
 views every float32 as int32 and back, and those two round trips cost more than the
 whole update (16M elements: 13.7 ms against 6.2 ms, the hash excluded). A bitcast
 between same-size types is one register reinterpretation: under the hints it is
-written as ``c10::bit_cast`` of the whole vector (``Vectorized<T>`` and
-``VectorizedN<T, n>`` are trivially copyable, and equal in size for equal itemsize).
+written as a ``memcpy`` of the whole vector into one of the other type
+(``Vectorized<T>`` and ``VectorizedN<T, n>`` are trivially copyable, and equal in size
+for equal itemsize), which the compiler turns into register moves.
 """
 
 from __future__ import annotations
@@ -115,7 +116,13 @@ def _install_bitcast(cpp: Any) -> None:
                 if n == 1
                 else f"at::vec::VectorizedN<{scalar},{n}>"
             )
-            return f"c10::bit_cast<{vector}>({x})"
+            # memcpy, not c10::bit_cast: torch 2.11's requires a trivially
+            # constructible destination, which Vectorized is not. Compilers turn it
+            # into register moves.
+            return (
+                f"([&]() {{ {vector} out; static_assert(sizeof(out) == sizeof({x})); "
+                f"std::memcpy(&out, &{x}, sizeof(out)); return out; }})()"
+            )
         return original(x, dtype, src_dtype)
 
     # The scalar fallback of CppVecOverrides looks the op up by this name.
