@@ -204,3 +204,30 @@ def test_max_grad_norm_survives_pickling_and_deepcopy():
     opt.max_grad_norm = 0.25
     for clone in (pickle.loads(pickle.dumps(opt)), copy.deepcopy(opt)):
         assert clone.max_grad_norm == 0.25
+
+
+def test_new_max_grad_norm_never_recompiles():
+    """The compiled engine reads max_grad_norm as a tensor: changing it between steps
+    compiles nothing, and the numbers follow torch's clip at the new threshold."""
+    from torch._dynamo.testing import CompileCounter
+
+    from tests.helpers import use_backend
+
+    ps, qs = _params(), _params()
+    ours = Adam(ps, lr=0.01, **UMUP, max_grad_norm=0.5)
+    counter = CompileCounter()
+    use_backend(ours, counter)
+    ref = torch.optim.Adam(qs, lr=0.01, foreach=False)
+    frames = None
+    for step, max_norm in enumerate([0.5, 0.5, 0.5, 0.1, 3.0, 0.1]):
+        ours.max_grad_norm = max_norm
+        _grads(ps, step)
+        _grads(qs, step)
+        ours.step()
+        norm = torch.nn.utils.clip_grad_norm_(qs, max_norm)
+        ref.step()
+        torch.testing.assert_close(ours.last_grad_norm, norm)
+        if step == 2:
+            frames = counter.frame_count
+    assert frames is not None and counter.frame_count == frames
+    assert_pair_close(ours, ref, list(zip(ps, qs)))

@@ -11,6 +11,10 @@ device: no host sync. The norm is of the unscaled gradients (a GradScaler's scal
 divided out), and a step the scaler skips stays skipped (its mask does not depend on
 the divisor). Sharded gradients (FSDP2) contribute their local squares, summed over
 the mesh dimensions they are sharded on; DDP's gradients are already all-reduced.
+With the compiled engine on one device, everything after the per-tensor norms is one
+compiled call (:func:`coefficient_into`): GPT-like set, 1 thread, the clipped step went
+from 0.85x to 0.83x of ``clip_grad_norm_`` + torch fused. The norm's read itself runs
+at what one core streams (~36 GB/s here), compiled or ``_foreach_norm``.
 """
 
 from __future__ import annotations
@@ -54,6 +58,34 @@ def squared_norm(grads: Sequence[Tensor]) -> Tensor:
     """
     norms = torch._foreach_norm(list(grads))
     return torch.stack(norms).to(torch.float32).square().sum()
+
+
+def coefficient_into(
+    norms: Tensor,
+    max_norm_t: Tensor,
+    divisor: Tensor,
+    total_norm: Tensor,
+    grad_scale_t: Tensor | None = None,
+    *,
+    config: Any = None,
+) -> None:
+    """:func:`clip_divisors` for one device, written into ``divisor`` and ``total_norm``.
+
+    The compiled engine's form (it runs functions that write their results in place):
+    from the per-tensor ``norms`` of ``_foreach_norm`` to the divisor is nine tiny
+    ops, ~0.05 ms each eagerly after a step's kernel has emptied the caches, one
+    compiled call instead. ``max_norm_t`` is a 0-d float32 tensor, so a new
+    ``max_grad_norm`` never recompiles; ``config`` is the engine's static key.
+    """
+    del config
+    norm = norms.to(torch.float32).square().sum().sqrt()
+    if grad_scale_t is not None:
+        norm = norm / grad_scale_t.to(torch.float32)
+    coefficient = (max_norm_t / (norm + EPS)).clamp(max=1.0)
+    total_norm.copy_(norm)
+    divisor.copy_(
+        1 / coefficient if grad_scale_t is None else grad_scale_t / coefficient
+    )
 
 
 def reduce_sharded(squares: Tensor, like: Any) -> Tensor:

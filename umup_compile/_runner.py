@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.torch_version import TorchVersion
 
-from ._clip import clip_divisors, reduce_sharded, squared_norm
+from ._clip import clip_divisors, coefficient_into, reduce_sharded, squared_norm
 from ._engine import Engine
 from ._gather import (
     Bucket,
@@ -142,6 +142,9 @@ class StepRunner:
         # Note [fused clipping]: the threshold, and the last step's norm
         self.max_grad_norm: float | None = None
         self.last_grad_norm: Tensor | None = None
+        self._max_norm_t: tuple[float, Tensor] | None = (
+            None  # max_grad_norm, as a tensor
+        )
 
     def set_groups(self, groups: Sequence[Group]) -> None:
         """Groups were added or loaded: keep the list, read what a traced step
@@ -337,6 +340,13 @@ class StepRunner:
         if not works:
             self.last_grad_norm = torch.zeros(())
             return
+        if (
+            self.engine.packs
+            and len(amp) == 1
+            and all(w.call is not None and w.sharded is None for w in works)
+        ):
+            self._clip_compiled(works, amp, self.max_grad_norm)
+            return
         squares = []
         for work in works:
             sq = squared_norm(work.grads)
@@ -349,6 +359,37 @@ class StepRunner:
         )
         for work in works:
             work.kwargs["grad_scale_t"] = divisors[work.device]
+
+    def _clip_compiled(
+        self,
+        works: list[Work],
+        amp: dict[torch.device, dict[str, Any]],
+        max_norm: float,
+    ) -> None:
+        """:meth:`_clip` on one device with the compiled engine: the per-tensor norms
+        eagerly (one ``_foreach_norm``), the rest one compiled call."""
+        ((device, amp_kw),) = amp.items()
+        norms = torch.stack(
+            [n for w in works for n in torch._foreach_norm(list(w.grads))]
+        )
+        cached = self._max_norm_t
+        if cached is None or cached[0] != max_norm or cached[1].device != device:
+            # full, not tensor: a fill kernel, no host copy (capture-safe)
+            value = torch.full((), max_norm, dtype=torch.float32, device=device)
+            cached = self._max_norm_t = (max_norm, value)
+        divisor = torch.empty((), dtype=torch.float32, device=device)
+        norm = torch.empty((), dtype=torch.float32, device=device)
+        scale = amp_kw.get("grad_scale_t")
+        self.engine(
+            coefficient_into,
+            (norms, cached[1], divisor, norm),
+            {"config": (), "grad_scale_t": scale},
+            f"clip{len(norms)}",
+            True,
+        )
+        self.last_grad_norm = norm
+        for work in works:
+            work.kwargs["grad_scale_t"] = divisor
 
     def _args(
         self, plan: BucketPlan, call: Call, grads: list[Tensor], hyper_t: Tensor
