@@ -51,13 +51,37 @@ def check_max_grad_norm(value: Any) -> float | None:
     return float(value)
 
 
-def squared_norm(grads: Sequence[Tensor]) -> Tensor:
-    """The sum of the squares of ``grads`` (a float32 0-d tensor on their device).
+def tensor_norms(grads: Sequence[Tensor]) -> Tensor:
+    """Each gradient's L2 norm, stacked: one ``_foreach_norm`` over them all.
 
     Complex gradients arrive as real views; padding in a pack is zero.
     """
-    norms = torch._foreach_norm(list(grads))
-    return torch.stack(norms).to(torch.float32).square().sum()
+    return torch.stack(torch._foreach_norm(list(grads)))
+
+
+def squared_norm(grads: Sequence[Tensor]) -> Tensor:
+    """The sum of the squares of ``grads`` (a float32 0-d tensor on their device)."""
+    return _sum_of_squares(tensor_norms(grads))
+
+
+def _sum_of_squares(norms: Tensor) -> Tensor:
+    return norms.to(torch.float32).square().sum()
+
+
+def _norm_and_coefficient(
+    squares: Tensor, max_norm: float | Tensor, scale: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """The norm of the unscaled gradients from their (scaled) ``squares``, and
+    torch's coefficient ``min(1, max_norm / (norm + 1e-6))``."""
+    norm = squares.sqrt()
+    if scale is not None:
+        norm = norm / scale.to(norm.device, torch.float32)
+    return norm, (max_norm / (norm + EPS)).clamp(max=1.0)
+
+
+def _divisor(coefficient: Tensor, scale: Tensor | None) -> Tensor:
+    """What the update divides the gradients by: ``scale / coefficient``."""
+    return 1 / coefficient if scale is None else scale / coefficient
 
 
 def coefficient_into(
@@ -72,20 +96,17 @@ def coefficient_into(
     """:func:`clip_divisors` for one device, written into ``divisor`` and ``total_norm``.
 
     The compiled engine's form (it runs functions that write their results in place):
-    from the per-tensor ``norms`` of ``_foreach_norm`` to the divisor is nine tiny
+    from the per-tensor ``norms`` of :func:`tensor_norms` to the divisor is nine tiny
     ops, ~0.05 ms each eagerly after a step's kernel has emptied the caches, one
     compiled call instead. ``max_norm_t`` is a 0-d float32 tensor, so a new
     ``max_grad_norm`` never recompiles; ``config`` is the engine's static key.
     """
     del config
-    norm = norms.to(torch.float32).square().sum().sqrt()
-    if grad_scale_t is not None:
-        norm = norm / grad_scale_t.to(torch.float32)
-    coefficient = (max_norm_t / (norm + EPS)).clamp(max=1.0)
-    total_norm.copy_(norm)
-    divisor.copy_(
-        1 / coefficient if grad_scale_t is None else grad_scale_t / coefficient
+    norm, coefficient = _norm_and_coefficient(
+        _sum_of_squares(norms), max_norm_t, grad_scale_t
     )
+    total_norm.copy_(norm)
+    divisor.copy_(_divisor(coefficient, grad_scale_t))
 
 
 def reduce_sharded(squares: Tensor, like: Any) -> Tensor:
@@ -116,16 +137,11 @@ def clip_divisors(
         ``({device: scale / coefficient}, norm)``; the norm (of the unscaled
         gradients, float32) is on the first device.
     """
-    devices = list(grad_scales)
-    first = devices[0]
+    first = next(iter(grad_scales))
     total = torch.stack([s.to(first, non_blocking=True) for s in squares]).sum()
-    norm = total.sqrt()
-    scale = grad_scales[first]
-    if scale is not None:
-        norm = norm / scale.to(first, torch.float32)
-    coefficient = (max_norm / (norm + EPS)).clamp(max=1.0)
-    divisors = {}
-    for device, scale_d in grad_scales.items():
-        c = coefficient.to(device, non_blocking=True)
-        divisors[device] = (1 / c) if scale_d is None else scale_d / c
+    norm, coefficient = _norm_and_coefficient(total, max_norm, grad_scales[first])
+    divisors = {
+        device: _divisor(coefficient.to(device, non_blocking=True), scale)
+        for device, scale in grad_scales.items()
+    }
     return divisors, norm

@@ -35,11 +35,10 @@ from typing import Any
 
 import torch
 
-_depth = (
-    0  # open codegen_hints contexts (Inductor generates code in the caller's thread)
-)
+# Open codegen_hints contexts (Inductor generates code in the caller's thread).
+_depth = 0
 _installed: bool | None = None  # None: not tried yet
-# Same-size pairs whose vectors bit_cast cleanly (AVX2, AVX-512 and the scalar ISA).
+# Same-size pairs whose vectors reinterpret cleanly (AVX2, AVX-512, the scalar ISA).
 _BITCASTABLE = {torch.float32, torch.int32, torch.float64, torch.int64}
 
 

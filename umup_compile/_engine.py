@@ -159,9 +159,9 @@ class CompiledEngine:
         if dynamic:
             _mark_dynamic((*args, *rest.values()))
         try:
-            # A first call compiles here: its bf16 kernels get full vectors (Note
-            # [bf16 tiling], Note [vector bitcast]). Without duck shaping, equal sizes get no equality
-            # guard: the next chunk's different sizes reuse the graph.
+            # A first call compiles here, under the code hints (Note [bf16 tiling],
+            # Note [vector bitcast]). Without duck shaping, equal sizes get no
+            # equality guard: the next chunk's different sizes reuse the graph.
             with codegen_hints:
                 if dynamic:
                     with fx_config.patch(use_duck_shape=False):  # type: ignore[attr-defined]

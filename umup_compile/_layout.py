@@ -134,7 +134,7 @@ def plan_units(
         if (
             small
             and len(small) <= FOLD_SMALL_MAX
-            and len(large) + len(small) <= (UNROLL_WITH_SMALL_MAX)
+            and len(large) + len(small) <= UNROLL_WITH_SMALL_MAX
         ):
             candidates.insert(0, [*large, *small])
         for chosen in candidates:

@@ -20,7 +20,13 @@ import torch
 from torch import Tensor
 from torch.torch_version import TorchVersion
 
-from ._clip import clip_divisors, coefficient_into, reduce_sharded, squared_norm
+from ._clip import (
+    clip_divisors,
+    coefficient_into,
+    reduce_sharded,
+    squared_norm,
+    tensor_norms,
+)
 from ._engine import Engine
 from ._gather import (
     Bucket,
@@ -142,9 +148,8 @@ class StepRunner:
         # Note [fused clipping]: the threshold, and the last step's norm
         self.max_grad_norm: float | None = None
         self.last_grad_norm: Tensor | None = None
-        self._max_norm_t: tuple[float, Tensor] | None = (
-            None  # max_grad_norm, as a tensor
-        )
+        # max_grad_norm as a tensor, for the compiled engine (see _clip_compiled)
+        self._max_norm_t: tuple[float, Tensor] | None = None
 
     def set_groups(self, groups: Sequence[Group]) -> None:
         """Groups were added or loaded: keep the list, read what a traced step
@@ -369,9 +374,7 @@ class StepRunner:
         """:meth:`_clip` on one device with the compiled engine: the per-tensor norms
         eagerly (one ``_foreach_norm``), the rest one compiled call."""
         ((device, amp_kw),) = amp.items()
-        norms = torch.stack(
-            [n for w in works for n in torch._foreach_norm(list(w.grads))]
-        )
+        norms = tensor_norms([g for w in works for g in w.grads])
         cached = self._max_norm_t
         if cached is None or cached[0] != max_norm or cached[1].device != device:
             # full, not tensor: a fill kernel, no host copy (capture-safe)
