@@ -171,3 +171,23 @@ class ToyUmupNet(nn.Module):
     def loss(self, tokens: Tensor, targets: Tensor) -> Tensor:
         logits = self(tokens)
         return nn.functional.cross_entropy(logits.flatten(0, -2), targets.flatten())
+
+
+def fullgraph_train_step(
+    loss_fn: Callable[..., Tensor],
+    opt: torch.optim.Optimizer,
+    backend: Any = "inductor",
+) -> Callable[..., Tensor]:
+    """``torch.compile(fullgraph=True)`` of a whole train step: ``loss_fn(*inputs)``,
+    backward, ``opt.step()``, ``opt.zero_grad()``; returns the detached loss. With
+    fullgraph, any graph break raises."""
+
+    @torch.compile(fullgraph=True, backend=backend)
+    def train_step(*inputs: Any) -> Tensor:
+        loss = loss_fn(*inputs)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss.detach()
+
+    return train_step

@@ -59,6 +59,24 @@ def _grads(params: list[torch.Tensor], step: int, scale: float = 1.0) -> None:
         p.grad = torch.randn(p.shape, generator=gen) * (step + 1) * scale
 
 
+def _step_against_torch(
+    ours: torch.optim.Optimizer,
+    ref: torch.optim.Optimizer,
+    ps: list[nn.Parameter],
+    qs: list[nn.Parameter],
+    step: int,
+    max_norm: float,
+) -> None:
+    """Step ours, and torch's ``clip_grad_norm_`` then step on the twin parameters,
+    from the same gradients; the two norms agree."""
+    _grads(ps, step)
+    _grads(qs, step)
+    ours.step()
+    norm = torch.nn.utils.clip_grad_norm_(qs, max_norm)
+    ref.step()
+    torch.testing.assert_close(ours.last_grad_norm, norm)
+
+
 @pytest.mark.parametrize("max_norm", [0.5, 1e6], ids=["clips", "inactive"])
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("name", list(CASES))
@@ -68,12 +86,7 @@ def test_matches_clip_grad_norm_then_torch_step(name: str, engine: str, max_norm
     ours = build(ours_cls, ps, engine, **kwargs, **UMUP, max_grad_norm=max_norm)
     ref = torch_cls(qs, **kwargs, foreach=False)
     for step in range(STEPS):
-        _grads(ps, step)
-        _grads(qs, step)
-        ours.step()
-        norm = torch.nn.utils.clip_grad_norm_(qs, max_norm)
-        ref.step()
-        torch.testing.assert_close(ours.last_grad_norm, norm)
+        _step_against_torch(ours, ref, ps, qs, step, max_norm)
         assert ours.last_grad_norm.device == ps[0].device
     assert_pair_close(ours, ref, list(zip(ps, qs)))
     # the gradients themselves are left as they were (no pass rewrites them)
@@ -87,13 +100,7 @@ def test_compiled_engine_inductor_matches_clip_grad_norm():
     ours = Adam(ps, lr=0.01, **UMUP, max_grad_norm=0.5)
     ref = torch.optim.Adam(qs, lr=0.01, fused=True)
     for step in range(STEPS):
-        _grads(ps, step)
-        _grads(qs, step)
-        ours.step()
-        torch.testing.assert_close(
-            ours.last_grad_norm, torch.nn.utils.clip_grad_norm_(qs, 0.5)
-        )
-        ref.step()
+        _step_against_torch(ours, ref, ps, qs, step, 0.5)
     assert_pair_close(ours, ref, list(zip(ps, qs)))
 
 
@@ -221,12 +228,7 @@ def test_new_max_grad_norm_never_recompiles():
     frames = None
     for step, max_norm in enumerate([0.5, 0.5, 0.5, 0.1, 3.0, 0.1]):
         ours.max_grad_norm = max_norm
-        _grads(ps, step)
-        _grads(qs, step)
-        ours.step()
-        norm = torch.nn.utils.clip_grad_norm_(qs, max_norm)
-        ref.step()
-        torch.testing.assert_close(ours.last_grad_norm, norm)
+        _step_against_torch(ours, ref, ps, qs, step, max_norm)
         if step == 2:
             frames = counter.frame_count
     assert frames is not None and counter.frame_count == frames

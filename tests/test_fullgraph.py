@@ -6,7 +6,12 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
 
-from tests.helpers import TOLERANCES, ToyUmupNet, needs_traced_step
+from tests.helpers import (
+    TOLERANCES,
+    ToyUmupNet,
+    fullgraph_train_step,
+    needs_traced_step,
+)
 from umup_compile.optim import SGD, AdamW
 
 CASES = [
@@ -32,13 +37,7 @@ def test_fullgraph_train_step_no_breaks_no_recompiles(cls, kwargs) -> None:  # n
     tokens = torch.randint(0, 32, (4, 8))
     counter = CompileCounter()
 
-    @torch.compile(fullgraph=True, backend=counter)  # fullgraph: any break raises
-    def train_step(tokens: torch.Tensor) -> torch.Tensor:
-        loss = net.loss(tokens, tokens)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        return loss.detach()
+    train_step = fullgraph_train_step(lambda t: net.loss(t, t), opt, counter)
 
     frames = []
     with torch._dynamo.config.patch(trace_autograd_ops=True):

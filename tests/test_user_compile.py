@@ -18,7 +18,12 @@ import torch
 from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
 from torch.optim import lr_scheduler as lrs
 
-from tests.helpers import TOLERANCES, ToyUmupNet, needs_traced_step
+from tests.helpers import (
+    TOLERANCES,
+    ToyUmupNet,
+    fullgraph_train_step,
+    needs_traced_step,
+)
 from umup_compile.optim import SGD, Adam, AdamW
 
 pytestmark = needs_traced_step
@@ -144,13 +149,7 @@ def test_float_hypers_any_scheduler_fullgraph_train_step(name: str, sched: str):
     scheds = [SCHEDULERS[sched](o) for o in (opt, ref)]
     counter = CompileCounter()
 
-    @torch.compile(fullgraph=True, backend=counter)  # fullgraph: a break raises
-    def train_step(tokens: torch.Tensor) -> torch.Tensor:
-        loss = net.loss(tokens, tokens)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        return loss.detach()
+    train_step = fullgraph_train_step(lambda t: net.loss(t, t), opt, counter)
 
     frames = []
     for _ in range(CALLS):
@@ -206,13 +205,7 @@ def test_bf16_autocast_forward_with_float_hypers():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return model.loss(TOKENS, TOKENS)
 
-    @torch.compile(fullgraph=True, backend=counter)
-    def train_step() -> torch.Tensor:
-        loss = loss_of(net)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        return loss.detach()
+    train_step = fullgraph_train_step(lambda: loss_of(net), opt, counter)
 
     for call in range(CALLS):
         train_step()
@@ -274,13 +267,7 @@ def test_inductor_compiles_nothing_after_call_2_with_a_float_lr_schedule():
     net, opt, ref_net, ref = _pair("adam")
     scheds = [SCHEDULERS["one_cycle"](o) for o in (opt, ref)]
 
-    @torch.compile(fullgraph=True)
-    def train_step() -> torch.Tensor:
-        loss = net.loss(TOKENS, TOKENS)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        return loss.detach()
+    train_step = fullgraph_train_step(lambda: net.loss(TOKENS, TOKENS), opt)
 
     compiles = []
     for _ in range(12):
