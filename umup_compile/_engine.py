@@ -19,6 +19,7 @@ import torch
 import torch.fx.experimental._config as fx_config
 
 from ._codegen_hints import codegen_hints
+from ._direct import Capture, Site
 
 StepFn = Callable[..., None]
 
@@ -35,6 +36,7 @@ class Engine(Protocol):
         kwargs: dict[str, Any],
         kind: str = "",
         static: bool = False,
+        site: Site | None = None,
     ) -> None: ...
 
 
@@ -50,6 +52,7 @@ class EagerEngine:
         kwargs: dict[str, Any],
         kind: str = "",
         static: bool = False,
+        site: Site | None = None,
     ) -> None:
         fn(*args, **kwargs)
 
@@ -79,23 +82,36 @@ def _bind_config(fn: StepFn, config: Hashable) -> StepFn:
     return bound
 
 
-def _compile(fn: StepFn, config: Hashable, backend: Any, dynamic: bool) -> StepFn:
-    """Compile ``fn`` with its static config bound: one graph per call signature.
+def _backend(backend: Any, dynamic: bool) -> Any:
+    """``backend`` as a callable: Inductor with its per-input size/stride asserts
+    dropped (the guards, or a site's checks, already cover every input, and the
+    asserts cost ~2 µs per tensor per step: 3 % of a 33.6M-parameter CPU step, more
+    with many small tensors)."""
+    if backend != "inductor":
+        return (
+            torch._dynamo.lookup_backend(backend)
+            if isinstance(backend, str)
+            else backend
+        )
+    wrapper = getattr(torch, "_TorchCompileInductorWrapper", None)
+    if wrapper is None:  # pragma: no cover - every supported torch has it
+        return torch._dynamo.lookup_backend(backend)
+    return wrapper(None, {"size_asserts": False}, None if dynamic else False)
 
-    Inductor's per-input size/stride asserts are dropped: the guards already check
-    every input, and the asserts cost ~2 µs per tensor per step (measured: 3 % of a
-    33.6M-parameter CPU step, more with many small tensors).
-    """
-    options: dict[str, Any] | None = (
-        {"size_asserts": False} if backend == "inductor" else None
-    )
-    return torch.compile(
+
+def _compile(
+    fn: StepFn, config: Hashable, backend: Any, dynamic: bool
+) -> tuple[StepFn, Capture]:
+    """Compile ``fn`` with its static config bound: one graph per call signature,
+    through a :class:`Capture` of the backend (Note [direct calls])."""
+    capture = Capture(_backend(backend, dynamic))
+    compiled = torch.compile(
         _bind_config(fn, config),
         fullgraph=True,
         dynamic=None if dynamic else False,
-        backend=backend,
-        options=options,
+        backend=capture,
     )
+    return compiled, capture
 
 
 def _mark_dynamic(args: Iterable[Any]) -> None:
@@ -124,7 +140,7 @@ class CompiledEngine:
         self.strict = strict
         self.backend = backend
         self.failed: str | None = None
-        self._cache: dict[tuple[StepFn, Hashable, str], StepFn] = {}
+        self._cache: dict[tuple[StepFn, Hashable, str], tuple[StepFn, Capture]] = {}
 
     def __call__(
         self,
@@ -133,6 +149,7 @@ class CompiledEngine:
         kwargs: dict[str, Any],
         kind: str = "",
         static: bool = False,
+        site: Site | None = None,
     ) -> None:
         """Run ``fn(*args, **kwargs)`` compiled.
 
@@ -145,6 +162,8 @@ class CompiledEngine:
                 counts variants per kind, not across all of them.
             static: compile with static shapes; otherwise every tensor's first
                 dimension is marked dynamic.
+            site: the call site's :class:`Site`: a steady call there runs the
+                compiled graph directly (Note [direct calls]).
         """
         config = kwargs["config"]
         rest = {k: v for k, v in kwargs.items() if k != "config"}
@@ -152,12 +171,16 @@ class CompiledEngine:
             fn(*args, **kwargs)
             return
         key = (fn, config, kind)
+        entry = self._cache.get(key)
+        if entry is None:
+            entry = self._cache[key] = _compile(fn, config, self.backend, not static)
+        if site is not None and site.run((*args, *rest.values())):
+            return
+        compiled, capture = entry
         dynamic = not static
-        compiled = self._cache.get(key)
-        if compiled is None:
-            compiled = self._cache[key] = _compile(fn, config, self.backend, dynamic)
         if dynamic:
             _mark_dynamic((*args, *rest.values()))
+        capture.last = None
         try:
             # A first call compiles here, under the code hints (Note [bf16 tiling],
             # Note [vector bitcast]). Without duck shaping, equal sizes get no
@@ -168,6 +191,8 @@ class CompiledEngine:
                         compiled(*args, **rest)
                 else:
                     compiled(*args, **rest)
+            if site is not None:
+                site.record(capture, fn, args, rest)
         except Exception as e:  # noqa: BLE001 - any backend failure means "cannot compile"
             if self.strict or not _is_compile_failure(e):
                 raise

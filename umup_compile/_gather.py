@@ -5,8 +5,9 @@ with a gradient, sorts it into a bucket of equal (device, dtype, static config, 
 dtype) and creates its missing state. :class:`SteadyCheck` is what later steps run
 instead while nothing structural changed: one walk over the parameters to collect the
 gradients, with C-level checks that the membership, the groups' static options, the
-parameters' dtype and device, and the state tensors are those the layouts were built
-for. Anything else sends the step back to :func:`gather`.
+parameters' and gradients' dtype, device, shape and strides, and the state tensors
+are those the layouts were built for. Anything else sends the step back to
+:func:`gather`.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ _DTYPE = operator.attrgetter("dtype")
 _DEVICE = operator.attrgetter("device")
 _SHAPE = operator.attrgetter("shape")
 _IS_SPARSE = operator.attrgetter("is_sparse")
+_STRIDE = torch.Tensor.stride
 
 
 Picker = Callable[[Sequence[Any]], list[Any]]
@@ -270,6 +272,10 @@ class SteadyCheck:
         grads = [g for b in buckets for g in b.grads]
         self._grad_dtypes = list(map(_DTYPE, grads))
         self._shapes = list(map(_SHAPE, self._members))
+        # Strides too (a compiled graph is specialised on them, and a steady step may
+        # call it without Dynamo's guards: Note [direct calls]).
+        self._strides = list(map(_STRIDE, self._members))
+        self._grad_strides = list(map(_STRIDE, grads))
         self._tensors = [
             (operator.itemgetter(key), b.states, [s[key] for s in b.states])
             for b, bucket_keys in zip(buckets, keys)
@@ -307,6 +313,9 @@ class SteadyCheck:
             or list(map(_DTYPE, members)) != self._dtypes
             or list(map(_DTYPE, grads)) != self._grad_dtypes
             or list(map(_SHAPE, grads)) != self._shapes
+            or list(map(_SHAPE, members)) != self._shapes  # p.data = ... changes them
+            or list(map(_STRIDE, members)) != self._strides
+            or list(map(_STRIDE, grads)) != self._grad_strides
             or list(map(_DEVICE, grads)) != self._devices
             or list(map(_DEVICE, members)) != self._devices
         ):

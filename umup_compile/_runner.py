@@ -27,6 +27,7 @@ from ._clip import (
     squared_norm,
     tensor_norms,
 )
+from ._direct import Site
 from ._engine import Engine
 from ._gather import (
     Bucket,
@@ -85,6 +86,9 @@ class Call:
     unit: Unit | None = None  # a layout unit (else: the list path)
     pack: Pack | None = None
     state_lists: list[list[Tensor]] = field(default_factory=list)  # list path
+    # Note [direct calls]: a unit call lives until the next gather, and a steady
+    # step's tensors match its first's.
+    site: Site | None = None
 
 
 @dataclass
@@ -150,6 +154,7 @@ class StepRunner:
         self.last_grad_norm: Tensor | None = None
         # max_grad_norm as a tensor, for the compiled engine (see _clip_compiled)
         self._max_norm_t: tuple[float, Tensor] | None = None
+        self._clip_site = Site()
 
     def set_groups(self, groups: Sequence[Group]) -> None:
         """Groups were added or loaded: keep the list, read what a traced step
@@ -203,6 +208,7 @@ class StepRunner:
                 groups, state, self.spec, traced=False, optimizer_name=name
             )
             self._plans = [self._plan(b, groups) for b in buckets]
+            self._clip_site = Site()  # the clip call's, like the calls' (Call.site)
             self._check = SteadyCheck(
                 groups, buckets, [p.keys for p in self._plans], self._structure, state
             )
@@ -260,6 +266,7 @@ class StepRunner:
             ),
             unit=unit,
             pack=pack,
+            site=Site(),
         )
 
     def _layout(self, bucket: Bucket, keys: tuple[str, ...]) -> Layout:
@@ -333,7 +340,9 @@ class StepRunner:
         if work.sharded is not None:  # a list call, rebuilt each step: no kind
             self.engine(self.spec.update, work.args, work.kwargs)
             return
-        self.engine(self.spec.update, work.args, work.kwargs, call.kind, call.static)
+        self.engine(
+            self.spec.update, work.args, work.kwargs, call.kind, call.static, call.site
+        )
         if call.pack is not None:
             pack_out(call.pack)
 
@@ -389,6 +398,7 @@ class StepRunner:
             {"config": (), "grad_scale_t": scale},
             f"clip{len(norms)}",
             True,
+            self._clip_site,
         )
         self.last_grad_norm = norm
         for work in works:
