@@ -4,12 +4,14 @@ caught sends the call back through Dynamo."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.helpers import (
     TOLERANCES,
@@ -101,7 +103,8 @@ def test_direct_calls_are_bitwise_the_dynamo_path_under_inductor(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The same compiled graph, reached with and without Dynamo (Inductor numerics,
-    a schedule, then gradients in other strides: a graph that bakes in strides)."""
+    a schedule, gradients in other strides, then a parameter in other strides: a
+    graph that bakes in strides)."""
     kwargs = {"lr": 0.01, "weight_decay": 0.1}
     params = toy_params(specs=SPECS)
     ref_params, eager_params = clone_params(params), clone_params(params)
@@ -111,9 +114,12 @@ def test_direct_calls_are_bitwise_the_dynamo_path_under_inductor(
     sets = [params, ref_params, eager_params]
     for s in range(6):
         set_grads(sets, seed=s)
-        if s >= 4:  # the same values in transposed memory
+        if s >= 2:  # the same values in transposed memory
             for ps in sets:
                 ps[0].grad = ps[0].grad.t().contiguous().t()
+        if s == 4:
+            for ps in sets:
+                ps[1].data = ps[1].data.t().contiguous().t()
         opt.step()
         eager.step()
         with monkeypatch.context() as m:
@@ -124,6 +130,7 @@ def test_direct_calls_are_bitwise_the_dynamo_path_under_inductor(
         assert_states_close(opt, ref, rtol=0, atol=0)
         assert_states_close(opt, eager, **TOLERANCES[torch.float32])
     assert _direct_calls(opt) == 1  # steps 1-3 were direct, step 4 gathered again
+    # (a strided parameter: a unit of its own kind, through Dynamo)
     assert _direct_calls(ref) == 0
 
 
@@ -146,18 +153,20 @@ def _steps_with(
     assert_states_close(opt, ref, **TOLERANCES[torch.float32])
 
 
-def test_a_gradient_with_other_strides_goes_back_through_dynamo() -> None:
+def test_a_gradient_in_other_strides_reaches_the_graph_contiguous() -> None:
+    """Gradients are made contiguous before a unit's graph (``unit_lists``), so a
+    transposed one keeps the direct call, with the same numbers."""
     params, ref_params, opt, ref = _pair(Adam, lr=0.01)
     run_steps([opt, ref], [params, ref_params], 3)
-    before = _direct_calls(opt)
-    assert before == 2
-    set_grads([params, ref_params], seed=7)
-    for ps in (params, ref_params):  # same values, transposed memory
-        ps[0].grad = ps[0].grad.t().contiguous().t()
-    opt.step()
-    ref.step()
-    assert_states_close(opt, ref, **TOLERANCES[torch.float32])
-    assert _direct_calls(opt) == 0  # the step gathered again: a new site
+    assert _direct_calls(opt) == 2
+    for s in range(2):
+        set_grads([params, ref_params], seed=7 + s)
+        for ps in (params, ref_params):  # same values, transposed memory
+            ps[0].grad = ps[0].grad.t().contiguous().t()
+        opt.step()
+        ref.step()
+        assert_states_close(opt, ref, **TOLERANCES[torch.float32])
+    assert _direct_calls(opt) == 4
 
 
 def test_parameter_data_swapped_for_other_strides_goes_back_through_dynamo() -> None:
@@ -170,14 +179,35 @@ def test_parameter_data_swapped_for_other_strides_goes_back_through_dynamo() -> 
     assert _direct_calls(opt) == 1  # the changed step gathered again: a new site
 
 
-def test_a_stance_other_than_default_is_honoured() -> None:
+class _CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    "context",
+    [
+        lambda: torch.compiler.set_stance("force_eager"),
+        _CountOps,
+        lambda: torch.device("cpu"),  # a torch function mode
+    ],
+    ids=["stance", "dispatch-mode", "function-mode"],
+)
+def test_contexts_a_direct_call_would_skip_go_through_dynamo(context: Any) -> None:
     params, ref_params, opt, ref = _pair(Adam, lr=0.01)
     run_steps([opt, ref], [params, ref_params], 3)
     (site,) = _sites(opt)
     calls = site.direct_calls
-    with torch.compiler.set_stance("force_eager"):
+    with context() as mode:
         run_steps([opt, ref], [params, ref_params], 2)
     assert site.direct_calls == calls
+    if isinstance(mode, _CountOps):
+        assert mode.ops > 0  # the mode saw the step's ops
     run_steps([opt, ref], [params, ref_params], 2)
     assert site.direct_calls > calls
     assert_states_close(opt, ref, **TOLERANCES[torch.float32])
@@ -311,3 +341,18 @@ def test_source_names_of_either_form() -> None:
         name = "L['xs'][0]"
 
     assert _direct._name(Old()) == _direct._name(New()) == "L['xs'][0]"
+
+
+def test_a_step_under_a_dispatch_mode_runs_eagerly_and_compiling_resumes() -> None:
+    """Dynamo skips frames under a dispatch mode; that is not a compile failure."""
+    params, ref_params, opt, ref = _pair(Adam, lr=0.01)
+    opt._engine = CompiledEngine(backend="aot_eager")  # the default: may fall back
+    run_steps([opt, ref], [params, ref_params], 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with _CountOps() as mode:
+            run_steps([opt, ref], [params, ref_params], 1)
+    assert mode.ops > 0 and opt._engine.failed is None
+    run_steps([opt, ref], [params, ref_params], 2)
+    assert _direct_calls(opt) == 3  # the site outlives the eager call
+    assert_states_close(opt, ref, **TOLERANCES[torch.float32])

@@ -15,7 +15,8 @@ calls at the site pick the inputs straight from the arguments and call that grap
 A site checks what the runner does not vouch for before each direct call: the
 arguments' structure (list lengths, which optional tensors are given), the
 dtype/device/shape/strides of its loose tensors (hyper-parameter rows, factor
-vectors, scales), grad mode and Dynamo's stance. Anything else it cannot read
+vectors, scales), grad mode, Dynamo's stance and the absence of torch function and
+dispatch modes. Anything else it cannot read
 (a source other than a plain argument or its item, a symbolic size, a graph with
 outputs, two inputs that are one tensor) leaves the site on the Dynamo path.
 """
@@ -107,10 +108,17 @@ def _meta(t: Tensor) -> tuple[Any, ...]:
     return (t.dtype, t.device, t.shape, t.stride())
 
 
-def _dynamo_default() -> bool:
-    """Whether Dynamo would compile at all (``set_stance`` left at "default")."""
+def _plain_context() -> bool:
+    """Whether the call runs where its graph was compiled for: Dynamo's stance left
+    at "default" (``force_eager`` is honoured), and no torch function or dispatch
+    mode (a ``FakeTensorMode`` or ``FlopCounterMode`` must see the ops, and
+    ``with torch.device(...)`` would reach the graph's factories)."""
     stance = getattr(torch._dynamo.eval_frame, "_stance", None)
-    return stance is None or stance.stance == "default"
+    return (
+        (stance is None or stance.stance == "default")
+        and not torch._C._is_torch_function_mode_enabled()
+        and torch._C._len_torch_dispatch_stack() == 0
+    )
 
 
 class _Plan:
@@ -157,7 +165,7 @@ class _Plan:
             list(map(_shape_of, values)) == self.structure
             and [_meta(values[k]) for k in self.loose] == self.loose_meta
             and torch.is_grad_enabled() == self.grad_enabled
-            and _dynamo_default()
+            and _plain_context()
         )
 
     def __call__(self, values: Sequence[Any]) -> None:

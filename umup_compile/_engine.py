@@ -167,7 +167,11 @@ class CompiledEngine:
         """
         config = kwargs["config"]
         rest = {k: v for k, v in kwargs.items() if k != "config"}
-        if self.failed is not None:
+        if self.failed is not None or torch._C._len_torch_dispatch_stack():
+            # Under a dispatch mode (FlopCounterMode, FakeTensorMode...) Dynamo skips
+            # the frame, which fullgraph=True reports as a failure: run this call
+            # eagerly instead, as Dynamo would without fullgraph, and compile again
+            # once the mode is gone.
             fn(*args, **kwargs)
             return
         key = (fn, config, kind)

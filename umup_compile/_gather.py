@@ -272,10 +272,11 @@ class SteadyCheck:
         grads = [g for b in buckets for g in b.grads]
         self._grad_dtypes = list(map(_DTYPE, grads))
         self._shapes = list(map(_SHAPE, self._members))
-        # Strides too (a compiled graph is specialised on them, and a steady step may
-        # call it without Dynamo's guards: Note [direct calls]).
+        # The parameters' strides too: a compiled graph is specialised on them, and a
+        # steady step calls it without Dynamo's guards (Note [direct calls]).
+        # Gradients reach a graph contiguous, flattened or packed (``_pack``), so
+        # theirs need no check.
         self._strides = list(map(_STRIDE, self._members))
-        self._grad_strides = list(map(_STRIDE, grads))
         self._tensors = [
             (operator.itemgetter(key), b.states, [s[key] for s in b.states])
             for b, bucket_keys in zip(buckets, keys)
@@ -315,7 +316,6 @@ class SteadyCheck:
             or list(map(_SHAPE, grads)) != self._shapes
             or list(map(_SHAPE, members)) != self._shapes  # p.data = ... changes them
             or list(map(_STRIDE, members)) != self._strides
-            or list(map(_STRIDE, grads)) != self._grad_strides
             or list(map(_DEVICE, grads)) != self._devices
             or list(map(_DEVICE, members)) != self._devices
         ):
