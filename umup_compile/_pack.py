@@ -41,6 +41,8 @@ from ._layout import (
     plan_units,
 )
 
+_CONTIGUOUS = Tensor.contiguous  # a C-level call per gradient in map()
+
 PACK_ROW = 128
 # Row widths a pack may take, widest first (see Note [pack copies]).
 ROW_WIDTHS = (PACK_ROW, 64, 32, 16)
@@ -294,7 +296,7 @@ def unit_lists(unit: Unit, params: list[Tensor], grads: list[Tensor]) -> TensorL
     """
     torch.autograd.graph.increment_version(params)
     if unit.kind.as_is:
-        return (list(params), [g.contiguous() for g in grads], *unit.state_lists)
+        return (list(params), list(map(_CONTIGUOUS, grads)), *unit.state_lists)
     return (
         [_flat(p) for p in params],
         [_flat(g) if g.is_contiguous() else g.reshape(-1) for g in grads],
