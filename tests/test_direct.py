@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 from torch import Tensor
+from torch._dynamo.testing import CompileCounter
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.helpers import (
@@ -355,4 +356,17 @@ def test_a_step_under_a_dispatch_mode_runs_eagerly_and_compiling_resumes() -> No
     assert mode.ops > 0 and opt._engine.failed is None
     run_steps([opt, ref], [params, ref_params], 2)
     assert _direct_calls(opt) == 3  # the site outlives the eager call
+    assert_states_close(opt, ref, **TOLERANCES[torch.float32])
+
+
+def test_dynamo_reset_makes_the_next_call_compile_again() -> None:
+    params, ref_params, opt, ref = _pair(Adam, lr=0.01)
+    counter = CompileCounter()
+    use_backend(opt, counter)
+    run_steps([opt, ref], [params, ref_params], 3)
+    assert counter.frame_count == 1 and _direct_calls(opt) == 2
+    torch._dynamo.reset()
+    run_steps([opt, ref], [params, ref_params], 2)
+    assert counter.frame_count == 2  # compiled again, then direct again
+    assert _direct_calls(opt) == 3
     assert_states_close(opt, ref, **TOLERANCES[torch.float32])

@@ -15,8 +15,9 @@ calls at the site pick the inputs straight from the arguments and call that grap
 A site checks what the runner does not vouch for before each direct call: the
 arguments' structure (list lengths, which optional tensors are given), the
 dtype/device/shape/strides of its loose tensors (hyper-parameter rows, factor
-vectors, scales), grad mode, Dynamo's stance and the absence of torch function and
-dispatch modes. Anything else it cannot read
+vectors, scales), grad mode, Dynamo's stance, the absence of torch function and
+dispatch modes, and that ``torch._dynamo.reset()`` has not emptied Dynamo's cache
+(after a reset the next call compiles again, as any compiled function would). Anything else it cannot read
 (a source other than a plain argument or its item, a symbolic size, a graph with
 outputs, two inputs that are one tensor) leaves the site on the Dynamo path.
 """
@@ -28,6 +29,7 @@ import inspect
 import itertools
 import operator
 import re
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -39,6 +41,15 @@ from torch import Tensor
 _SOURCE = re.compile(r"^L\['(\w+)'\](?:\[(\d+)\])?(?:\.size\(\)\[(\d+)\])?$")
 Source = tuple[str, int | None, int | None]  # argument, item, dimension
 _NONE, _TENSOR, _OTHER = -1, -2, -3
+
+try:  # Dynamo's cache of a code object (emptied by torch._dynamo.reset())
+    from torch._C._dynamo.eval_frame import (
+        _debug_get_cache_entry_list as _cache_entries,
+    )
+except ImportError:  # pragma: no cover - every supported torch has it
+
+    def _cache_entries(code: types.CodeType) -> list[Any]:  # type: ignore[misc]
+        return [code]
 
 
 def _name(source: Any) -> str:
@@ -77,8 +88,9 @@ class Capture:
     """A ``torch.compile`` backend wrapping ``inner`` that records, in :attr:`last`,
     the :class:`Graph` each compiled call ran (several exist after recompiles)."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, code: types.CodeType | None = None) -> None:
         self.inner = inner
+        self.code = code  # of the compiled function: its cache tells of a reset
         self.last: Graph | None = None
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
@@ -127,11 +139,13 @@ class _Plan:
     def __init__(
         self,
         compiled: Callable[..., Any],
+        code: types.CodeType | None,
         sources: Sequence[Source],
         names: Sequence[str],
         values: Sequence[Any],
     ) -> None:
         self.compiled = compiled
+        self.code = code
         self.structure = list(map(_shape_of, values))
         if _OTHER in self.structure or any(
             not isinstance(t, Tensor)
@@ -166,6 +180,8 @@ class _Plan:
             and [_meta(values[k]) for k in self.loose] == self.loose_meta
             and torch.is_grad_enabled() == self.grad_enabled
             and _plain_context()
+            # torch._dynamo.reset() means "compile again": so it does here too
+            and (self.code is None or bool(_cache_entries(self.code)))
         )
 
     def __call__(self, values: Sequence[Any]) -> None:
@@ -227,7 +243,11 @@ class Site:
         names = [*_positional_names(fn)[: len(args)], *rest]
         try:
             self.plan = _Plan(
-                graph.compiled, graph.sources, names, [*args, *rest.values()]
+                graph.compiled,
+                capture.code,
+                graph.sources,
+                names,
+                [*args, *rest.values()],
             )
         except (LookupError, KeyError):
             pass

@@ -104,9 +104,10 @@ def _compile(
 ) -> tuple[StepFn, Capture]:
     """Compile ``fn`` with its static config bound: one graph per call signature,
     through a :class:`Capture` of the backend (Note [direct calls])."""
-    capture = Capture(_backend(backend, dynamic))
+    bound = _bind_config(fn, config)
+    capture = Capture(_backend(backend, dynamic), bound.__code__)
     compiled = torch.compile(
-        _bind_config(fn, config),
+        bound,
         fullgraph=True,
         dynamic=None if dynamic else False,
         backend=capture,
