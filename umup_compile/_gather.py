@@ -237,7 +237,8 @@ class SteadyCheck:
     """The checks and lists a steady step reuses (see the module docstring).
 
     Built after the layouts, from the state tensors they use (a pack replaces
-    small parameters' state with views of its buffers).
+    small parameters' state with views of its buffers); ``watched`` are the
+    parameters whose shapes and strides a compiled graph sees.
     """
 
     def __init__(
@@ -247,6 +248,7 @@ class SteadyCheck:
         keys: Sequence[Sequence[str]],
         structure: Structure,
         state: dict[Tensor, State],
+        watched: Sequence[Tensor] = (),
     ) -> None:
         self._structure = structure
         # The state's keys and values, compared by identity: a tensor-keyed lookup
@@ -272,11 +274,16 @@ class SteadyCheck:
         grads = [g for b in buckets for g in b.grads]
         self._grad_dtypes = list(map(_DTYPE, grads))
         self._shapes = list(map(_SHAPE, self._members))
-        # The parameters' strides too: a compiled graph is specialised on them, and a
-        # steady step calls it without Dynamo's guards (Note [direct calls]).
-        # Gradients reach a graph contiguous, flattened or packed (``_pack``), so
-        # theirs need no check.
-        self._strides = list(map(_STRIDE, self._members))
+        # The shapes and strides of the parameters a graph receives as they are (or
+        # as views): it is specialised on them, and a steady step calls it without
+        # Dynamo's guards (Note [direct calls]); ``p.data = ...`` changes them. Packed
+        # parameters reach no graph, and gradients reach one contiguous, flattened or
+        # packed (``_pack``): theirs need no check.
+        self._watched = list(watched)
+        self._watched_meta = (
+            list(map(_SHAPE, self._watched)),
+            list(map(_STRIDE, self._watched)),
+        )
         self._tensors = [
             (operator.itemgetter(key), b.states, [s[key] for s in b.states])
             for b, bucket_keys in zip(buckets, keys)
@@ -314,8 +321,8 @@ class SteadyCheck:
             or list(map(_DTYPE, members)) != self._dtypes
             or list(map(_DTYPE, grads)) != self._grad_dtypes
             or list(map(_SHAPE, grads)) != self._shapes
-            or list(map(_SHAPE, members)) != self._shapes  # p.data = ... changes them
-            or list(map(_STRIDE, members)) != self._strides
+            or list(map(_SHAPE, self._watched)) != self._watched_meta[0]
+            or list(map(_STRIDE, self._watched)) != self._watched_meta[1]
             or list(map(_DEVICE, grads)) != self._devices
             or list(map(_DEVICE, members)) != self._devices
         ):

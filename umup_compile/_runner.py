@@ -210,7 +210,18 @@ class StepRunner:
             self._plans = [self._plan(b, groups) for b in buckets]
             self._clip_site = Site()  # the clip call's, like the calls' (Call.site)
             self._check = SteadyCheck(
-                groups, buckets, [p.keys for p in self._plans], self._structure, state
+                groups,
+                buckets,
+                [p.keys for p in self._plans],
+                self._structure,
+                state,
+                watched=[
+                    p
+                    for plan in self._plans
+                    for call in plan.calls
+                    if call.site is not None and call.pack is None
+                    for p in call.params
+                ],
             )
             self._differentiable = any(g["differentiable"] for g in groups)
             grads = [b.grads for b in buckets]
