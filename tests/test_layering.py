@@ -24,7 +24,7 @@ ALLOWED: dict[str, set[str]] = {
     "_layout": set(),
     "_pack": {"_layout"},
     "_codegen_hints": set(),
-    "_direct": set(),
+    "_direct": {"_gather"},
     "_engine": {"_codegen_hints", "_direct"},
     "_env": set(),
     "_clip": set(),

@@ -29,7 +29,6 @@ from __future__ import annotations
 import functools
 import inspect
 import itertools
-import operator
 import re
 import types
 from collections.abc import Callable, Sequence
@@ -37,6 +36,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from ._gather import picker
 
 # Dynamo's names for an argument, an item of a list argument, and a dimension's size
 # of either (a dynamic-shape graph's symbolic sizes).
@@ -172,7 +173,7 @@ class _Plan:
         if len({id(t) for t in flat}) != len(flat):
             raise LookupError("one tensor is passed twice")
         # KeyError: not an argument
-        self.pick = _picker([at[(name, item)] for name, item, _ in sources])
+        self.pick = picker([at[(name, item)] for name, item, _ in sources])
         self.sizes = [(k, d) for k, (_, _, d) in enumerate(sources) if d is not None]
         self.loose = [k for k, s in enumerate(self.structure) if s == _TENSOR]
         self.loose_meta = [_meta(values[k]) for k in self.loose]
@@ -194,19 +195,10 @@ class _Plan:
                 v if type(v) in (list, tuple) else (v,) for v in values if v is not None
             )
         )
-        inputs = list(self.pick(flat))
+        inputs = self.pick(flat)
         for k, dim in self.sizes:  # a symbolic size: the tensor's, now
             inputs[k] = inputs[k].shape[dim]
         self.compiled(*inputs)
-
-
-def _picker(positions: Sequence[int]) -> Callable[[Sequence[Any]], Sequence[Any]]:
-    if not positions:
-        return lambda xs: ()
-    if len(positions) == 1:
-        k = positions[0]
-        return lambda xs: (xs[k],)
-    return operator.itemgetter(*positions)
 
 
 class Site:
