@@ -142,6 +142,25 @@ def run_steps(
             after_each(s)
 
 
+def step_scheduled_against(
+    opt: torch.optim.Optimizer,
+    ref: torch.optim.Optimizer,
+    param_sets: Sequence[Sequence[Tensor]],
+    n: int,
+) -> None:
+    """Step ``opt`` and ``ref`` ``n`` times on identical gradients, each with a
+    ``LambdaLR`` that changes lr at every step, comparing their states after each
+    step (float32 tolerances)."""
+    scheds = [
+        torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1 / (1 + s)) for o in (opt, ref)
+    ]
+    for _ in range(n):
+        run_steps([opt, ref], param_sets, 1)
+        for sched in scheds:
+            sched.step()
+        assert_states_close(opt, ref, **TOLERANCES[torch.float32])
+
+
 class ToyUmupNet(nn.Module):
     """A tiny u-μP-tagged network (embedding, residual block, norm, readout)."""
 

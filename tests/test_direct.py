@@ -21,6 +21,7 @@ from tests.helpers import (
     clone_params,
     run_steps,
     set_grads,
+    step_scheduled_against,
     toy_params,
     use_backend,
 )
@@ -77,13 +78,7 @@ def _pair(
 )
 def test_steady_steps_call_the_graph_directly_with_eager_numbers(cls, kwargs) -> None:  # noqa: ANN001
     params, ref_params, opt, ref = _pair(cls, **kwargs)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 / (1 + s))
-    ref_sched = torch.optim.lr_scheduler.LambdaLR(ref, lambda s: 1 / (1 + s))
-    for _ in range(5):
-        run_steps([opt, ref], [params, ref_params], 1)
-        sched.step()
-        ref_sched.step()
-        assert_states_close(opt, ref, **TOLERANCES[torch.float32])
+    step_scheduled_against(opt, ref, [params, ref_params], 5)
     (site,) = _sites(opt)  # one unit: its first step compiles, the rest are direct
     assert site.direct_calls >= 3
 

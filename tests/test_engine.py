@@ -14,6 +14,7 @@ from tests.helpers import (
     clone_params,
     needs_traced_step,
     run_steps,
+    step_scheduled_against,
     toy_params,
     use_backend,
 )
@@ -40,13 +41,7 @@ def test_engine_inductor_matches_eager(cls, kwargs) -> None:  # noqa: ANN001
     ref_params = clone_params(params)
     compiled = cls(params, compile="strict", **kwargs)
     eager = cls(ref_params, compile=False, **kwargs)
-    sched = torch.optim.lr_scheduler.LambdaLR(compiled, lambda s: 1 / (1 + s))
-    ref_sched = torch.optim.lr_scheduler.LambdaLR(eager, lambda s: 1 / (1 + s))
-    for _ in range(4):
-        run_steps([compiled, eager], [params, ref_params], 1)
-        sched.step()
-        ref_sched.step()
-        assert_states_close(compiled, eager, **TOLERANCES[torch.float32])
+    step_scheduled_against(compiled, eager, [params, ref_params], 4)
     assert compiled._engine.failed is None
 
 
