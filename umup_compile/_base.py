@@ -20,11 +20,11 @@ from ._clip import check_max_grad_norm
 from ._describe import optimizer_table
 from ._engine import Engine, make_engine
 from ._env import compile_from_env
-from ._gather import Structure
 from ._groups import ScalingOptions, admit_group, params_list
 from ._rules import LrScaleFunc
 from ._runner import StepRunner
 from ._specs import AlgorithmSpec
+from ._steady import Structure
 
 
 class UmupOptimizer(torch.optim.Optimizer):

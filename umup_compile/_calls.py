@@ -10,7 +10,6 @@ bucket's per-parameter lists. A plan lives until the next full gather.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,10 +19,11 @@ from torch import Tensor
 
 from ._direct import Site
 from ._gather import Bucket, BucketKey, DTensor, Picker, picker
-from ._hypers import FactorVectors, Position, factor_vectors
+from ._hypers import FactorVectors, factor_vectors
 from ._layout import UnrolledKinds
 from ._pack import Layout, Pack, Unit, build_layout
 from ._specs import AlgorithmSpec
+from ._steady import Watch, layout_of
 
 Group = dict[str, Any]
 
@@ -76,9 +76,20 @@ class BucketPlan:
 
 @dataclass
 class _CachedLayout:
-    positions: tuple[Position, ...]
-    tensors: list[list[Tensor]]  # per key, the members' state tensors
+    signature: tuple[Any, ...]
     layout: Layout
+
+
+def _signature(bucket: Bucket, keys: tuple[str, ...]) -> tuple[Any, ...]:
+    """What a bucket's layout depends on: the members' positions, their parameters'
+    shapes, strides and negative bits (contiguous or not, small or large), and the
+    storage and layout of their state tensors (flat aliases and pack views follow
+    a storage; Note [what a graph reads])."""
+    return (
+        tuple(bucket.positions),
+        tuple((p.shape, p.stride(), p.is_neg()) for p in bucket.params),
+        tuple(tuple(layout_of(s[k]) for s in bucket.states) for k in keys),
+    )
 
 
 class Layouts:
@@ -94,24 +105,20 @@ class Layouts:
         self.cached.clear()
 
     def get(self, bucket: Bucket, keys: tuple[str, ...], spec: AlgorithmSpec) -> Layout:
-        """The bucket's layout: the cached one while it still describes the bucket."""
+        """The bucket's layout: the cached one while it still describes the bucket
+        (its signature after the build, which rebinds a pack's state to views)."""
         cached = self.cached.get(bucket.key)
-        positions = tuple(bucket.positions)
         if (
             cached is None
             or any(bucket.fresh)
-            or cached.positions != positions
-            or not all(
-                all(map(operator.is_, map(operator.itemgetter(k), bucket.states), ts))
-                for k, ts in zip(keys, cached.tensors)
-            )
+            or cached.signature != _signature(bucket, keys)
         ):
             layout = build_layout(
                 bucket.params, bucket.states, keys, spec.scalar_keys, self.unrolled
             )
             self.builds += 1
             cached = self.cached[bucket.key] = _CachedLayout(
-                positions, [[s[k] for s in bucket.states] for k in keys], layout
+                _signature(bucket, keys), layout
             )
         return cached.layout
 
@@ -178,9 +185,10 @@ def _engine_kind(
     one graph, not those of every bucket and membership: dtypes, a pack's row
     width, and the size classes 0, 1, many of the dynamic sizes (Dynamo
     specialises sizes 0 and 1 even when marked dynamic): members, groups, rows."""
-    device, dtype, _, state_dtype, grad_dtype = bucket.key
+    device, dtype, _, state_dtypes, grad_dtype = bucket.key
+    states = ",".join(str(d).removeprefix("torch.") for d in state_dtypes)
     sizes = f"n{min(members, 2)}g{min(len(groups), 2)}"
-    tag = f"{name}@{device.type}:{dtype}/{state_dtype}/{grad_dtype}/{sizes}"
+    tag = f"{name}@{device.type}:{dtype}/{states}/{grad_dtype}/{sizes}"
     if pack is None:
         return tag
     rows, width = pack.flat_param.shape
@@ -199,3 +207,23 @@ def list_view(bucket: Bucket, tensors: Sequence[Tensor]) -> list[Tensor]:
     if bucket.has_scalars:
         out = [_at_least_1d(t) for t in out]
     return out
+
+
+def watch_of(plans: Sequence[BucketPlan]) -> Watch:
+    """What a steady step must check of ``plans``' tensors, by how their calls reach
+    them (Note [what a graph reads])."""
+    watch = Watch([], [], [], [])
+    for plan in plans:
+        states = plan.bucket.states
+        for call in plan.calls:
+            if call.unit is None:  # the list path
+                watch.listed += [(s, key) for s in states for key in plan.keys]
+                continue
+            members = [states[k] for k in call.unit.members]
+            pairs = [(s, key) for s in members for key in plan.keys]
+            if call.pack is not None:
+                watch.views += pairs
+            else:
+                watch.graph_states += pairs
+                watch.graph_params += call.params
+    return watch

@@ -1,7 +1,7 @@
 """The step runner: owns the engine, the layouts and what a steady step reuses.
 
 One :meth:`StepRunner.step` is: collect this step's gradients (the cached plan's
-:class:`~umup_compile._gather.SteadyCheck`, or a full :func:`~umup_compile._gather.gather`
+:class:`~umup_compile._steady.SteadyCheck`, or a full :func:`~umup_compile._gather.gather`
 that also creates state and plans each bucket's calls, ``_calls``), refresh the
 hyper-parameter tensor of each device, prepare each call's arguments (``_prepare``),
 fold clipping into them (``_step_clip``), then make the calls: the pack (copy in,
@@ -18,13 +18,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._calls import BucketPlan, Layouts, plan_bucket
+from ._calls import BucketPlan, Layouts, plan_bucket, watch_of
 from ._engine import Engine
-from ._gather import SteadyCheck, Structure, gather
+from ._gather import gather
 from ._hypers import HyperTable
 from ._pack import pack_out
 from ._prepare import Work, amp_kwargs, prepare
 from ._specs import AlgorithmSpec
+from ._steady import SteadyCheck, Structure
 from ._step_clip import StepClip
 from ._traced import TRACED_STEP_SUPPORTED, traced_step
 
@@ -38,7 +39,7 @@ class StepRunner:
     Args:
         spec: the algorithm.
         engine: runs the functional update (eager or compiled).
-        structure: what fixes a step's structure in a group (``_gather.Structure``).
+        structure: what fixes a step's structure in a group (``_steady.Structure``).
     """
 
     def __init__(
@@ -154,18 +155,7 @@ class StepRunner:
         self.plans = plans
         self.clip.new_site()
         self._check = SteadyCheck(
-            groups,
-            buckets,
-            [p.keys for p in plans],
-            self._structure,
-            state,
-            watched=[
-                p
-                for plan in plans
-                for call in plan.calls
-                if call.site is not None and call.pack is None
-                for p in call.params
-            ],
+            groups, buckets, self._structure, state, watch_of(plans)
         )
         self._differentiable = any(g["differentiable"] for g in groups)
         return plans, [b.grads for b in buckets]
