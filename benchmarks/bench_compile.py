@@ -30,7 +30,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -233,13 +232,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"{SMOKE_BACKEND} with --smoke). Not inductor: umup's engine is swapped as "
         "tests/helpers.py's use_backend does",
     )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="output folder (default: benchmarks/results/<device>/; with --smoke, a "
-        "temporary directory)",
-    )
+    common.add_out_argument(parser)
     parser.add_argument(
         "--smoke",
         action="store_true",

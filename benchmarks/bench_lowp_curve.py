@@ -116,7 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "CPU the compiles would cost more than the training)",
     )
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=None)
+    common.add_out_argument(parser)
     parser.add_argument(
         "--smoke", action="store_true", help="tiny model, 8 steps: checks it runs"
     )

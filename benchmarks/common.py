@@ -5,6 +5,7 @@ Kept free of ``test_`` names so that pytest never collects it.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime as _dt
 import os
@@ -148,6 +149,17 @@ def write_csv(
         writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+
+
+def add_out_argument(parser: argparse.ArgumentParser) -> None:
+    """``--out FOLDER``, the folder ``output_dir`` resolves."""
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default: benchmarks/results/<device>/; with --smoke, a "
+        "temporary directory)",
+    )
 
 
 def output_dir(out: Path | None, smoke: bool, head: dict[str, str], name: str) -> Path:

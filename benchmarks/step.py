@@ -34,7 +34,6 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -131,13 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=256,
         help="size of the tensor copied to measure the device's copy bandwidth",
     )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="output folder (default: benchmarks/results/<device>/; with --smoke, a "
-        "temporary directory)",
-    )
+    common.add_out_argument(parser)
     parser.add_argument(
         "--smoke",
         action="store_true",

@@ -44,7 +44,6 @@ import sys
 import tempfile
 import time
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -133,7 +132,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="umup_compile AdamW with compile=False (default: compile='strict')",
     )
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=None)
+    common.add_out_argument(parser)
     parser.add_argument(
         "--tag", default="", help="appended to the file names: <date>_transfer_t<n>_TAG"
     )
