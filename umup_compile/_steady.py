@@ -12,8 +12,8 @@ guards (Note [direct calls]), so every tensor a graph reads or writes must be ch
 here, by how it reaches the graph:
 
 - *graph tensors*, passed as they are or as flat aliases (the unrolled, strided and
-  chunk units' parameters and state): their storage (``data_ptr``), shape, strides and
-  negative bit, and the state tensors' identity and dtype. A state tensor rebound
+  chunk units' parameters and state): their storage (``data_ptr``), dtype, shape,
+  strides and negative bit (``_tensor_check``), and the state tensors' identity. A state tensor rebound
   through ``.data`` (another dtype, other strides, or a copy a flat alias does not
   follow) sends the step to a gather, where the layout is rebuilt from what the
   tensors are now.
@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import itertools
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +43,7 @@ from torch import Tensor
 
 from ._gather import Bucket, picker
 from ._specs import AlgorithmSpec
+from ._tensor_check import TensorsLike
 
 Group = dict[str, Any]
 State = dict[str, Any]
@@ -53,12 +54,7 @@ _STRUCTURE_KEYS = ("state_dtype", "capturable", "differentiable", "sr_seed")
 _GRAD = operator.attrgetter("grad")
 _PARAMS = operator.itemgetter("params")
 _DTYPE = operator.attrgetter("dtype")
-_DEVICE = operator.attrgetter("device")
-_SHAPE = operator.attrgetter("shape")
-_IS_SPARSE = operator.attrgetter("is_sparse")
-_STRIDE = torch.Tensor.stride
 _DATA_PTR = torch.Tensor.data_ptr
-_IS_NEG = torch.Tensor.is_neg
 
 
 @dataclass(frozen=True)
@@ -115,16 +111,23 @@ class Watch:
     graph_params: list[Tensor]
 
 
-def _by_key(
-    pairs: Sequence[tuple[State, str]], expect: Callable[[Tensor], Any]
-) -> list[tuple[Any, list[State], list[Any]]]:
-    """``pairs`` grouped by key: ``(itemgetter(key), states, expected values)``."""
-    out: dict[str, tuple[Any, list[State], list[Any]]] = {}
+def _by_key(pairs: Sequence[tuple[State, str]]) -> list[tuple[Any, list[State]]]:
+    """``pairs`` grouped by key: ``(itemgetter(key), states)``."""
+    out: dict[str, tuple[Any, list[State]]] = {}
     for s, key in pairs:
-        entry = out.setdefault(key, (operator.itemgetter(key), [], []))
-        entry[1].append(s)
-        entry[2].append(expect(s[key]))
+        out.setdefault(key, (operator.itemgetter(key), []))[1].append(s)
     return list(out.values())
+
+
+class _Tensors:
+    """The state tensors under one key of some states, as a step finds them."""
+
+    def __init__(self, get: Any, states: list[State]) -> None:
+        self.get, self.states = get, states
+        self.tensors = self.now()
+
+    def now(self) -> list[Tensor]:
+        return list(map(self.get, self.states))
 
 
 class SteadyCheck:
@@ -162,18 +165,24 @@ class SteadyCheck:
             [k for k in range(len(self._flat)) if k not in member_set]
         )
         self._bounds = list(itertools.accumulate(len(b.params) for b in buckets))
-        self._dtypes = list(map(_DTYPE, self._members))
-        self._devices = list(map(_DEVICE, self._members))
         grads = [g for b in buckets for g in b.grads]
-        self._grad_dtypes = list(map(_DTYPE, grads))
-        self._shapes = list(map(_SHAPE, self._members))
-        self._params = watch.graph_params
-        self._params_layout = [layout_of(p) for p in self._params]
-        self._graph_states = _by_key(watch.graph_states, layout_of)
-        self._graph_tensors = _by_key(watch.graph_states, lambda t: t)
-        self._views = _by_key(watch.views, _DATA_PTR)
-        self._listed = _by_key(watch.listed, lambda t: t)
-        self._listed_dtypes = _by_key(watch.listed, _DTYPE)
+        # dtype, device, type, layout, bits (and the gradients' shapes): C++ loops
+        self._members_like = TensorsLike(self._members, sizes=False, strides=False)
+        self._grads_like = TensorsLike(grads, sizes=True, strides=False)
+        # Note [what a graph reads]: graph tensors' layout and storage; views'
+        # storage; the list path's identity and dtype.
+        self._params = list(watch.graph_params)
+        self._params_like = TensorsLike(self._params, sizes=True, strides=True)
+        self._params_ptrs = list(map(_DATA_PTR, self._params))
+        self._graph = [_Tensors(*g) for g in _by_key(watch.graph_states)]
+        self._graph_like = [
+            TensorsLike(g.tensors, sizes=True, strides=True) for g in self._graph
+        ]
+        self._graph_ptrs = [list(map(_DATA_PTR, g.tensors)) for g in self._graph]
+        self._views = [_Tensors(*g) for g in _by_key(watch.views)]
+        self._views_ptrs = [list(map(_DATA_PTR, g.tensors)) for g in self._views]
+        self._listed = [_Tensors(*g) for g in _by_key(watch.listed)]
+        self._listed_dtypes = [list(map(_DTYPE, g.tensors)) for g in self._listed]
 
     def grads(
         self, groups: Sequence[Group], state: dict[Tensor, State]
@@ -203,14 +212,11 @@ class SteadyCheck:
             return None
         if not all(map(operator.is_, self._pick_rest(every), itertools.repeat(None))):
             return None
-        if (
-            any(map(_IS_SPARSE, grads))
-            or list(map(_DTYPE, members)) != self._dtypes
-            or list(map(_DTYPE, grads)) != self._grad_dtypes
-            or list(map(_SHAPE, grads)) != self._shapes
-            or list(map(_DEVICE, grads)) != self._devices
-            or list(map(_DEVICE, members)) != self._devices
-            or list(map(layout_of, self._params)) != self._params_layout
+        if not (
+            self._grads_like.matches(grads)
+            and self._members_like.matches(members)
+            and self._params_like.matches(self._params)
+            and list(map(_DATA_PTR, self._params)) == self._params_ptrs
         ):
             return None
         if (
@@ -220,20 +226,24 @@ class SteadyCheck:
         ):
             return None
         try:
-            for get, states, tensors in self._listed:
-                if not all(map(operator.is_, map(get, states), tensors)):
+            for tensors, like, ptrs in zip(
+                self._graph, self._graph_like, self._graph_ptrs
+            ):
+                now = tensors.now()
+                if not (
+                    all(map(operator.is_, now, tensors.tensors))
+                    and like.matches(now)
+                    and list(map(_DATA_PTR, now)) == ptrs
+                ):
                     return None
-            for get, states, dtypes in self._listed_dtypes:
-                if list(map(_DTYPE, map(get, states))) != dtypes:
+            for tensors, ptrs in zip(self._views, self._views_ptrs):
+                if list(map(_DATA_PTR, tensors.now())) != ptrs:
                     return None
-            for get, states, ptrs in self._views:
-                if list(map(_DATA_PTR, map(get, states))) != ptrs:
+            for tensors, dtypes in zip(self._listed, self._listed_dtypes):
+                now = tensors.now()
+                if not all(map(operator.is_, now, tensors.tensors)):
                     return None
-            for get, states, tensors in self._graph_tensors:
-                if not all(map(operator.is_, map(get, states), tensors)):
-                    return None
-            for get, states, layouts in self._graph_states:
-                if list(map(layout_of, map(get, states))) != layouts:
+                if list(map(_DTYPE, now)) != dtypes:
                     return None
         except KeyError:  # a state entry was deleted
             return None
