@@ -70,7 +70,8 @@ ALLOWED: dict[str, set[str]] = {
     "_optimizers": {"_base", "_rules", "_specs"},
     "optim": {"_describe", "_optimizers", "_plan", "_rules"},
     "__init__": {"optim", "parameter"},
-    "demo": {"optim", "parameter"},
+    "_demo_model": {"parameter"},
+    "demo": {"_demo_model", "optim"},
     "distributed": {"parameter"},
 }
 
