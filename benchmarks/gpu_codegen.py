@@ -1,0 +1,339 @@
+"""The optimizer's CUDA step on paper: lowered for sm_90 without a GPU, counted, and
+timed by a roofline model (a simulation, not a measurement).
+
+For each workload and dtype, a subprocess (the stand-ins of ``gpu_standins`` are
+process-wide) records the steady step a ``umup_compile`` Adam makes for CUDA
+parameters (``gpu_record``), lowers every graph of it through Inductor for sm_90 and
+builds its kernels to cubin (``gpu_step``). This process adds the paper times and
+writes a JSON file and a markdown summary.
+
+Paper step time = bytes / bandwidth + launches x launch cost, at nominal HBM
+bandwidth (H100 SXM 3.35 TB/s, H200 4.8 TB/s), beside torch's fused Adam on the same
+tensors at its ideal bytes and its multi-tensor launches (``gpu_record``). The launch
+cost (``--launch-us``, default 2 us) is the order of one small kernel's share of a
+dependent sequence on an H100 (launch latency plus the tail of a grid, ~1-3 us;
+host-side launches cost more, CUDA-graph replays less): it is a parameter of the
+simulation, printed with every result.
+
+Examples (from the repository root):
+    python -m benchmarks.gpu_codegen --workload gpt --dtype fp32
+    python -m benchmarks.gpu_codegen --workload many-small --capturable --json /tmp/m.json
+    python -m benchmarks.gpu_codegen --workload all --dtype fp32,bf16-fp32state \\
+        --out benchmarks/results/paper-sm90
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+MAIN_WORKLOADS = ("gpt", "gpt-124m", "gpt-1.2b", "many-small")
+BANDWIDTH = {"H100 SXM": 3.35e12, "H200": 4.8e12}  # nominal HBM bytes/s
+BUILT_FOR = ("2.13.0", "3.9.0")  # torch, triton: the pair the pinned counts are for
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from benchmarks.gpu_record import DTYPES, WORKLOADS
+
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--workload",
+        default="gpt",
+        help=f"comma-separated, from {', '.join(WORKLOADS)}, or 'all' "
+        f"({', '.join(MAIN_WORKLOADS)})",
+    )
+    parser.add_argument(
+        "--dtype", default="fp32", help=f"comma-separated, from {', '.join(DTYPES)}"
+    )
+    parser.add_argument(
+        "--capturable", action="store_true", help="capturable=True, a device lr"
+    )
+    parser.add_argument(
+        "--clip", action="store_true", help="max_grad_norm=1.0 (the clip graph)"
+    )
+    parser.add_argument("--arch", choices=["sm90"], default="sm90")
+    parser.add_argument("--launch-us", type=float, default=2.0, help="launch cost")
+    parser.add_argument(
+        "--no-cubin", action="store_true", help="skip the sm_90 cubin build"
+    )
+    parser.add_argument(
+        "--interpret",
+        default="",
+        help="comma-separated workloads whose kernels also run in Triton's "
+        "interpreter against eager ('all': every one; keep them small)",
+    )
+    parser.add_argument(
+        "--code-dir",
+        type=Path,
+        default=None,
+        help="where the generated wrappers go (default: a temporary folder)",
+    )
+    parser.add_argument("--json", type=Path, default=None, help="JSON output file")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="a results folder: writes <name>.json and <name>.md there",
+    )
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    workloads = (
+        list(MAIN_WORKLOADS) if args.workload == "all" else args.workload.split(",")
+    )
+    bad = [w for w in workloads if w not in WORKLOADS]
+    dtypes = args.dtype.split(",")
+    bad += [d for d in dtypes if d not in DTYPES]
+    if bad:
+        parser.error(f"unknown workload/dtype {bad}")
+    args.workloads, args.dtypes = workloads, dtypes
+    if args.code_dir is None:
+        args.code_dir = Path(tempfile.mkdtemp(prefix="umup-gpu-codegen-"))
+    return args
+
+
+def versions() -> dict[str, str]:
+    import torch
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "-"
+    return {"torch": torch.__version__.split("+")[0], "triton": triton_version}
+
+
+def config_name(workload: str, dtype: str, capturable: bool, clip: bool) -> str:
+    return "-".join(
+        [
+            workload,
+            dtype,
+            *(["capturable"] if capturable else []),
+            *(["clip"] if clip else []),
+        ]
+    )
+
+
+def run_worker(
+    args: argparse.Namespace,
+    todo: list[tuple[str, str]],
+    interpret: bool = False,
+) -> list[dict[str, Any]]:
+    """Some configurations in a fresh interpreter (its stand-ins die with it); with
+    ``interpret``, under ``TRITON_INTERPRET=1``, numerics only (no cubin)."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.gpu_codegen",
+            "--worker",
+            "--workload",
+            ",".join(w for w, _ in todo),
+            "--dtype",
+            ",".join(d for _, d in todo),
+            "--code-dir",
+            str(args.code_dir),
+            "--json",
+            str(out),
+            *(["--capturable"] if args.capturable else []),
+            *(["--clip"] if args.clip else []),
+            *(["--no-cubin"] if args.no_cubin or interpret else []),
+            *(["--interpret", "all"] if interpret else []),
+        ]
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        if done.returncode or not out.exists():
+            error = (done.stderr or done.stdout)[-4000:]
+            return [{"workload": w, "dtype": d, "error": error} for w, d in todo]
+        return json.loads(out.read_text())  # type: ignore[no-any-return]
+
+
+def worker(args: argparse.Namespace) -> None:
+    """The worker's loop: the k-th workload with the k-th dtype."""
+    from benchmarks import gpu_step
+
+    results = []
+    for workload, dtype in zip(args.workloads, args.dtypes):
+        name = config_name(workload, dtype, args.capturable, args.clip)
+        results.append(
+            gpu_step.account(
+                workload,
+                dtype,
+                args.capturable,
+                args.clip,
+                args.code_dir / name,
+                cubin=not args.no_cubin,
+                interpret=bool(args.interpret),
+            )
+        )
+    args.json.write_text(json.dumps(results, indent=1, default=str))
+
+
+def paper(result: dict[str, Any], launch_us: float) -> dict[str, Any]:
+    """Paper step times (a simulation) of ours and of torch fused's ideal."""
+    launches = result["launches"] + result["eager_launches"]
+    times = {}
+    for device, bw in BANDWIDTH.items():
+        ours = result["total_bytes"] / bw + launches * launch_us * 1e-6
+        fused = (
+            result["ideal_bytes"] / bw
+            + result["torch_fused_launches"] * launch_us * 1e-6
+        )
+        times[device] = {
+            "ours_ms": round(ours * 1e3, 4),
+            "torch_fused_ideal_ms": round(fused * 1e3, 4),
+            "ratio": round(ours / fused, 4),
+        }
+    return {"launch_us": launch_us, "bandwidth_bytes_per_s": BANDWIDTH, "times": times}
+
+
+def goals(result: dict[str, Any]) -> dict[str, Any]:
+    """The issue's goals on paper, checked (a simulation: structure, not timings)."""
+    ratio = result["total_bytes"] / result["ideal_bytes"]
+    bytes_limit = 1.3 if result["workload"].startswith("many-small") else 1.02
+    return {
+        "bytes_over_ideal": round(ratio, 4),
+        "bytes_ok": ratio <= bytes_limit,
+        "bytes_limit": bytes_limit,
+        "no_fallbacks": not result["fallbacks"],
+        "no_host_syncs": result["host_syncs"] == 0,
+        "cudagraphs_ok": not result["cudagraph_fail_reasons"],
+        "launches_ok": result["launches"] + result["eager_launches"]
+        <= result["torch_fused_launches"],
+        "interpreter_ok": interpreter_ok(result.get("interpreter")),
+    }
+
+
+def interpreter_ok(numerics: dict[str, Any] | None) -> bool | None:
+    """float32 within 1e-6 of each tensor's largest magnitude, integers exact,
+    stochastically rounded bf16 bit for bit, round-to-nearest bf16 within 1 ulp (the
+    interpreter truncates); None where the interpreter did not run."""
+    if not numerics:
+        return None
+    if numerics.get("errors") or numerics.get("error") or not numerics.get("calls"):
+        return False
+    ulps = 0 if numerics["stochastic_rounding"] else 1
+    return (
+        numerics["max_rel_err"] <= 1e-6
+        and numerics["mismatches"] == 0
+        and numerics["bf16_max_ulps"] <= ulps
+    )
+
+
+def markdown(results: list[dict[str, Any]], header: dict[str, Any]) -> str:
+    lines = [
+        "# umup_compile's CUDA step on paper (sm_90): a simulation",
+        "",
+        "Generated by `python -m benchmarks.gpu_codegen` on a machine without a GPU "
+        f"(torch {header['torch']}, Triton {header['triton']}, commit {header['commit']}). "
+        "Kernels, launches and bytes are read from the Triton code Inductor generated "
+        "for sm_90; times are a roofline model: bytes / nominal bandwidth + launches x "
+        f"{header['launch_us']} us. Nothing ran on a GPU.",
+        "",
+        "| config | params | bytes / ideal | graph launches | eager launches | "
+        "torch fused launches | fallbacks | host syncs | cudagraph fails | cubin | "
+        "H100 ms (torch fused) | H200 ms (torch fused) |",
+        "|" + "---|" * 12,
+    ]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['name']} | error: see JSON |" + " |" * 10)
+            continue
+        t = r["paper"]["times"]
+        lines.append(
+            f"| {r['name']} | {r['params']:,} | {r['goals']['bytes_over_ideal']:.4f} | "
+            f"{r['launches']} | {r['eager_launches']} | {r['torch_fused_launches']} | "
+            f"{len(r['fallbacks'])} | {r['host_syncs']} | "
+            f"{len(r['cudagraph_fail_reasons'])} | {r['cubin_ok']} | "
+            f"{t['H100 SXM']['ours_ms']} ({t['H100 SXM']['torch_fused_ideal_ms']}) | "
+            f"{t['H200']['ours_ms']} ({t['H200']['torch_fused_ideal_ms']}) |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    from benchmarks import common
+
+    header = {
+        **versions(),
+        "commit": common.git_commit(),
+        "date": common._dt.date.today().isoformat(),
+        "arch": args.arch,
+        "launch_us": args.launch_us,
+        "simulation": True,
+        "code_dir": str(args.code_dir),
+    }
+    todo = [(w, d) for w in args.workloads for d in args.dtypes]
+    numerics: dict[tuple[str, str], dict[str, Any]] = {}
+    interpret = [
+        (w, d)
+        for w, d in todo
+        if args.interpret in ("all", w) or w in args.interpret.split(",")
+    ]
+    if interpret:
+        if not args.no_progress:
+            print(f"interpreter: {interpret}", file=sys.stderr)
+        for r in run_worker(args, interpret, interpret=True):
+            numerics[(r["workload"], r["dtype"])] = r
+    results = []
+    for k, (workload, dtype) in enumerate(todo):
+        if not args.no_progress:
+            print(f"[{k + 1}/{len(todo)}] {workload} {dtype}", file=sys.stderr)
+        checked = numerics.get((workload, dtype))
+        if checked is not None and args.no_cubin:  # the same lowering, counted there
+            result = checked
+        else:
+            (result,) = run_worker(args, [(workload, dtype)])
+        result["name"] = config_name(workload, dtype, args.capturable, args.clip)
+        if checked is not None:
+            result["interpreter"] = checked.get("interpreter") or {
+                "error": checked.get("error")
+            }
+            result["interpreter_max_rel_err"] = checked.get("interpreter_max_rel_err")
+        if "error" not in result:
+            result["paper"] = paper(result, args.launch_us)
+            result["goals"] = goals(result)
+        results.append(result)
+    document = {"header": header, "results": results}
+    text = markdown(results, header)
+    print(text)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(document, indent=1, default=str))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        stem = "_".join(
+            [header["date"], "+".join(args.workloads), "+".join(args.dtypes)]
+        )
+        stem += "_capturable" if args.capturable else ""
+        stem += "_clip" if args.clip else ""
+        (args.out / f"{stem}.json").write_text(
+            json.dumps(document, indent=1, default=str)
+        )
+        (args.out / f"{stem}.md").write_text(text)
+    return 1 if any("error" in r for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
