@@ -1,1 +1,1 @@
-"""Benchmarks of ``umup_compile``; ``python -m benchmarks`` runs the harness (see README)."""
+"""Benchmarks of ``umup_compile``: ``python -m benchmarks <workload>`` (see README.md here)."""

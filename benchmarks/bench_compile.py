@@ -10,14 +10,14 @@ Contestants:
     umup                   umup_compile.optim.Adam(params, lr=1e-3), default engine
     unit_scaling_compiled  unit_scaling.optim.Adam(params, lr=1e-3) (one group per
                            parameter) with ``@torch.compile(fullgraph=False)`` around
-                           ``opt.step()``, as bench_step's ``torch-compiled`` and the
-                           torch docs do
+                           ``opt.step()``, as the step workloads' ``torch-compiled``
+                           and the torch docs do
 
 Examples (from the repository root):
-    python -m benchmarks.bench_compile --help
-    python -m benchmarks.bench_compile                     # 50 200 500 2000, both
-    python -m benchmarks.bench_compile --contestants unit_scaling_compiled --counts 50 200
-    python -m benchmarks.bench_compile --smoke --out /tmp/bench_compile
+    python -m benchmarks compile --help
+    python -m benchmarks compile                     # 50 200 500 2000, both
+    python -m benchmarks compile --contestants unit_scaling_compiled --counts 50 200
+    python -m benchmarks compile --smoke --out /tmp/bench_compile
 """
 
 from __future__ import annotations
@@ -25,27 +25,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-import warnings
-from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a file: python benchmarks/bench_compile.py
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+from benchmarks import common
+from benchmarks.compile_worker import SHAPE, run_point, worker_main
+from benchmarks.plot_compile import timeout_label, write_png
 
-from benchmarks import common  # noqa: E402
-
-LR = 1e-3
-SHAPE = (64, 64)
 CONTESTANTS = {
     "umup": "umup_compile.optim.Adam(params, lr=1e-3), default compile=True engine",
     "unit_scaling_compiled": (
@@ -91,131 +83,6 @@ TABLE_COLUMNS = [
 ]
 
 
-# -- worker (one point, in its own process) -------------------------------------------
-
-
-def build_params(contestant: str, n: int, seed: int = 0) -> list[nn.Parameter]:
-    """``n`` tagged 64x64 weights with random gradients, tagged by the contestant's lib."""
-    # The optimizer modules are imported here too, so build_s times no imports.
-    if contestant == "umup":
-        import umup_compile as uc
-        import umup_compile.optim  # noqa: F401
-
-        make: Callable[..., nn.Parameter] = uc.Parameter
-    else:
-        import unit_scaling.optim  # type: ignore[import-untyped]  # noqa: F401
-        import unit_scaling.parameter as usp  # type: ignore[import-untyped]
-
-        make = usp.Parameter
-    gen = torch.Generator().manual_seed(seed)
-    params = []
-    for _ in range(n):
-        p = make(torch.randn(SHAPE, generator=gen), mup_type="weight")
-        p.grad = torch.randn(SHAPE, generator=gen)
-        params.append(p)
-    return params
-
-
-def build_step(
-    contestant: str, params: list[nn.Parameter], backend: str
-) -> tuple[torch.optim.Optimizer, Callable[[], Any]]:
-    """The optimizer and the callable whose first call is timed."""
-    if contestant == "umup":
-        import umup_compile.optim as uo
-
-        opt: torch.optim.Optimizer = uo.Adam(params, lr=LR)
-        if backend != "inductor":
-            # As tests/helpers.py's use_backend does: the public API has no backend
-            # switch, so swap the engine (only for --backend, never in real runs).
-            from umup_compile._engine import CompiledEngine
-
-            opt._engine = CompiledEngine(strict=True, backend=backend)  # type: ignore[attr-defined]
-        return opt, opt.step
-
-    import unit_scaling.optim as uso
-
-    us_opt = uso.Adam(params, lr=LR)
-
-    # As the torch docs show for compiling an optimizer step (and bench_step's
-    # torch-compiled contestant): Optimizer.step graph-breaks, hence fullgraph=False.
-    @torch.compile(fullgraph=False, backend=backend)
-    def compiled_step() -> None:
-        us_opt.step()
-
-    return us_opt, compiled_step
-
-
-def _unique_graphs() -> int:
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])
-
-
-def run_point(
-    contestant: str, n: int, *, backend: str, steady_steps: int
-) -> dict[str, Any]:
-    """Build, time the first step, then ``steady_steps`` more; return the result dict."""
-    device = torch.device("cpu")
-    load_before = os.getloadavg()[0]
-    params = build_params(contestant, n)
-    t0 = time.perf_counter()
-    opt, step = build_step(contestant, params, backend)
-    build_s = time.perf_counter() - t0
-    graphs0 = _unique_graphs()
-    note = ""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        first = common.time_once(step, device)
-    for w in caught:
-        if "umup_compile" in str(w.message):  # e.g. a fallback to the eager engine
-            note = "WARNING: " + str(w.message).splitlines()[0][:80]
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    graphs1 = _unique_graphs()
-    steady = common.Timing(
-        tuple(common.time_once(step, device) for _ in range(steady_steps))
-    )
-    engine = getattr(opt, "_engine", None)
-    if getattr(engine, "failed", None):
-        note = f"FELL BACK TO EAGER: {engine.failed}"[:100]  # type: ignore[union-attr]
-    return {
-        "contestant": contestant,
-        "n_tensors": n,
-        "numel": sum(p.numel() for p in params),
-        "backend": backend,
-        "threads": torch.get_num_threads(),
-        "build_s": round(build_s, 4),
-        "first_step_s": round(first, 4),
-        "steady_ms": round(steady.median * 1e3, 3),
-        "steady_min_ms": round(steady.min * 1e3, 3),
-        "steady_max_ms": round(steady.max * 1e3, 3),
-        "steady_steps": steady_steps,
-        "steady_samples_ms": [round(t * 1e3, 3) for t in steady.samples],
-        "graphs_first_step": graphs1 - graphs0,
-        "graphs_later": _unique_graphs() - graphs1,
-        # ru_maxrss is in KiB on Linux.
-        "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        # 1-minute load average before and after: other jobs on a shared machine
-        # inflate both the compile and the steady steps.
-        "load_before": round(load_before, 2),
-        "load_after": round(os.getloadavg()[0], 2),
-        "inductor_cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR", ""),
-        "status": "ok",
-        "note": note,
-    }
-
-
-def worker_main(args: argparse.Namespace) -> int:
-    """``--worker``: one point; prints its result as one JSON line on stdout."""
-    torch.set_num_threads(args.threads)  # before any compile: Inductor bakes it in
-    (n,) = args.counts
-    (contestant,) = args.contestants
-    result = run_point(
-        contestant, n, backend=args.backend, steady_steps=args.steady_steps
-    )
-    print(json.dumps(result), flush=True)
-    return 0
-
-
 # -- driver ------------------------------------------------------------------------
 
 
@@ -249,10 +116,6 @@ def _failed(
     }
 
 
-def _timeout_label(timeout: float) -> str:
-    return f"timeout (> {timeout:g} s)"
-
-
 def run_subprocess(contestant: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
     """One point in a fresh interpreter; timeouts and crashes become result rows."""
     cmd = [sys.executable, "-m", "benchmarks.bench_compile", "--worker"]
@@ -276,7 +139,7 @@ def run_subprocess(contestant: str, n: int, args: argparse.Namespace) -> dict[st
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-            label = _timeout_label(args.timeout)
+            label = timeout_label(args.timeout)
             return _failed(contestant, n, args, "timeout", label)
         wall = time.perf_counter() - t0
     lines = [ln for ln in out.splitlines() if ln.startswith("{")]
@@ -325,64 +188,6 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def write_png(
-    path: Path, rows: Sequence[dict[str, Any]], title: str, timeout: float
-) -> None:
-    """First-step seconds vs tensor count (log x), one line per contestant."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    names = list(dict.fromkeys(r["contestant"] for r in rows))
-    for i, name in enumerate(names):
-        color = f"C{i}"
-        mine = [r for r in rows if r["contestant"] == name]
-        ok = [
-            (r["n_tensors"], float(r["first_step_s"]))
-            for r in mine
-            if r["status"] == "ok"
-        ]
-        if ok:
-            xs, ys = zip(*ok)
-            ax.plot(xs, ys, marker="o", color=color, label=name)
-            for x, y in ok:
-                ax.annotate(
-                    f"{y:.1f} s",
-                    (x, y),
-                    textcoords="offset points",
-                    xytext=(4, 4),
-                    fontsize=7,
-                    color=color,
-                )
-        slow = [r["n_tensors"] for r in mine if r["status"] == "timeout"]
-        if slow:
-            ax.scatter(
-                slow,
-                [timeout] * len(slow),
-                marker="^",
-                facecolors="none",
-                edgecolors=color,
-                label=f"{name}: {_timeout_label(timeout)}",
-            )
-    ax.set_xscale("log")
-    counts = sorted({r["n_tensors"] for r in rows})
-    ax.set_xticks(counts, [str(c) for c in counts])
-    ax.minorticks_off()
-    ax.set_xlabel("tensors (64x64 weights)")
-    ax.set_ylabel("first step() incl. compile, s (cold Inductor cache)")
-    tops = [float(r["first_step_s"]) for r in rows if r["status"] == "ok"]
-    tops += [timeout for r in rows if r["status"] == "timeout"]
-    ax.set_ylim(0, 1.15 * max(tops, default=1.0))  # room for the labels
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def output_stem(args: argparse.Namespace, head: dict[str, str]) -> str:
     """``<date>_compile_t<threads>[_<contestants>][_<backend>]``."""
     stem = f"{head['date']}_compile_t{args.threads}"
@@ -395,7 +200,7 @@ def output_stem(args: argparse.Namespace, head: dict[str, str]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.bench_compile",
+        prog="python -m benchmarks compile",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog="contestants: " + "; ".join(f"{k}: {v}" for k, v in CONTESTANTS.items()),
@@ -427,13 +232,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"{SMOKE_BACKEND} with --smoke). Not inductor: umup's engine is swapped as "
         "tests/helpers.py's use_backend does",
     )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="output folder (default: benchmarks/results/<device>/; with --smoke, a "
-        "temporary directory)",
-    )
+    common.add_out_argument(parser)
     parser.add_argument(
         "--smoke",
         action="store_true",
@@ -472,13 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     print("# " + ", ".join(f"{k}={v}" for k, v in head.items()), flush=True)
     rows = run_all(args)
 
-    if args.out is not None:
-        out = args.out
-    elif args.smoke:
-        out = Path(tempfile.mkdtemp(prefix="bench_compile_smoke_"))
-    else:
-        out = common.RESULTS / head["device"]
-    out.mkdir(parents=True, exist_ok=True)
+    out = common.output_dir(args.out, args.smoke, head, "compile")
     stem = output_stem(args, head)
 
     run_info = {
@@ -493,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         "isolation": "in-process" if args.in_process else "fresh process per point",
         "inductor_cache": "shared" if args.in_process else "fresh per point",
         "fx_graph_cache": "on" if args.in_process else "off",
-        "command": f"python -m benchmarks.bench_compile {command}".strip(),
+        "command": f"python -m benchmarks compile {command}".strip(),
     }
     doc = {
         "header": head,
@@ -512,13 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     common.write_csv(out / f"{stem}.csv", rows, COLUMNS)
 
     table = common.markdown_table(rows, TABLE_COLUMNS)
-    smoke_note = "(smoke sizes: the numbers mean nothing)\n\n" if args.smoke else ""
+    heading = "bench_compile: first step vs tensor count"
     md = (
-        f"# bench_compile: first step vs tensor count\n\n{smoke_note}"
-        + "\n".join(f"- {k}: {v}" for k, v in head.items())
-        + "\n"
-        + "\n".join(f"- {k}: {v}" for k, v in run_info.items() if k != "command")
-        + f"\n- command: `{run_info['command']}`\n\n"
+        common.md_head(heading, head, run_info, run_info["command"], args.smoke)
         + "first_step_s: wall clock of the first step() of a fresh optimizer (state "
         + "creation + cold compile), one fresh process and Inductor cache per point; "
         + f"steady_ms: median of the next {args.steady_steps} steps; graphs: Dynamo "

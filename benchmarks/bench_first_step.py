@@ -13,9 +13,9 @@ graph cache's hits and misses, then the steady step's median:
                another machine instead of a directory)
 
 Examples (from the repository root):
-    python -m benchmarks.bench_first_step                  # 1 thread, all modes
-    python -m benchmarks.bench_first_step --threads 2
-    python -m benchmarks.bench_first_step --smoke --out /tmp/first_step.csv
+    python -m benchmarks first-step                  # 1 thread, all modes
+    python -m benchmarks first-step --threads 2
+    python -m benchmarks first-step --smoke --out /tmp/first_step.csv
 """
 
 from __future__ import annotations
@@ -31,12 +31,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a file: python benchmarks/bench_first_step.py
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks import common  # noqa: E402
+from benchmarks import common, sets
 
 MODES = ("cold", "warm", "artifacts")
 # torch's portable cache (save/load_cache_artifacts) came with torch 2.7.
@@ -65,13 +62,20 @@ COLUMNS = [
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
+        prog="python -m benchmarks first-step",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steady-steps", type=int, default=10)
     parser.add_argument("--modes", default=",".join(MODES))
-    parser.add_argument("--out", type=Path, default=None, help="CSV path")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="CSV path (default: benchmarks/results/<device>/<date>_first_step_t<threads>"
+        ".csv)",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny set, CI check")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--artifacts", default=None, help=argparse.SUPPRESS)
@@ -83,10 +87,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _specs(smoke: bool) -> list[common.ParamSpec]:
+def _specs(smoke: bool) -> list[sets.ParamSpec]:
     if smoke:
-        return common.gpt_like_specs(d_model=32, n_layers=1, vocab=64)
-    return common.gpt_like_specs()
+        return sets.gpt_like_specs(d_model=32, n_layers=1, vocab=64)
+    return sets.gpt_like_specs()
 
 
 def worker(args: argparse.Namespace) -> dict[str, Any]:
@@ -99,7 +103,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     if args.worker == "artifacts":
         blob = Path(args.artifacts).read_bytes()
         torch.compiler.load_cache_artifacts(blob)
-    params = common.build_params(_specs(args.smoke), device=torch.device("cpu"))
+    params = sets.build_params(_specs(args.smoke), device=torch.device("cpu"))
     opt = Adam(params, lr=1e-3)
     t0 = time.perf_counter()
     opt.step()
@@ -176,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     table = common.markdown_table(rows, COLUMNS)
     print()
     print(table)
-    name = f"{head['date']}_{head['device']}_first_step_t{args.threads}.csv"
-    out = args.out or common.RESULTS / name
+    name = f"{head['date']}_first_step_t{args.threads}.csv"
+    out = args.out or common.RESULTS / head["device"] / name
     common.write_csv(out, [{**r, **head} for r in rows], COLUMNS + common.RUN_COLUMNS)
     phases = "\n".join(
         f"- {r['mode']}: "
@@ -187,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     out.with_suffix(".md").write_text(
         "# bench_first_step: the first compiled step, GPT-like set\n\n"
         + "\n".join(f"- {k}: {v}" for k, v in head.items())
-        + "\n- command: `python -m benchmarks.bench_first_step "
+        + "\n- command: `python -m benchmarks first-step "
         + " ".join(sys.argv[1:] if argv is None else argv)
         + "`\n\nSeconds of the first `step()`; phases are Dynamo's compile-time "
         "metrics, nested (dynamo_s contains the rest); steady_ms is the median of "

@@ -3,8 +3,8 @@
 Parameters of 16 elements (4x4), 2,000 and 8,000 of them by default, 1 thread: the
 update itself is negligible, so the step time per parameter is the per-parameter
 overhead of the optimizer's host side. Contestants, in one process on copies of the
-same parameters and gradients, round-robin windows (``common.time_interleaved``), a
-``LambdaLR`` changing lr before every step (untimed, as in ``bench_step``):
+same parameters and gradients, round-robin windows (``timer.time_interleaved``), a
+``LambdaLR`` changing lr before every step (untimed, as in the step workloads):
 
 - ``umup-compiled`` / ``umup-eager``: ``umup_compile.optim.Adam``, one param group;
 - ``umup-compiled-groups`` / ``umup-eager-groups``: one group per parameter (as
@@ -12,10 +12,10 @@ same parameters and gradients, round-robin windows (``common.time_interleaved``)
   the ratio to the same engine with one group (param groups must cost nothing);
 - ``torch-fused`` / ``torch-foreach``: ``torch.optim.Adam``, one group.
 
-Examples:
-    python benchmarks/bench_host.py                      # 2000 and 8000, 1 thread
-    python benchmarks/bench_host.py --counts 8000 --repeats 40
-    python benchmarks/bench_host.py --smoke --out /tmp/host.csv
+Examples (from the repository root):
+    python -m benchmarks host                            # 2000 and 8000, 1 thread
+    python -m benchmarks host --counts 8000 --repeats 40
+    python -m benchmarks host --smoke --out /tmp/host.csv
 """
 
 from __future__ import annotations
@@ -29,11 +29,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+from torch import nn
 
-import common  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+from benchmarks import common, sets, timer
 
 LR = 1e-2
 BASELINE = "torch-fused"
@@ -88,6 +87,7 @@ COLUMNS = [
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
+        prog="python -m benchmarks host",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -99,7 +99,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=30, help="timed samples each")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps each")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
-    parser.add_argument("--out", type=Path, default=None, help="CSV path")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="CSV path (default: benchmarks/results/<device>/<date>_host_t<threads>.csv; "
+        "with --smoke, a temporary directory)",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny: checks it runs")
     args = parser.parse_args(argv)
     args.counts = [int(n) for n in args.counts.split(",")]
@@ -117,8 +123,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run_count(args: argparse.Namespace, n: int) -> list[dict[str, Any]]:
     """Build, first-step and time every contestant on ``n`` parameters."""
     device = torch.device("cpu")
-    specs = common.many_small_specs(n=n, numel=args.numel)
-    master = common.build_params(specs, device=device)
+    specs = sets.many_small_specs(n=n, numel=args.numel)
+    master = sets.build_params(specs, device=device)
     steps: dict[str, Callable[[], Any]] = {}
     between: dict[str, Callable[[], Any]] = {}
     first: dict[str, float] = {}
@@ -128,15 +134,15 @@ def run_count(args: argparse.Namespace, n: int) -> list[dict[str, Any]]:
     # and walking them would cost cache misses a real run does not have.
     built = {}
     for name in args.contestants:
-        opt = CONTESTANTS[name][0](common.copy_params(master))
+        opt = CONTESTANTS[name][0](sets.copy_params(master))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 / (1 + 1e-3 * s))
         built[name] = opt, sched
     for name, (opt, sched) in built.items():
         gc.collect()
-        first[name] = common.time_once(opt.step, device)
+        first[name] = timer.time_once(opt.step, device)
         steps[name], between[name] = opt.step, sched.step
         print(f"  n={n} built {name:22s} first step {first[name] * 1e3:9.1f} ms")
-    timings = common.time_interleaved(
+    timings = timer.time_interleaved(
         steps, device, warmup=args.warmup, repeats=args.repeats, between=between
     )
     base = timings[BASELINE].median if BASELINE in timings else None
@@ -181,14 +187,15 @@ def main(argv: list[str] | None = None) -> int:
         Path(tempfile.mkdtemp(prefix="bench_host_")) / "smoke.csv"
         if args.smoke
         else common.RESULTS
-        / f"{head['date']}_{head['device']}_host_t{head['threads']}.csv"
+        / head["device"]
+        / f"{head['date']}_host_t{head['threads']}.csv"
     )
     common.write_csv(out, rows, COLUMNS + common.RUN_COLUMNS)
     md = out.with_suffix(".md")
     md.write_text(
         "# bench_host: host cost per parameter\n\n"
         + "\n".join(f"- {k}: {v}" for k, v in head.items())
-        + f"\n- command: `python benchmarks/bench_host.py {command}`\n\n"
+        + f"\n- command: `python -m benchmarks host {command}`\n\n"
         + f"{args.numel} elements per parameter; times per optimizer step, median and "
         + f"IQR of {args.repeats} round-robin samples; us_per_param = median / "
         + "parameters; vs_one_group = median / the same engine with one group.\n\n"

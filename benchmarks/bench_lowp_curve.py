@@ -26,8 +26,8 @@ final loss, the mean |loss - fp32 loss| over the last 20 % of the steps, and the
 fraction of parameter elements the last step changed.
 
 Examples (from the repository root):
-    python -m benchmarks.bench_lowp_curve --threads 2
-    python -m benchmarks.bench_lowp_curve --smoke --out /tmp/curve
+    python -m benchmarks lowp-curve --threads 2
+    python -m benchmarks lowp-curve --smoke --out /tmp/curve
 """
 
 from __future__ import annotations
@@ -36,19 +36,16 @@ import argparse
 import copy
 import math
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+from torch import Tensor, nn
 
-import common  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
-
-import umup_compile.optim as uo  # noqa: E402
-from umup_compile.demo import TinyUmupLM, batches  # noqa: E402
+import umup_compile.optim as uo
+from benchmarks import common
+from umup_compile.demo import TinyUmupLM, batches
 
 
 @dataclass(frozen=True)
@@ -85,7 +82,7 @@ TAIL = 0.2  # the share of the steps the summary averages over
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.bench_lowp_curve",
+        prog="python -m benchmarks lowp-curve",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -119,7 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "CPU the compiles would cost more than the training)",
     )
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=None)
+    common.add_out_argument(parser)
     parser.add_argument(
         "--smoke", action="store_true", help="tiny model, 8 steps: checks it runs"
     )
@@ -299,13 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     rows = summarize(curves, changed, seconds)
 
-    if args.out is not None:
-        out = args.out
-    elif args.smoke:
-        out = Path(tempfile.mkdtemp(prefix="bench_lowp_curve_smoke_"))
-    else:
-        out = common.RESULTS / head["device"]
-    out.mkdir(parents=True, exist_ok=True)
+    out = common.output_dir(args.out, args.smoke, head, "lowp_curve")
     stem = f"{head['date']}_lowp_curve_t{head['threads']}"
     columns = ["step", "lr", *(f"loss_{n}" for n in curves)]
     per_step = [
@@ -335,14 +326,9 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "seed": args.seed,
     }
-    full_command = f"python -m benchmarks.bench_lowp_curve {command}".strip()
-    smoke_note = "(smoke sizes: the numbers mean nothing)\n\n" if args.smoke else ""
+    full_command = f"python -m benchmarks lowp-curve {command}".strip()
     md = (
-        f"# bench_lowp_curve\n\n{smoke_note}"
-        + "\n".join(f"- {k}: {v}" for k, v in head.items())
-        + "\n"
-        + "\n".join(f"- {k}: {v}" for k, v in run.items())
-        + f"\n- command: `{full_command}`\n\n"
+        common.md_head("bench_lowp_curve", head, run, full_command, args.smoke)
         + "Loss is the training loss of each step's batch. Tail = the last "
         + f"{TAIL:.0%} of the steps (shaded in the plot); gap = mean |loss - "
         + f"{REFERENCE} loss| over the tail; tail vs fp32 = tail mean loss / the "

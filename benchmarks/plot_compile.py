@@ -1,7 +1,10 @@
-"""Combine bench_compile CSVs (several runs, contestants) into one table and one plot.
+"""Compile-time plots: one run's PNG, and several runs' CSVs combined into one table.
+
+``python -m benchmarks compile`` draws its run with ``write_png``;
+``python -m benchmarks compile-plot`` combines runs (several runs, contestants).
 
 Example:
-    python -m benchmarks.plot_compile benchmarks/results/cpu-amd-epyc/2026-11-27_compile_t2_*.csv \\
+    python -m benchmarks compile-plot benchmarks/results/cpu-amd-epyc/2026-11-27_compile_t2_*.csv \\
         --out benchmarks/results/cpu-amd-epyc/2026-11-27_compile_t2_combined
 """
 
@@ -9,10 +12,72 @@ from __future__ import annotations
 
 import argparse
 import csv
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench_compile import write_png
+
+def timeout_label(timeout: float) -> str:
+    """How a point that ran past ``--timeout`` reads in tables and the plot legend."""
+    return f"timeout (> {timeout:g} s)"
+
+
+def write_png(
+    path: Path, rows: Sequence[dict[str, Any]], title: str, timeout: float
+) -> None:
+    """First-step seconds vs tensor count (log x), one line per contestant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    names = list(dict.fromkeys(r["contestant"] for r in rows))
+    for i, name in enumerate(names):
+        color = f"C{i}"
+        mine = [r for r in rows if r["contestant"] == name]
+        ok = [
+            (r["n_tensors"], float(r["first_step_s"]))
+            for r in mine
+            if r["status"] == "ok"
+        ]
+        if ok:
+            xs, ys = zip(*ok)
+            ax.plot(xs, ys, marker="o", color=color, label=name)
+            for x, y in ok:
+                ax.annotate(
+                    f"{y:.1f} s",
+                    (x, y),
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                    fontsize=7,
+                    color=color,
+                )
+        slow = [r["n_tensors"] for r in mine if r["status"] == "timeout"]
+        if slow:
+            ax.scatter(
+                slow,
+                [timeout] * len(slow),
+                marker="^",
+                facecolors="none",
+                edgecolors=color,
+                label=f"{name}: {timeout_label(timeout)}",
+            )
+    ax.set_xscale("log")
+    counts = sorted({r["n_tensors"] for r in rows})
+    ax.set_xticks(counts, [str(c) for c in counts])
+    ax.minorticks_off()
+    ax.set_xlabel("tensors (64x64 weights)")
+    ax.set_ylabel("first step() incl. compile, s (cold Inductor cache)")
+    tops = [float(r["first_step_s"]) for r in rows if r["status"] == "ok"]
+    tops += [timeout for r in rows if r["status"] == "timeout"]
+    ax.set_ylim(0, 1.15 * max(tops, default=1.0))  # room for the labels
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def load(paths: list[Path]) -> list[dict[str, Any]]:
@@ -26,8 +91,10 @@ def load(paths: list[Path]) -> list[dict[str, Any]]:
     return list(rows.values())
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks compile-plot", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("csvs", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, required=True, help="path without suffix")
     args = parser.parse_args(argv)
@@ -58,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     timeout = max(float(r["timeout_s"]) for r in timed_out)
     write_png(args.out.with_suffix(".png"), rows, args.out.name, timeout)
     print(f"wrote {args.out}.md and {args.out}.png")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

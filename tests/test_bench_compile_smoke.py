@@ -1,4 +1,4 @@
-"""bench_compile.py --smoke runs end to end and writes its md, CSV, JSON and PNG."""
+"""``python -m benchmarks compile --smoke`` runs and writes its md, CSV, JSON and PNG."""
 
 from __future__ import annotations
 
@@ -15,14 +15,13 @@ import torch
 from benchmarks import bench_compile
 
 REPO = Path(__file__).resolve().parent.parent
-MODULE = "benchmarks.bench_compile"
 CONTESTANTS = ["umup", "unit_scaling_compiled"]
 SMOKE_COUNTS = [4, 8]
 
 
 def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", MODULE, *args],
+        [sys.executable, "-m", "benchmarks", "compile", *args],
         cwd=REPO,
         capture_output=True,
         text=True,

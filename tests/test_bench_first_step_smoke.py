@@ -1,6 +1,6 @@
-"""bench_first_step --smoke: the cold, warm and portable-artifact first steps.
+"""``python -m benchmarks first-step --smoke``: cold, warm and portable-artifact steps.
 
-Also the test of what the README tells users about keeping compile artifacts: a
+Also the test of what the docs tell users about keeping compile artifacts: a
 process on a filled Inductor cache directory, and one that loaded
 ``torch.compiler.save_cache_artifacts()``'s blob into an empty one, both compile
 nothing (FX graph cache hits, no misses).
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 def test_first_step_cold_warm_and_artifacts(tmp_path: Path) -> None:
     out = tmp_path / "first_step.csv"
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_first_step", "--smoke"]
+        [sys.executable, "-m", "benchmarks", "first-step", "--smoke"]
         + ["--steady-steps", "2", "--out", str(out)],
         cwd=REPO,
         capture_output=True,

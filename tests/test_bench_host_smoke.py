@@ -1,4 +1,4 @@
-"""bench_host.py --smoke runs end to end and writes its table and CSV."""
+"""``python -m benchmarks host --smoke`` runs end to end and writes its table and CSV."""
 
 from __future__ import annotations
 
@@ -7,13 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_host.py"
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_bench_host_smoke_writes_table_and_csv(tmp_path: Path) -> None:
     out = tmp_path / "host.csv"
     proc = subprocess.run(
-        [sys.executable, str(BENCH), "--smoke", "--out", str(out)],
+        [sys.executable, "-m", "benchmarks", "host", "--smoke", "--out", str(out)],
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=180,
@@ -34,4 +35,6 @@ def test_bench_host_smoke_writes_table_and_csv(tmp_path: Path) -> None:
     assert all(float(r["us_per_param"]) > 0 for r in rows)
     assert by_name["torch-fused"]["ratio_vs_torch_fused"] == "1.00"
     assert by_name["umup-compiled-groups"]["vs_one_group"] != "-"
-    assert out.with_suffix(".md").read_text().startswith("# bench_host")
+    md = out.with_suffix(".md").read_text()
+    assert md.startswith("# bench_host")
+    assert f"- command: `python -m benchmarks host --smoke --out {out}`" in md

@@ -1,4 +1,4 @@
-"""``python -m benchmarks.bench_lowp_curve --smoke`` trains every setting and writes."""
+"""``python -m benchmarks lowp-curve --smoke`` trains every setting and writes."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ SETTINGS = ["fp32", "bf16-fp32state-sr", "bf16-fp32state-rtn", "bf16-bf16state"]
 def test_bench_lowp_curve_smoke_writes_csv_md_png(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_lowp_curve", "--smoke"]
+        [sys.executable, "-m", "benchmarks", "lowp-curve", "--smoke"]
         + ["--out", str(tmp_path)],
         cwd=REPO,
         capture_output=True,

@@ -3,7 +3,8 @@
 Runs the two commands of ``docs/conf.py`` in subprocesses (the examples change global
 torch state): the HTML build, with ``-W --keep-going``, and Sphinx's doctest builder,
 which executes every ``testcode`` block of the guides and compares its output. Then
-every public symbol must have its own entry in the API reference.
+every public symbol must have its own entry in the API reference. The README's Python
+example runs too, and every docs page it links to exists.
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ else:
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 GUIDES = [
-    "quickstart", "rules", "engines", "schedulers", "gradscaler", "compiled_step",
-    "low_precision", "distributed", "migration", "benchmarks", "troubleshooting",
+    "quickstart", "rules", "engines", "schedulers", "gradscaler", "clipping",
+    "compiled_step", "low_precision", "distributed", "migration", "benchmarks",
+    "troubleshooting", "development",
 ]  # fmt: skip
+README = DOCS.parent / "README.md"
 # distributed has no __all__: its public functions, and the Tags alias.
 DISTRIBUTED_API = [
     name
@@ -86,4 +89,29 @@ def test_docs_have_every_guide_and_the_benchmark_plots(html: Path) -> None:
     plots = re.findall(
         r'src="_images/([^"]+\.png)"', (html / "benchmarks.html").read_text()
     )
-    assert len(plots) == 3 and all((html / "_images" / p).stat().st_size for p in plots)
+    assert len(plots) == 4 and all((html / "_images" / p).stat().st_size for p in plots)
+
+
+def test_readme_links_exist_and_its_python_example_runs(tmp_path: Path) -> None:
+    text = README.read_text()
+    links = re.findall(r"\]\(((?:docs|benchmarks)/[^)#]+)\)", text)
+    assert {f"docs/{guide}.rst" for guide in GUIDES} <= set(links)
+    missing = [link for link in links if not (README.parent / link).exists()]
+    assert not missing, f"README links to missing files: {missing}"
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks, "the README has no Python example"
+    script = tmp_path / "readme_example.py"
+    script.write_text("\n".join(blocks))
+    # The eager engine runs the same update without the compile (the doctests compile):
+    # this checks the example's API, in seconds.
+    env = {**os.environ, "UMUP_COMPILE": "0", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-W", "ignore::DeprecationWarning", str(script)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "lr scale" in done.stdout  # the describe() table it prints

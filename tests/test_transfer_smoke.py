@@ -1,4 +1,4 @@
-"""``python -m benchmarks.transfer --smoke`` trains both sides and writes its files."""
+"""``python -m benchmarks transfer --smoke`` trains both sides and writes its files."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def test_transfer_smoke_writes_md_csv_json_png(tmp_path: Path) -> None:
     pytest.importorskip("unit_scaling", reason="the u-μP model is unit_scaling's")
     pytest.importorskip("matplotlib")
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.transfer", "--smoke", "--threads", "1"]
+        [sys.executable, "-m", "benchmarks", "transfer", "--smoke", "--threads", "1"]
         + ["--no-progress", "--out", str(tmp_path)],
         cwd=REPO,
         capture_output=True,
@@ -65,7 +65,7 @@ def test_transfer_smoke_writes_md_csv_json_png(tmp_path: Path) -> None:
         assert o["log2_lr"] in SMOKE_GRIDS[o["parametrization"]]
         assert o["seeds"] == 2
     assert set(doc["verdict"]) == set(SMOKE_GRIDS)
-    assert doc["run"]["command"].startswith("python -m benchmarks.transfer --smoke")
+    assert doc["run"]["command"].startswith("python -m benchmarks transfer --smoke")
     assert "compiled" in doc["run"]["u-μP optimizer"]
 
     md = next(tmp_path.glob("*.md")).read_text()
@@ -77,7 +77,7 @@ def test_transfer_smoke_writes_md_csv_json_png(tmp_path: Path) -> None:
 def test_sp_model_mirrors_unit_scaling_transformer_decoder() -> None:
     """The SP baseline has unit_scaling's module names and shapes, without tags."""
     uu = pytest.importorskip("unit_scaling")
-    from benchmarks.transfer import SpTransformerDecoder
+    from benchmarks.transfer_model import SpTransformerDecoder
 
     ref = uu.TransformerDecoder(32, 256, 2, 4)
     sp = SpTransformerDecoder(32, 256, 2, 4)

@@ -15,7 +15,9 @@ symbolic size). Later calls at the site pick the inputs straight from the argume
 and call that graph (AOTAutograd's and Inductor's wrappers included).
 
 A site checks what the runner does not vouch for before each direct call: the
-arguments' structure (list lengths, which optional tensors are given), the
+arguments' structure (list lengths, which optional tensors are given, and the
+keywords' names in order: two 0-d float32 keywords, a GradScaler's ``grad_scale_t``
+and ``found_inf_t``, have the same structure, and Dynamo matches them by name), the
 dtype/device/shape/strides of its loose tensors (hyper-parameter rows, factor vectors,
 scales), grad mode, Dynamo's stance, the absence of torch function and dispatch modes,
 and that ``torch._dynamo.reset()`` has not emptied Dynamo's cache (after a reset the
@@ -148,9 +150,11 @@ class _Plan:
         sources: Sequence[Source],
         names: Sequence[str],
         values: Sequence[Any],
+        keywords: tuple[str, ...],
     ) -> None:
         self.compiled = compiled
         self.code = code
+        self.keywords = keywords
         self.structure = list(map(_shape_of, values))
         if _OTHER in self.structure or any(
             not isinstance(t, Tensor)
@@ -179,9 +183,10 @@ class _Plan:
         self.loose_meta = [_meta(values[k]) for k in self.loose]
         self.grad_enabled = torch.is_grad_enabled()
 
-    def matches(self, values: Sequence[Any]) -> bool:
+    def matches(self, values: Sequence[Any], keywords: tuple[str, ...]) -> bool:
         return (
-            list(map(_shape_of, values)) == self.structure
+            keywords == self.keywords
+            and list(map(_shape_of, values)) == self.structure
             and [_meta(values[k]) for k in self.loose] == self.loose_meta
             and torch.is_grad_enabled() == self.grad_enabled
             and _plain_context()
@@ -214,10 +219,14 @@ class Site:
         self.plan: _Plan | None = None
         self.direct_calls = 0  # counted so that tests can see them
 
-    def run(self, values: Sequence[Any]) -> bool:
-        """Call the graph directly; False when this call must go through Dynamo."""
+    def run(self, args: Sequence[Any], rest: dict[str, Any]) -> bool:
+        """Call the graph directly with ``fn(*args, **rest)``'s tensors; False when
+        this call must go through Dynamo."""
         plan = self.plan
-        if plan is None or not plan.matches(values):
+        if plan is None:
+            return False
+        values = [*args, *rest.values()]
+        if not plan.matches(values, tuple(rest)):
             return False
         plan(values)
         self.direct_calls += 1
@@ -244,6 +253,7 @@ class Site:
                 graph.sources,
                 names,
                 [*args, *rest.values()],
+                tuple(rest),
             )
         except (LookupError, KeyError):
             pass

@@ -179,7 +179,7 @@ class CompiledEngine:
         entry = self._cache.get(key)
         if entry is None:
             entry = self._cache[key] = _compile(fn, config, self.backend, not static)
-        if site is not None and site.run((*args, *rest.values())):
+        if site is not None and site.run(args, rest):
             return
         compiled, capture = entry
         dynamic = not static

@@ -231,7 +231,11 @@ def adam_step_(
         decay = decay.where(~skip, 1.0)
     root_scale = root_scale.where(~frozen, 0.0)
     eps_scaled = eps_scaled.where(~frozen, -math.inf)
-    cdt = compute_dtype(params[0].dtype, exp_avgs[0].dtype)
+    # The state's dtypes (a state tensor rebound to another dtype is updated in it).
+    dtypes = [t[0].dtype for t in (exp_avgs, exp_avg_sqs, max_exp_avg_sqs) if t]
+    cdt = params[0].dtype
+    for dtype in dtypes:
+        cdt = compute_dtype(cdt, dtype)
     one_minus_beta1s, one_minus_beta2s, root_scales, eps_scaleds, l2s, decays = (
         _coefficients(
             cdt,
@@ -245,7 +249,7 @@ def adam_step_(
         )
     )
 
-    if cdt != params[0].dtype or cdt != exp_avgs[0].dtype:  # Note [low precision]
+    if cdt != params[0].dtype or any(d != cdt for d in dtypes):  # Note [low precision]
         noise = _noise(sr_seeds_t, step, segment_t, local_index_t, params)
         for i, param in enumerate(params):
             grad = _unscale(grads[i].to(cdt), grad_scale_t, config.maximize)

@@ -1,18 +1,14 @@
 """Gathering: the parameters that have gradients, in buckets, with their state.
 
 :func:`gather` is the full pass: it walks every group once, validates each parameter
-with a gradient, sorts it into a bucket of equal (device, dtype, static config, state
-dtype) and creates its missing state. :class:`SteadyCheck` is what later steps run
-instead while nothing structural changed: one walk over the parameters to collect the
-gradients, with C-level checks that the membership, the groups' static options, the
-parameters' and gradients' dtype, device, shape and strides, and the state tensors
-are those the layouts were built for. Anything else sends the step back to
-:func:`gather`.
+with a gradient (its gradient, its existing state, torch's ``fused=True`` rule),
+creates its missing state, and sorts it into a bucket of equal (device, dtype, static
+config, state dtypes, gradient dtype). Later steps run ``_steady``'s check instead
+while nothing structural changed.
 """
 
 from __future__ import annotations
 
-import itertools
 import operator
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -32,22 +28,12 @@ else:  # a torch build without torch.distributed has no DTensor parameters
 
 Group = dict[str, Any]
 State = dict[str, Any]
-# (device, param dtype, static config, state dtype, grad dtype)
+# (device, param dtype, static config, state dtypes, grad dtype); the state dtypes are
+# those of the state tensors the config uses, in the spec's order.
 BucketKey = tuple[torch.device, torch.dtype, Hashable, Any, torch.dtype]
 
 # Devices whose kernels can be captured into graphs (torch.optim's list, less xla).
 CAPTURABLE_DEVICES = ("cuda", "xpu", "hpu")
-# Group keys besides the spec's config that fix a step's structure.
-_STRUCTURE_KEYS = ("state_dtype", "capturable", "differentiable", "sr_seed")
-
-_GRAD = operator.attrgetter("grad")
-_PARAMS = operator.itemgetter("params")
-_DTYPE = operator.attrgetter("dtype")
-_DEVICE = operator.attrgetter("device")
-_SHAPE = operator.attrgetter("shape")
-_IS_SPARSE = operator.attrgetter("is_sparse")
-_STRIDE = torch.Tensor.stride
-
 
 Picker = Callable[[Sequence[Any]], list[Any]]
 
@@ -87,42 +73,6 @@ class Bucket:
         return self.key[1] != self.key[4]
 
 
-@dataclass(frozen=True)
-class Structure:
-    """What fixes a step's structure in a group: the spec's config keys and
-    :data:`_STRUCTURE_KEYS`. :meth:`raw` reads their values (compared at every
-    step); :meth:`derived` what they mean (compared when raw values changed: a
-    scheduled weight decay changes ``weight_decay`` but not the config)."""
-
-    spec: AlgorithmSpec
-    getter: Any
-    extra: Any
-
-    # The hyper-parameter keys whose values ``raw`` covers: all but ``lr`` (which
-    # schedulers change at every step), so that one pass over the groups checks them
-    # with the structure and the hyper table compares only the lr column.
-    covered: frozenset[str]
-
-    @staticmethod
-    def of(spec: AlgorithmSpec, defaults: Group) -> Structure:
-        extra = tuple(k for k in _STRUCTURE_KEYS if k in defaults)
-        hyper_keys = list(dict.fromkeys(key for key, _ in spec.hyper_columns))
-        more = tuple(k for k in hyper_keys if k != "lr" and k not in spec.config_keys)
-        # Membership (the params lists) is checked per parameter by SteadyCheck.
-        return Structure(
-            spec,
-            operator.itemgetter(*spec.config_keys, *extra, *more),
-            operator.itemgetter(*extra) if extra else (lambda g: ()),
-            frozenset(k for k in hyper_keys if k != "lr"),
-        )
-
-    def raw(self, groups: Sequence[Group]) -> list[Any]:
-        return list(map(self.getter, groups))
-
-    def derived(self, groups: Sequence[Group]) -> list[tuple[Any, ...]]:
-        return [(self.spec.config(g), self.extra(g)) for g in groups]
-
-
 def gather(
     groups: Sequence[Group],
     state: dict[Tensor, State],
@@ -134,16 +84,22 @@ def gather(
     """Bucket the parameters that have gradients and create their missing state.
 
     Raises:
-        ValueError: a sparse gradient, or ``capturable=True`` on a device that
-            graph capture does not support; raised before any state is created.
+        ValueError: a sparse gradient, a state tensor of another shape or device than
+            its parameter, or ``capturable=True`` on a device that graph capture does
+            not support.
+        RuntimeError: ``fused=True`` with a parameter torch's fused kernels refuse,
+            or an inference tensor (parameter or state) updated outside
+            ``torch.inference_mode()``, as torch raises them.
+        All are raised before any state is created or changed.
     """
-    buckets: dict[BucketKey, Bucket] = {}
-    todo: list[tuple[Bucket, Tensor, Tensor, Group]] = []
+    checked: list[tuple[Tensor, Tensor, Group, Hashable, Position]] = []
+    check_inference = not traced and not torch.is_inference_mode_enabled()
     flat = 0
     for g, group in enumerate(groups):
         _check_admitted(group, g)
         # Dynamo sets "capturable" on the groups of optimizers it traces, any device.
         capturable = group.get("capturable") and not traced
+        fused = group.get("fused") and not traced
         entries: list[tuple[int, Tensor, Tensor]] = []
         for i, p in enumerate(group["params"]):
             grad = p.grad
@@ -163,33 +119,41 @@ def gather(
                     "nn.Embedding(sparse=False))."
                 )
             _check_grad(p, grad, spec, _describe(p, group, g, i))
+            if fused:
+                _check_fused(p, _describe(p, group, g, i))
+            if not traced:
+                _check_state(
+                    p, state.get(p), spec, _describe(p, group, g, i), check_inference
+                )
             entries.append((i, p, grad))
         # After the gradients: a traced config may look at the state, and Dynamo
         # must first meet the parameters through the groups (a parameter it first
         # meets as a state key gets its .grad guarded by identity, and a step
         # compiled alone would recompile at every call).
         config = spec.traced_config(group, state) if traced else spec.config(group)
-        local: dict[tuple[torch.device, torch.dtype, torch.dtype], Bucket] = {}
-        for i, p, grad in entries:
-            bucket = local.get((p.device, p.dtype, grad.dtype))
-            if bucket is None:
-                key = (p.device, p.dtype, config, group.get("state_dtype"), grad.dtype)
-                bucket = buckets.get(key)
-                if bucket is None:
-                    bucket = buckets[key] = Bucket(key, config)
-                local[(p.device, p.dtype, grad.dtype)] = bucket
-            bucket.has_scalars |= p.ndim == 0
-            bucket.sharded |= isinstance(p, DTensor)
-            bucket.params.append(p)
-            bucket.grads.append(grad)
-            bucket.positions.append(Position(g, i, flat + i))
-            todo.append((bucket, p, grad, group))
+        checked += [
+            (p, grad, group, config, Position(g, i, flat + i)) for i, p, grad in entries
+        ]
         flat += len(group["params"])
-    # State is created only once every parameter passed its checks.
-    for bucket, p, grad, group in todo:
+    # State is created only once every parameter passed its checks; then the
+    # buckets, by the dtypes the state has (a state tensor rebound to another dtype
+    # through ``.data`` is updated in its dtype, as torch.optim does).
+    buckets: dict[BucketKey, Bucket] = {}
+    for p, grad, group, config, position in checked:
         s = state[p]
+        fresh = spec.init_state(p, grad, s, group)
+        state_dtypes = tuple(s[k].dtype for k in spec.active_keys(config))
+        key = (p.device, p.dtype, config, state_dtypes, grad.dtype)
+        bucket = buckets.get(key)
+        if bucket is None:
+            bucket = buckets[key] = Bucket(key, config)
+        bucket.has_scalars |= p.ndim == 0
+        bucket.sharded |= isinstance(p, DTensor)
+        bucket.params.append(p)
+        bucket.grads.append(grad)
+        bucket.positions.append(position)
         bucket.states.append(s)
-        bucket.fresh.append(spec.init_state(p, grad, s, group))
+        bucket.fresh.append(fresh)
     return list(buckets.values())
 
 
@@ -233,111 +197,69 @@ def _describe(p: Tensor, group: Group, g: int, i: int) -> str:
     return describe_param(p, names[i] if names else None, g, i)
 
 
-class SteadyCheck:
-    """The checks and lists a steady step reuses (see the module docstring).
-
-    Built after the layouts, from the state tensors they use (a pack replaces
-    small parameters' state with views of its buffers); ``watched`` are the
-    parameters whose shapes and strides a compiled graph sees.
-    """
-
-    def __init__(
-        self,
-        groups: Sequence[Group],
-        buckets: Sequence[Bucket],
-        keys: Sequence[Sequence[str]],
-        structure: Structure,
-        state: dict[Tensor, State],
-        watched: Sequence[Tensor] = (),
-    ) -> None:
-        self._structure = structure
-        # The state's keys and values, compared by identity: a tensor-keyed lookup
-        # per parameter would call Tensor.__hash__, a Python function, each time.
-        self._state_keys = list(state)
-        self._state_values = list(state.values())
-        self._raw = structure.raw(groups)
-        self._derived = structure.derived(groups)
-        self._members = [p for b in buckets for p in b.params]
-        # Every parameter in group order, and pickers of the members (bucket order)
-        # and of the rest (which must stay without gradients) from it.
-        self._flat = [p for g in groups for p in g["params"]]
-        at = {id(p): k for k, p in enumerate(self._flat)}
-        member_at = [at[id(p)] for p in self._members]
-        member_set = set(member_at)
-        self._pick_members = picker(member_at)
-        self._pick_rest = picker(
-            [k for k in range(len(self._flat)) if k not in member_set]
+def _check_fused(p: Tensor, label: str) -> None:
+    """torch's ``fused=True`` rule, checked at the step as torch does (so that a
+    model built on ``meta`` and moved with ``to_empty`` works): floating-point
+    parameters on a device its fused kernels support."""
+    devices = _fused_devices()
+    if not p.is_floating_point() or p.device.type not in devices:
+        raise RuntimeError(
+            "`fused=True` requires all the params to be floating point Tensors of "
+            f"supported devices: {devices} but {p.dtype} and {p.device.type} "
+            f"({label}); pass fused=None (the engine fuses anyway)."
         )
-        self._bounds = list(itertools.accumulate(len(b.params) for b in buckets))
-        self._dtypes = list(map(_DTYPE, self._members))
-        self._devices = list(map(_DEVICE, self._members))
-        grads = [g for b in buckets for g in b.grads]
-        self._grad_dtypes = list(map(_DTYPE, grads))
-        self._shapes = list(map(_SHAPE, self._members))
-        # The shapes and strides of the parameters a graph receives as they are (or
-        # as views): it is specialised on them, and a steady step calls it without
-        # Dynamo's guards (Note [direct calls]); ``p.data = ...`` changes them. Packed
-        # parameters reach no graph, and gradients reach one contiguous, flattened or
-        # packed (``_pack``): theirs need no check.
-        self._watched = list(watched)
-        self._watched_meta = (
-            list(map(_SHAPE, self._watched)),
-            list(map(_STRIDE, self._watched)),
+
+
+def _fused_devices() -> list[str]:
+    """The device types torch's fused kernels support (torch's own list)."""
+    try:
+        from torch.optim.optimizer import (  # type: ignore[attr-defined]
+            _get_fused_kernels_supported_devices,
         )
-        self._tensors = [
-            (operator.itemgetter(key), b.states, [s[key] for s in b.states])
-            for b, bucket_keys in zip(buckets, keys)
-            for key in bucket_keys
-        ]
 
-    def grads(
-        self, groups: Sequence[Group], state: dict[Tensor, State]
-    ) -> list[list[Tensor]] | None:
-        """Each bucket's gradients, or ``None`` when the step must gather again.
+        return list(_get_fused_kernels_supported_devices())
+    except ImportError:  # an internal helper: keep torch 2.13's list as a fallback
+        return ["mps", "cuda", "xpu", "hpu", "cpu"]
 
-        Sets :attr:`stable`: the hyper-parameter keys found unchanged since the last
-        step (the hyper table need not compare them again).
-        """
-        self.stable: frozenset[str] = frozenset()
-        raw = self._structure.raw(groups)
-        if raw != self._raw:
-            if self._structure.derived(groups) != self._derived:
-                return None
-            self._raw = raw
-        else:
-            self.stable = self._structure.covered
-        members = self._members
-        flat = list(itertools.chain.from_iterable(map(_PARAMS, groups)))
-        if len(flat) != len(self._flat) or not all(map(operator.is_, flat, self._flat)):
-            return None  # membership changed (params lists edited in place)
-        every = list(map(_GRAD, flat))
-        grads = self._pick_members(every)
-        if not all(map(operator.is_not, grads, itertools.repeat(None))):
-            return None
-        if not all(map(operator.is_, self._pick_rest(every), itertools.repeat(None))):
-            return None
-        if (
-            any(map(_IS_SPARSE, grads))
-            or list(map(_DTYPE, members)) != self._dtypes
-            or list(map(_DTYPE, grads)) != self._grad_dtypes
-            or list(map(_SHAPE, grads)) != self._shapes
-            or list(map(_SHAPE, self._watched)) != self._watched_meta[0]
-            or list(map(_STRIDE, self._watched)) != self._watched_meta[1]
-            or list(map(_DEVICE, grads)) != self._devices
-            or list(map(_DEVICE, members)) != self._devices
-        ):
-            return None
-        if (
-            len(state) != len(self._state_keys)
-            or not all(map(operator.is_, state, self._state_keys))
-            or not all(map(operator.is_, state.values(), self._state_values))
-        ):
-            return None
-        try:
-            for get, states, tensors in self._tensors:
-                if not all(map(operator.is_, map(get, states), tensors)):
-                    return None
-        except KeyError:  # a state entry was deleted
-            return None
-        starts = [0, *self._bounds]
-        return [grads[a:b] for a, b in zip(starts, self._bounds)]
+
+def _check_state(
+    p: Tensor,
+    s: State | None,
+    spec: AlgorithmSpec,
+    label: str,
+    check_inference: bool,
+) -> None:
+    """Reject existing state the update cannot follow: a state tensor of another
+    shape or device than its parameter (rebound through ``.data``, or set by hand),
+    and inference tensors outside ``torch.inference_mode()`` (a compiled kernel
+    would update them where torch refuses to)."""
+    if check_inference and p.is_inference():
+        raise RuntimeError(
+            f"Inplace update to inference tensor outside InferenceMode is not "
+            f"allowed: {label} was created under torch.inference_mode(); create "
+            "it outside inference mode (or clone it there) to train it."
+        )
+    if not s:
+        return
+    for key in spec.state_slots:
+        t = s.get(key)
+        if not isinstance(t, Tensor):
+            continue
+        if check_inference and t.is_inference():
+            raise RuntimeError(
+                f"Inplace update to inference tensor outside InferenceMode is not "
+                f"allowed: state[{key!r}] of {label} was created under "
+                "torch.inference_mode() (e.g. by a step taken there); step outside "
+                "inference mode from the start, or clear the parameter's state "
+                "(optimizer.state[p].clear()) to start it again."
+            )
+        if key in spec.scalar_keys:
+            continue
+        if t.shape != p.shape or t.device != p.device:
+            raise ValueError(
+                f"state[{key!r}] of {label} has shape {tuple(t.shape)} on "
+                f"{t.device}, but the parameter has shape {tuple(p.shape)} on "
+                f"{p.device}: a state tensor must match its parameter. Restore it, "
+                "or clear the parameter's state (optimizer.state[p].clear()) to "
+                "start it again."
+            )

@@ -92,8 +92,6 @@ def admit_group(
     merged = {**defaults, **group}
     spec.check_group(merged, f"param group {g}")
     _check_low_precision(merged, params, names, g)
-    if merged.get("fused"):
-        _check_fused(params, names, g)
     _check_membership(params, names, g, existing)
     lr_scales, wd_scales = group_scales(
         params,
@@ -142,38 +140,6 @@ def _check_membership(
                     f"{describe_param(q, names[i], g, i)} is already in param group "
                     f"{h}; put each parameter in one group only."
                 )
-
-
-def _fused_devices() -> list[str]:
-    """The device types torch's fused kernels support (torch's own list)."""
-    try:
-        from torch.optim.optimizer import (  # type: ignore[attr-defined]
-            _get_fused_kernels_supported_devices,
-        )
-
-        return list(_get_fused_kernels_supported_devices())
-    except ImportError:  # an internal helper: keep torch 2.13's list as a fallback
-        return ["mps", "cuda", "xpu", "hpu", "cpu"]
-
-
-def _check_fused(params: list[Tensor], names: list[str | None], g: int) -> None:
-    """torch's ``fused=True`` rule, raised when the group is added (torch raises it
-    at the first step): floating-point parameters on a supported device."""
-    devices = _fused_devices()
-    for i, p in enumerate(params):
-        what = (
-            "`fused=True` requires all the params to be floating point Tensors of "
-            f"supported devices: {devices}, but {describe_param(p, names[i], g, i)}"
-        )
-        if not p.is_floating_point():
-            raise TypeError(
-                f"{what} is {p.dtype}; pass fused=None (the engine fuses anyway)."
-            )
-        if p.device.type not in devices:
-            raise ValueError(
-                f"{what} is on {p.device.type}; pass fused=None (the engine fuses "
-                "anyway)."
-            )
 
 
 def _check_low_precision(

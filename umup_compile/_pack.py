@@ -42,6 +42,7 @@ from ._layout import (
 )
 
 _CONTIGUOUS = Tensor.contiguous  # a C-level call per gradient in map()
+_RESOLVE_NEG = Tensor.resolve_neg
 
 PACK_ROW = 128
 # Row widths a pack may take, widest first (see Note [pack copies]).
@@ -103,26 +104,48 @@ def build_layout(
         scalar_keys: keys holding one 0-d tensor per parameter (e.g. ``step``).
         unrolled: the unrolled kinds this optimizer compiled (see ``plan_units``).
     """
-    dense = [k for k, p in enumerate(params) if p.is_contiguous()]
-    strided = [k for k, p in enumerate(params) if not p.is_contiguous()]
+    # A parameter with its negative bit set (a lazy negation, e.g. ``z.conj().imag``)
+    # joins the pack, whose copies read and write through the bit: compiled graphs
+    # ignore it (Note [what a graph reads]).
+    lazy = {k for k, p in enumerate(params) if p.is_neg()}
+    dense = [k for k, p in enumerate(params) if p.is_contiguous() and k not in lazy]
+    strided = [
+        k for k, p in enumerate(params) if not p.is_contiguous() and k not in lazy
+    ]
     small = [k for k in dense if not is_large(params[k])]
     large = [k for k in dense if is_large(params[k])]
-    for k in large:  # flat aliases need contiguous state
-        for key in keys:
-            if not states[k][key].is_contiguous():
-                states[k][key] = states[k][key].contiguous()
+    large_set = set(large)
     planned = plan_units(large, params, unrolled, small)
     placed = {k for members, _ in planned for k in members}
-    small = [k for k in small if k not in placed]
+    small = [k for k in small if k not in placed] + sorted(lazy)
     pack = _build_pack(small, params, states, keys, scalar_keys) if small else None
     if strided:
         planned.append((strided, STRIDED_KIND))
+    for members, _ in planned:
+        for k in members:
+            for key in keys:
+                states[k][key] = _unit_state(states[k][key], k in large_set)
     units = []
     for members, kind in planned:
         alias = (lambda t: t) if kind.as_is else _flat
         lists = [[alias(states[k][key]) for k in members] for key in keys]
         units.append(Unit(members, kind, lists))
     return Layout(pack, units)
+
+
+def _unit_state(t: Tensor, large: bool) -> Tensor:
+    """A unit member's state tensor as a graph may read it (Note [what a graph
+    reads]): its own memory, not a view (a former pack member's state is a view of
+    the old pack's buffer, and a view rebound through ``.data`` keeps a stale base,
+    which Dynamo refuses), no negative bit (graphs ignore it), and contiguous for
+    the flat aliases of large members. Otherwise ``t`` itself."""
+    if t._base is not None:
+        t = t.clone(memory_format=torch.preserve_format)
+    if t.is_neg():
+        t = t.resolve_neg()
+    if large and not t.is_contiguous():
+        t = t.contiguous()
+    return t
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -282,7 +305,11 @@ def pack_in(pack: Pack, grads: list[Tensor]) -> TensorLists:
 
 def pack_out(pack: Pack) -> None:
     """Copy the updated parameters back out of the pack."""
-    torch._foreach_copy_(pack.params, pack.param_views)
+    try:
+        torch._foreach_copy_(pack.params, pack.param_views)
+    except RuntimeError:  # refused before copying: a parameter with its negative bit
+        for p, view in zip(pack.params, pack.param_views):
+            p.copy_(view)
 
 
 def unit_lists(unit: Unit, params: list[Tensor], grads: list[Tensor]) -> TensorLists:
@@ -295,6 +322,8 @@ def unit_lists(unit: Unit, params: list[Tensor], grads: list[Tensor]) -> TensorL
     between a forward and its backward).
     """
     torch.autograd.graph.increment_version(params)
+    # A gradient's negative bit (a lazy negation) is resolved: graphs ignore it.
+    grads = list(map(_RESOLVE_NEG, grads))
     if unit.kind.as_is:
         return (list(params), list(map(_CONTIGUOUS, grads)), *unit.state_lists)
     return (

@@ -1,0 +1,241 @@
+"""The steady-step check: what a step runs instead of a full gather.
+
+:class:`SteadyCheck` walks the parameters once to collect the gradients, with C-level
+checks (``map`` over C callables, list comparisons) that nothing a step's plan was
+built for has changed: membership, the groups' static options, the parameters' and
+gradients' dtype, device and shape, inference mode, and every tensor a compiled graph
+reads or writes (Note [what a graph reads]). Anything else sends the step back to
+``_gather.gather``, which validates again and rebuilds what changed.
+
+Note [what a graph reads]: a steady step calls its compiled graphs without Dynamo's
+guards (Note [direct calls]), so every tensor a graph reads or writes must be checked
+here, by how it reaches the graph:
+
+- *graph tensors*, passed as they are or as flat aliases (the unrolled, strided and
+  chunk units' parameters and state): their storage (``data_ptr``), shape, strides and
+  negative bit, and the state tensors' identity and dtype. A state tensor rebound
+  through ``.data`` (another dtype, other strides, or a copy a flat alias does not
+  follow) sends the step to a gather, where the layout is rebuilt from what the
+  tensors are now.
+- *views* of a pack's buffers (the pack's members' state): their storage. A view
+  rebound through ``.data`` no longer shows what the pack updates, so the pack is
+  rebuilt (from the rebound values) rather than left updating buffers no one sees.
+- the *list path*'s state (eager engine, sharded buckets): identity and dtype. Its
+  calls pass the state tensors themselves, whatever storage they were rebound to, but
+  a bucket's state of one dtype is updated as such (a rebound dtype means another
+  bucket).
+
+Gradients reach graphs contiguous (made so at each step), flattened or copied into a
+pack, with negative bits resolved (``_pack.unit_lists``): their strides and storage may
+change at every step (DDP's bucket views do).
+"""
+
+from __future__ import annotations
+
+import itertools
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._gather import Bucket, picker
+from ._specs import AlgorithmSpec
+
+Group = dict[str, Any]
+State = dict[str, Any]
+
+# Group keys besides the spec's config that fix a step's structure.
+_STRUCTURE_KEYS = ("state_dtype", "capturable", "differentiable", "sr_seed")
+
+_GRAD = operator.attrgetter("grad")
+_PARAMS = operator.itemgetter("params")
+_DTYPE = operator.attrgetter("dtype")
+_DEVICE = operator.attrgetter("device")
+_SHAPE = operator.attrgetter("shape")
+_IS_SPARSE = operator.attrgetter("is_sparse")
+_STRIDE = torch.Tensor.stride
+_DATA_PTR = torch.Tensor.data_ptr
+_IS_NEG = torch.Tensor.is_neg
+
+
+@dataclass(frozen=True)
+class Structure:
+    """What fixes a step's structure in a group: the spec's config keys and
+    :data:`_STRUCTURE_KEYS`. :meth:`raw` reads their values (compared at every
+    step); :meth:`derived` what they mean (compared when raw values changed: a
+    scheduled weight decay changes ``weight_decay`` but not the config)."""
+
+    spec: AlgorithmSpec
+    getter: Any
+    extra: Any
+
+    # The hyper-parameter keys whose values ``raw`` covers: all but ``lr`` (which
+    # schedulers change at every step), so that one pass over the groups checks them
+    # with the structure and the hyper table compares only the lr column.
+    covered: frozenset[str]
+
+    @staticmethod
+    def of(spec: AlgorithmSpec, defaults: Group) -> Structure:
+        extra = tuple(k for k in _STRUCTURE_KEYS if k in defaults)
+        hyper_keys = list(dict.fromkeys(key for key, _ in spec.hyper_columns))
+        more = tuple(k for k in hyper_keys if k != "lr" and k not in spec.config_keys)
+        # Membership (the params lists) is checked per parameter by SteadyCheck.
+        return Structure(
+            spec,
+            operator.itemgetter(*spec.config_keys, *extra, *more),
+            operator.itemgetter(*extra) if extra else (lambda g: ()),
+            frozenset(k for k in hyper_keys if k != "lr"),
+        )
+
+    def raw(self, groups: Sequence[Group]) -> list[Any]:
+        return list(map(self.getter, groups))
+
+    def derived(self, groups: Sequence[Group]) -> list[tuple[Any, ...]]:
+        return [(self.spec.config(g), self.extra(g)) for g in groups]
+
+
+def layout_of(t: Tensor) -> tuple[Any, ...]:
+    """What a graph that reads ``t`` as it is (or through a flat alias) is built
+    for: its storage, dtype, shape, strides and negative bit."""
+    return (t.data_ptr(), t.dtype, t.shape, t.stride(), t.is_neg())
+
+
+@dataclass
+class Watch:
+    """What a steady step checks beyond membership, by how graphs reach it (Note
+    [what a graph reads]): ``(state dict, key)`` pairs of graph tensors, of a pack's
+    views and of the list path, and the parameters graphs receive."""
+
+    graph_states: list[tuple[State, str]]
+    views: list[tuple[State, str]]
+    listed: list[tuple[State, str]]
+    graph_params: list[Tensor]
+
+
+def _by_key(
+    pairs: Sequence[tuple[State, str]], expect: Callable[[Tensor], Any]
+) -> list[tuple[Any, list[State], list[Any]]]:
+    """``pairs`` grouped by key: ``(itemgetter(key), states, expected values)``."""
+    out: dict[str, tuple[Any, list[State], list[Any]]] = {}
+    for s, key in pairs:
+        entry = out.setdefault(key, (operator.itemgetter(key), [], []))
+        entry[1].append(s)
+        entry[2].append(expect(s[key]))
+    return list(out.values())
+
+
+class SteadyCheck:
+    """The checks and lists a steady step reuses (see the module docstring).
+
+    Built after the layouts, from the state tensors they use (a pack replaces
+    small parameters' state with views of its buffers).
+    """
+
+    def __init__(
+        self,
+        groups: Sequence[Group],
+        buckets: Sequence[Bucket],
+        structure: Structure,
+        state: dict[Tensor, State],
+        watch: Watch,
+    ) -> None:
+        self._structure = structure
+        # The state's keys and values, compared by identity: a tensor-keyed lookup
+        # per parameter would call Tensor.__hash__, a Python function, each time.
+        self._state_keys = list(state)
+        self._state_values = list(state.values())
+        self._raw = structure.raw(groups)
+        self._derived = structure.derived(groups)
+        self._inference = torch.is_inference_mode_enabled()
+        self._members = [p for b in buckets for p in b.params]
+        # Every parameter in group order, and pickers of the members (bucket order)
+        # and of the rest (which must stay without gradients) from it.
+        self._flat = [p for g in groups for p in g["params"]]
+        at = {id(p): k for k, p in enumerate(self._flat)}
+        member_at = [at[id(p)] for p in self._members]
+        member_set = set(member_at)
+        self._pick_members = picker(member_at)
+        self._pick_rest = picker(
+            [k for k in range(len(self._flat)) if k not in member_set]
+        )
+        self._bounds = list(itertools.accumulate(len(b.params) for b in buckets))
+        self._dtypes = list(map(_DTYPE, self._members))
+        self._devices = list(map(_DEVICE, self._members))
+        grads = [g for b in buckets for g in b.grads]
+        self._grad_dtypes = list(map(_DTYPE, grads))
+        self._shapes = list(map(_SHAPE, self._members))
+        self._params = watch.graph_params
+        self._params_layout = [layout_of(p) for p in self._params]
+        self._graph_states = _by_key(watch.graph_states, layout_of)
+        self._graph_tensors = _by_key(watch.graph_states, lambda t: t)
+        self._views = _by_key(watch.views, _DATA_PTR)
+        self._listed = _by_key(watch.listed, lambda t: t)
+        self._listed_dtypes = _by_key(watch.listed, _DTYPE)
+
+    def grads(
+        self, groups: Sequence[Group], state: dict[Tensor, State]
+    ) -> list[list[Tensor]] | None:
+        """Each bucket's gradients, or ``None`` when the step must gather again.
+
+        Sets :attr:`stable`: the hyper-parameter keys found unchanged since the last
+        step (the hyper table need not compare them again).
+        """
+        self.stable: frozenset[str] = frozenset()
+        raw = self._structure.raw(groups)
+        if raw != self._raw:
+            if self._structure.derived(groups) != self._derived:
+                return None
+            self._raw = raw
+        else:
+            self.stable = self._structure.covered
+        if torch.is_inference_mode_enabled() != self._inference:
+            return None  # gather checks inference tensors (Note [what a graph reads])
+        members = self._members
+        flat = list(itertools.chain.from_iterable(map(_PARAMS, groups)))
+        if len(flat) != len(self._flat) or not all(map(operator.is_, flat, self._flat)):
+            return None  # membership changed (params lists edited in place)
+        every = list(map(_GRAD, flat))
+        grads = self._pick_members(every)
+        if not all(map(operator.is_not, grads, itertools.repeat(None))):
+            return None
+        if not all(map(operator.is_, self._pick_rest(every), itertools.repeat(None))):
+            return None
+        if (
+            any(map(_IS_SPARSE, grads))
+            or list(map(_DTYPE, members)) != self._dtypes
+            or list(map(_DTYPE, grads)) != self._grad_dtypes
+            or list(map(_SHAPE, grads)) != self._shapes
+            or list(map(_DEVICE, grads)) != self._devices
+            or list(map(_DEVICE, members)) != self._devices
+            or list(map(layout_of, self._params)) != self._params_layout
+        ):
+            return None
+        if (
+            len(state) != len(self._state_keys)
+            or not all(map(operator.is_, state, self._state_keys))
+            or not all(map(operator.is_, state.values(), self._state_values))
+        ):
+            return None
+        try:
+            for get, states, tensors in self._listed:
+                if not all(map(operator.is_, map(get, states), tensors)):
+                    return None
+            for get, states, dtypes in self._listed_dtypes:
+                if list(map(_DTYPE, map(get, states))) != dtypes:
+                    return None
+            for get, states, ptrs in self._views:
+                if list(map(_DATA_PTR, map(get, states))) != ptrs:
+                    return None
+            for get, states, tensors in self._graph_tensors:
+                if not all(map(operator.is_, map(get, states), tensors)):
+                    return None
+            for get, states, layouts in self._graph_states:
+                if list(map(layout_of, map(get, states))) != layouts:
+                    return None
+        except KeyError:  # a state entry was deleted
+            return None
+        starts = [0, *self._bounds]
+        return [grads[a:b] for a, b in zip(starts, self._bounds)]
