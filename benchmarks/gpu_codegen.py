@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 MAIN_WORKLOADS = ("gpt", "gpt-124m", "gpt-1.2b", "many-small")
@@ -67,6 +67,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-cubin", action="store_true", help="skip the sm_90 cubin build"
     )
     parser.add_argument(
+        "--config",
+        default=None,
+        help="comma-separated WORKLOAD:DTYPE[:capturable][:clip] entries, instead "
+        "of --workload x --dtype with --capturable/--clip",
+    )
+    parser.add_argument(
         "--interpret",
         default="",
         help="comma-separated workloads whose kernels also run in Triton's "
@@ -85,18 +91,58 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="a results folder: writes <name>.json and <name>.md there",
     )
+    parser.add_argument(
+        "--inductor-option",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="an experiment: an Inductor option added to the engine's (e.g. "
+        "combo_kernels=true); recorded in the results' header",
+    )
+    parser.add_argument(
+        "--layout-option",
+        action="append",
+        default=[],
+        metavar="NAME=INT",
+        help="an experiment: a constant of umup_compile._layout set in the worker "
+        "(e.g. UNROLL_MAX=128); recorded in the results' header",
+    )
+    parser.add_argument(
+        "--name",
+        default=None,
+        help="file name stem under --out (default: date_workloads)",
+    )
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    workloads = (
-        list(MAIN_WORKLOADS) if args.workload == "all" else args.workload.split(",")
-    )
-    bad = [w for w in workloads if w not in WORKLOADS]
-    dtypes = args.dtype.split(",")
-    bad += [d for d in dtypes if d not in DTYPES]
+    if args.config:
+        configs = [Config.parse(text) for text in args.config.split(",")]
+    else:
+        workloads = (
+            list(MAIN_WORKLOADS) if args.workload == "all" else args.workload.split(",")
+        )
+        configs = [
+            Config(w, d, args.capturable, args.clip)
+            for w in workloads
+            for d in args.dtype.split(",")
+        ]
+    bad = [
+        c.name for c in configs if c.workload not in WORKLOADS or c.dtype not in DTYPES
+    ]
     if bad:
-        parser.error(f"unknown workload/dtype {bad}")
-    args.workloads, args.dtypes = workloads, dtypes
+        parser.error(f"unknown workload or dtype in {bad}")
+    args.configs = configs
+    try:
+        args.options = {
+            key: json.loads(value)
+            for key, value in (o.split("=", 1) for o in args.inductor_option)
+        }
+        args.layout = {
+            key: int(value)
+            for key, value in (o.split("=", 1) for o in args.layout_option)
+        }
+    except ValueError as e:
+        parser.error(f"--inductor-option takes KEY=JSON, --layout-option NAME=INT: {e}")
     if args.code_dir is None:
         args.code_dir = Path(tempfile.mkdtemp(prefix="umup-gpu-codegen-"))
     return args
@@ -114,30 +160,53 @@ def versions() -> dict[str, str]:
     return {"torch": torch.__version__.split("+")[0], "triton": triton_version}
 
 
-def config_name(workload: str, dtype: str, capturable: bool, clip: bool) -> str:
-    return "-".join(
-        [
-            workload,
-            dtype,
-            *(["capturable"] if capturable else []),
-            *(["clip"] if clip else []),
-        ]
-    )
+class Config(NamedTuple):
+    """One configuration: a workload, a dtype, and the optimizer's flags."""
+
+    workload: str
+    dtype: str
+    capturable: bool = False
+    clip: bool = False
+
+    @property
+    def name(self) -> str:
+        flags = ["capturable"] * self.capturable + ["clip"] * self.clip
+        return "-".join([self.workload, self.dtype, *flags])
+
+    @property
+    def spec(self) -> str:
+        flags = [":capturable"] * self.capturable + [":clip"] * self.clip
+        return ":".join([self.workload, self.dtype]) + "".join(flags)
+
+    @staticmethod
+    def parse(text: str) -> Config:
+        workload, dtype, *flags = text.split(":")
+        unknown = set(flags) - {"capturable", "clip"}
+        if unknown:
+            raise SystemExit(f"unknown flag(s) {sorted(unknown)} in {text!r}")
+        return Config(workload, dtype, "capturable" in flags, "clip" in flags)
+
+
+def _run(cmd: list[str], env: dict[str, str], out: Path) -> Any:
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if done.returncode or not out.exists():
+        return (done.stderr or done.stdout)[-4000:]
+    return json.loads(out.read_text())
 
 
 def run_worker(
-    args: argparse.Namespace,
-    todo: list[tuple[str, str]],
-    interpret: bool = False,
+    args: argparse.Namespace, todo: list[Config], interpret: list[bool]
 ) -> list[dict[str, Any]]:
-    """Some configurations in a fresh interpreter (its stand-ins die with it); with
-    ``interpret``, under ``TRITON_INTERPRET=1``, numerics only (no cubin)."""
+    """The configurations in one fresh interpreter (its stand-ins die with it), under
+    ``TRITON_INTERPRET=1`` when any is checked in the interpreter; then their
+    kernels built to cubin by ``gpu_cubin`` in another (unless ``--no-cubin``)."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
-    if interpret:
+    if any(interpret):
         env["TRITON_INTERPRET"] = "1"
+    names = [c.name for c in todo]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         cmd = [
@@ -145,44 +214,68 @@ def run_worker(
             "-m",
             "benchmarks.gpu_codegen",
             "--worker",
-            "--workload",
-            ",".join(w for w, _ in todo),
-            "--dtype",
-            ",".join(d for _, d in todo),
+            "--config",
+            ",".join(c.spec for c in todo),
+            "--interpret",
+            ",".join(str(int(i)) for i in interpret),
             "--code-dir",
             str(args.code_dir),
             "--json",
             str(out),
-            *(["--capturable"] if args.capturable else []),
-            *(["--clip"] if args.clip else []),
-            *(["--no-cubin"] if args.no_cubin or interpret else []),
-            *(["--interpret", "all"] if interpret else []),
+            *[f"--inductor-option={o}" for o in args.inductor_option],
+            *[f"--layout-option={o}" for o in args.layout_option],
         ]
-        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        if done.returncode or not out.exists():
-            error = (done.stderr or done.stdout)[-4000:]
-            return [{"workload": w, "dtype": d, "error": error} for w, d in todo]
-        return json.loads(out.read_text())  # type: ignore[no-any-return]
+        results = _run(cmd, env, out)
+        if isinstance(results, str):
+            return [{**c._asdict(), "error": results} for c in todo]
+        if not args.no_cubin:
+            env.pop("TRITON_INTERPRET", None)
+            dirs = [str(args.code_dir / name) for name in names]
+            cmd = [
+                sys.executable,
+                "-m",
+                "benchmarks.gpu_cubin",
+                *dirs,
+                "--json",
+                str(out),
+            ]
+            built = _run(cmd, env, out)
+            for name, result in zip(names, results):
+                if isinstance(built, str):
+                    result.update(cubin_ok=False, cubin_error=built)
+                else:
+                    result.update(built[name])
+    return results  # type: ignore[no-any-return]
 
 
 def worker(args: argparse.Namespace) -> None:
     """The worker's loop: the k-th workload with the k-th dtype."""
-    from benchmarks import gpu_step
+    import torch
 
+    from benchmarks import gpu_lower, gpu_step
+
+    gpu_lower.EXTRA.update(args.options)
+    if args.layout:
+        from umup_compile import _layout
+
+        for name, value in args.layout.items():
+            if not hasattr(_layout, name):
+                raise SystemExit(f"umup_compile._layout has no {name}")
+            setattr(_layout, name, value)
     results = []
-    for workload, dtype in zip(args.workloads, args.dtypes):
-        name = config_name(workload, dtype, args.capturable, args.clip)
+    checks = [flag == "1" for flag in args.interpret.split(",")]
+    for config, check in zip(args.configs, checks):
         results.append(
             gpu_step.account(
-                workload,
-                dtype,
-                args.capturable,
-                args.clip,
-                args.code_dir / name,
-                cubin=not args.no_cubin,
-                interpret=bool(args.interpret),
+                config.workload,
+                config.dtype,
+                config.capturable,
+                config.clip,
+                args.code_dir / config.name,
+                interpret=check,
             )
         )
+        torch._dynamo.reset()  # each configuration's graphs are its own
     args.json.write_text(json.dumps(results, indent=1, default=str))
 
 
@@ -261,7 +354,7 @@ def markdown(results: list[dict[str, Any]], header: dict[str, Any]) -> str:
             f"| {r['name']} | {r['params']:,} | {r['goals']['bytes_over_ideal']:.4f} | "
             f"{r['launches']} | {r['eager_launches']} | {r['torch_fused_launches']} | "
             f"{len(r['fallbacks'])} | {r['host_syncs']} | "
-            f"{len(r['cudagraph_fail_reasons'])} | {r['cubin_ok']} | "
+            f"{len(r['cudagraph_fail_reasons'])} | {r.get('cubin_ok')} | "
             f"{t['H100 SXM']['ours_ms']} ({t['H100 SXM']['torch_fused_ideal_ms']}) | "
             f"{t['H200']['ours_ms']} ({t['H200']['torch_fused_ideal_ms']}) |"
         )
@@ -282,39 +375,21 @@ def main(argv: list[str] | None = None) -> int:
         "arch": args.arch,
         "launch_us": args.launch_us,
         "simulation": True,
+        "inductor_options": args.options,  # experiments beyond the engine's own
+        "layout_options": args.layout,
         "code_dir": str(args.code_dir),
     }
-    todo = [(w, d) for w in args.workloads for d in args.dtypes]
-    numerics: dict[tuple[str, str], dict[str, Any]] = {}
-    interpret = [
-        (w, d)
-        for w, d in todo
-        if args.interpret in ("all", w) or w in args.interpret.split(",")
-    ]
-    if interpret:
-        if not args.no_progress:
-            print(f"interpreter: {interpret}", file=sys.stderr)
-        for r in run_worker(args, interpret, interpret=True):
-            numerics[(r["workload"], r["dtype"])] = r
-    results = []
-    for k, (workload, dtype) in enumerate(todo):
-        if not args.no_progress:
-            print(f"[{k + 1}/{len(todo)}] {workload} {dtype}", file=sys.stderr)
-        checked = numerics.get((workload, dtype))
-        if checked is not None and args.no_cubin:  # the same lowering, counted there
-            result = checked
-        else:
-            (result,) = run_worker(args, [(workload, dtype)])
-        result["name"] = config_name(workload, dtype, args.capturable, args.clip)
-        if checked is not None:
-            result["interpreter"] = checked.get("interpreter") or {
-                "error": checked.get("error")
-            }
-            result["interpreter_max_rel_err"] = checked.get("interpreter_max_rel_err")
+    todo = args.configs
+    chosen = args.interpret.split(",")
+    interpret = [args.interpret == "all" or c.workload in chosen for c in todo]
+    if not args.no_progress:
+        print(f"lowering {len(todo)} configuration(s)...", file=sys.stderr)
+    results = run_worker(args, todo, interpret)
+    for config, result in zip(todo, results):
+        result["name"] = config.name
         if "error" not in result:
             result["paper"] = paper(result, args.launch_us)
             result["goals"] = goals(result)
-        results.append(result)
     document = {"header": header, "results": results}
     text = markdown(results, header)
     print(text)
@@ -323,11 +398,9 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(document, indent=1, default=str))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        stem = "_".join(
-            [header["date"], "+".join(args.workloads), "+".join(args.dtypes)]
+        stem = args.name or "_".join(
+            [header["date"], *sorted({c.workload for c in todo})]
         )
-        stem += "_capturable" if args.capturable else ""
-        stem += "_clip" if args.clip else ""
         (args.out / f"{stem}.json").write_text(
             json.dumps(document, indent=1, default=str)
         )

@@ -95,7 +95,8 @@ def build(name: str, source: str, workdir: Path) -> list[Build]:
 
     if not gpu_standins.device_present():  # keep the stand-in driver active
         triton_helpers.set_driver_to_gpu = lambda: None
-    config.use_static_cuda_launcher = False  # it would load the cubin
+    if hasattr(config, "use_static_cuda_launcher"):
+        config.use_static_cuda_launcher = False  # it would load the cubin
     path = workdir / f"{name}.py"
     path.write_text(source)
     try:
@@ -123,3 +124,58 @@ def build(name: str, source: str, workdir: Path) -> list[Build]:
             )
         )
     return builds
+
+
+def build_dir(config_dir: Path) -> list[Build]:
+    """Build every distinct kernel of the wrappers written in ``config_dir``."""
+    from benchmarks.gpu_lower import read_wrapper
+
+    workdir = config_dir / "kernels"
+    workdir.mkdir(exist_ok=True)
+    seen: set[str] = set()
+    builds: list[Build] = []
+    for path in sorted(config_dir.glob("[0-9][0-9]-*.py")):
+        for kernel in read_wrapper(path.read_text()).kernels:
+            if kernel.source in seen:
+                continue
+            seen.add(kernel.source)
+            builds += build(kernel.name, kernel.source, workdir)
+    return builds
+
+
+def summary(builds: list[Build]) -> dict[str, Any]:
+    """What a configuration's JSON carries about its kernels' builds."""
+    return {
+        "cubin_ok": bool(builds) and all(b.error is None for b in builds),
+        "max_registers": max((b.registers or 0 for b in builds), default=None),
+        "spill_bytes": sum(b.spill_bytes or 0 for b in builds),
+        "cubin": [
+            {
+                "kernel": b.kernel,
+                "config": b.config,
+                "registers": b.registers,
+                "spill_bytes": b.spill_bytes,
+                "ptx": b.instructions,
+                "error": b.error,
+            }
+            for b in builds
+        ],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.gpu_cubin CONFIG_DIR... --json FILE``."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="Build written kernels to cubin.")
+    parser.add_argument("dirs", nargs="+", type=Path)
+    parser.add_argument("--json", type=Path, required=True)
+    args = parser.parse_args(argv)
+    out = {d.name: summary(build_dir(d)) for d in args.dirs}
+    args.json.write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks import bench_step, gpu_record
+from benchmarks import contestants, gpu_record, sets
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -80,9 +80,8 @@ class Launcher:
         grid_type = meta.get("grid_type", "Grid1D")
         if "Combo" in grid_type:
             combo = meta["combo_grid_meta"]
-            xblock = block.get(
-                "XBLOCK", combo.get("default_config", {}).get("XBLOCK", 1024)
-            )
+            default = combo.get("default_config") or {}
+            xblock = block.get("XBLOCK", default.get("XBLOCK", 1024))
             sizes = [
                 combo.get(f"xnumel_{i}") or named[f"xnumel_{i}"]
                 for i in range(combo["num_kernels"])
@@ -270,13 +269,11 @@ def cpu_calls(
     values and gradients; earlier steps give the state values)."""
     spec = gpu_record.DTYPES[dtype]
     specs = gpu_record.workload_specs(workload)
-    params = bench_step.common.build_params(
-        specs, device=torch.device("cpu"), dtype=spec.param
-    )
+    params = sets.build_params(specs, device=torch.device("cpu"), dtype=spec.param)
     opt = gpu_record.build_optimizer(params, spec, capturable=False, clip=clip)
     keeper = Keeper()
     opt._engine = keeper  # type: ignore[attr-defined]
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, bench_step._schedule)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, contestants._schedule)
     for _ in range(steps):
         keeper.calls.clear()
         opt.step()

@@ -160,6 +160,7 @@ def _fake(value: Any) -> Any:
     return value
 
 
+# Inductor options added to the engine's for an experiment (``--inductor-option``).
 EXTRA: dict[str, Any] = {}
 
 

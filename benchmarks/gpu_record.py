@@ -21,7 +21,6 @@ float hyper-parameter changed.
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,12 +31,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import umup_compile as uc
 import umup_compile._gather as gather_module
-from benchmarks import bench_step
+from benchmarks import contestants, sets
 from umup_compile._functional import ADAM_HYPERS
 from umup_compile.optim import Adam
 
-LR = bench_step.LR
-MAX_NORM = bench_step.MAX_NORM
+LR = contestants.LR
+MAX_NORM = contestants.MAX_NORM
 
 
 @dataclass(frozen=True)
@@ -58,24 +57,21 @@ DTYPES = {
     "bf16": DType(torch.bfloat16, None, False, 14),
 }
 
-# Workloads: the harness's (bench_step.param_specs), plus a scaled-down GPT-like set
+# Workloads: the harness's (sets.param_specs), plus a scaled-down GPT-like set
 # that has both large and small tensors (unrolled unit + folded small ones) for CI
 # and Triton's interpreter.
 WORKLOADS = ("gpt", "gpt-124m", "gpt-1.2b", "many-small", "gpt-mini", "many-small-mini")
 
 
 def workload_specs(name: str) -> list[Any]:
-    """The parameter specs of a workload (``benchmarks.common.ParamSpec``)."""
-    common = bench_step.common
+    """The parameter specs of a workload (``benchmarks.sets.ParamSpec``)."""
     if name == "gpt-mini":  # 15 tensors, 131,392 elements
-        return list(common.gpt_like_specs(d_model=64, n_layers=2, vocab=256))
+        return list(sets.gpt_like_specs(d_model=64, n_layers=2, vocab=256))
     if name == "many-small-mini":  # 32 tensors of 1024: one pack
-        return list(common.many_small_specs(n=32, numel=1024))
+        return list(sets.many_small_specs(n=32, numel=1024))
     if name not in WORKLOADS:
         raise ValueError(f"unknown workload {name!r}; choose from {WORKLOADS}")
-    return list(
-        bench_step.param_specs(argparse.Namespace(set=name, smoke=False, n_small=256))
-    )
+    return list(sets.param_specs(name, smoke=False))
 
 
 # -- what the step calls -------------------------------------------------------------
@@ -317,7 +313,7 @@ def meta_params(specs: Sequence[Any], dtype: torch.dtype) -> list[torch.nn.Param
 def build_optimizer(
     params: list[torch.nn.Parameter], dtype: DType, capturable: bool, clip: bool
 ) -> Adam:
-    """The optimizer as the harness's contestants build it (``bench_step``:
+    """The optimizer as the harness's contestants build it (``contestants``:
     umup-compiled, umup-fp32state(-sr), umup-bf16; umup-capturable takes a device
     lr, so that ``LambdaLR`` fills it in place; umup-compiled-clip clips at
     ``MAX_NORM``)."""
@@ -347,7 +343,7 @@ def record(workload: str, dtype: str, capturable: bool, clip: bool) -> Recorded:
     opt = build_optimizer(params, spec, capturable, clip)
     recorder = Recorder()
     opt._engine = recorder  # type: ignore[attr-defined]
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, bench_step._schedule)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, contestants._schedule)
     opt.step()
     sched.step()
     recorder.calls.clear()

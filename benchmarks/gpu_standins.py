@@ -327,8 +327,11 @@ def _cudagraph_record(
 def _cudagraph_post_compile() -> None:
     import torch._inductor.output_code as output_code
 
-    for name in ("cudagraph_post_compile", "cudagraph_partition_post_compile"):
-        _require(output_code, name)
+    names = ("cudagraph_post_compile", "cudagraph_partition_post_compile")
+    found = [name for name in names if hasattr(output_code, name)]
+    if not found:  # torch 2.13 has both; older ones the first
+        raise StandInError("torch._inductor.output_code has no cudagraph_post_compile")
+    for name in found:
         setattr(output_code, name, _cudagraph_record)
 
 

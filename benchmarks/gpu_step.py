@@ -1,21 +1,20 @@
 """One optimizer step for CUDA parameters, lowered and counted (run in a subprocess).
 
 :func:`account` records a steady step (``gpu_record``), lowers each distinct call
-(``gpu_lower``), writes every generated wrapper to the code folder, builds each
-distinct kernel to sm_90 cubin (``gpu_cubin``) and adds it all up per step: a graph
-the step calls k times (chunks of one size) counts k times. The result is a plain
+(``gpu_lower``), writes every generated wrapper to the code folder (``gpu_cubin``
+builds their kernels from there, in a process of its own) and adds it all up per
+step: a graph the step calls k times (chunks of one size) counts k times. The result is a plain
 dict, the per-configuration part of ``gpu_codegen``'s JSON.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import gpu_cubin, gpu_lower, gpu_record
+from benchmarks import gpu_lower, gpu_record
 
 
 def _slug(text: str) -> str:
@@ -33,7 +32,6 @@ def account(
     capturable: bool,
     clip: bool,
     code_dir: Path,
-    cubin: bool = True,
     interpret: bool = False,
 ) -> dict[str, Any]:
     """Lower and count one configuration's steady step (see the module docstring);
@@ -42,9 +40,7 @@ def account(
     t0 = time.perf_counter()
     step = gpu_record.record(workload, dtype, capturable, clip)
     code_dir.mkdir(parents=True, exist_ok=True)
-    (code_dir / "kernels").mkdir(exist_ok=True)
     lowered: dict[Any, tuple[gpu_lower.Lowering, str]] = {}
-    built: dict[str, list[gpu_cubin.Build]] = {}  # by kernel source hash
     graphs: list[dict[str, Any]] = []
     for call in step.calls:
         if call.key in lowered:
@@ -58,13 +54,6 @@ def account(
             "\n\n# ---- next graph ----\n\n".join(lowering.sources)
         )
         kernels = [k for w in lowering.wrappers for k in w.kernels]
-        if cubin:
-            for k in kernels:
-                digest = hashlib.sha256(k.source.encode()).hexdigest()[:16]
-                if digest not in built:
-                    built[digest] = gpu_cubin.build(
-                        k.name, k.source, code_dir / "kernels"
-                    )
         graphs.append(
             {
                 "file": name,
@@ -72,7 +61,8 @@ def account(
                 "kind": _kind(call),
                 "static": call.static,
                 "calls": 1,
-                "tensors": sum(len(a) for a in call.args if isinstance(a, list)),
+                # parameters (or a pack's buffers) the graph updates
+                "tensors": len(call.args[0]) if isinstance(call.args[0], list) else 1,
                 "compiled_graphs": len(lowering.sources),
                 "kernels": len(kernels),
                 "launches": sum(w.launches for w in lowering.wrappers),
@@ -91,7 +81,6 @@ def account(
                 "error": lowering.error,
             }
         )
-    builds = [b for bs in built.values() for b in bs]
     numerics = None
     if interpret:
         from benchmarks import gpu_interpret
@@ -143,22 +132,6 @@ def account(
         + sum(op.host_sync for op in step.ops),
         "cudagraph_fail_reasons": reasons,
         "lowering_errors": [g["error"] for g in graphs if g["error"]],
-        "cubin_ok": None
-        if not cubin
-        else bool(builds) and all(not b.error for b in builds),
-        "cubin": [
-            {
-                "kernel": b.kernel,
-                "config": b.config,
-                "registers": b.registers,
-                "spill_bytes": b.spill_bytes,
-                "ptx": b.instructions,
-                "error": b.error,
-            }
-            for b in builds
-        ],
-        "max_registers": max((b.registers or 0 for b in builds), default=None),
-        "spill_bytes": sum(b.spill_bytes or 0 for b in builds),
         "interpreter_max_rel_err": None
         if numerics is None
         else numerics["max_rel_err"],
