@@ -405,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         "arch": args.arch,
         "launch_us": args.launch_us,
         "simulation": True,
+        "command": "python -m benchmarks.gpu_codegen " + " ".join(argv or sys.argv[1:]),
         "inductor_options": args.options,  # experiments beyond the engine's own
         "layout_options": args.layout,
         "code_dir": str(args.code_dir),

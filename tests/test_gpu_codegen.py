@@ -110,10 +110,13 @@ def table(results: list[dict[str, Any]]) -> str:
 
 
 def test_counts_are_pinned(small: dict[str, Any]) -> None:
-    assert_expected_inline(table(small["results"]), """\
+    assert_expected_inline(
+        table(small["results"]),
+        """\
 config                                               graphs    calls    kernels    launches    eager    fused    bytes/ideal
 gpt-mini-fp32-capturable                                  1        1          4           4        3        2         1.0051
-many-small-mini-bf16-fp32state-sr-capturable-clip         2        2          3           3        9        2         1.6471""")
+many-small-mini-bf16-fp32state-sr-capturable-clip         2        2          3           3        9        2         1.6471""",
+    )
 
 
 def test_goals_hold(small: dict[str, Any]) -> None:
