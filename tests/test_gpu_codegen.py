@@ -32,8 +32,9 @@ import pytest
 import torch
 from expecttest import assert_expected_inline
 
+from benchmarks.gpu_codegen import BUILT_FOR
+
 ROOT = Path(__file__).resolve().parent.parent
-BUILT_FOR = ("2.13.0", "3.9.0")  # torch, triton (benchmarks.gpu_codegen.BUILT_FOR)
 CONFIGS = "gpt-mini:fp32:capturable,many-small-mini:bf16-fp32state-sr:capturable:clip"
 
 
