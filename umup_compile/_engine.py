@@ -10,6 +10,7 @@ in one place, :func:`choose_engine`, and announced once.
 
 from __future__ import annotations
 
+import functools
 import types
 import warnings
 from collections.abc import Callable, Hashable, Iterable
@@ -82,11 +83,31 @@ def _bind_config(fn: StepFn, config: Hashable) -> StepFn:
     return bound
 
 
+@functools.cache
+def _combo_kernels() -> dict[str, Any]:
+    """Note [combo kernels]: on a GPU, Inductor writes one Triton kernel per parameter
+    of a unit (their shapes differ), each its own launch: the GPT-like set's unrolled
+    unit made 53 launches a step, torch's fused Adam 2. Combo kernels put many of them
+    in one launch (a range of program ids per member): 6 launches, the same bytes
+    (lowered for sm_90 without a GPU by ``benchmarks/gpu_codegen.py``, their numbers
+    checked against eager in Triton's interpreter). Inductor groups GPU nodes only, so
+    CPU code is unchanged. Options this torch lacks are left out."""
+    import torch._inductor.config as inductor_config
+
+    wanted: dict[str, Any] = {
+        "combo_kernels": True,
+        "combo_kernel_allow_mixed_sizes": 2,  # members of any size together
+        "combo_kernel_max_num_nodes": 1024,  # as many as the argument limit allows
+        "combo_kernel_peak_memory_pct_threshold": None,  # in place: no peak to guard
+    }
+    return {k: v for k, v in wanted.items() if hasattr(inductor_config, k)}
+
+
 def _backend(backend: Any, dynamic: bool) -> Any:
     """``backend`` as a callable: Inductor with its per-input size/stride asserts
     dropped (the guards, or a site's checks, already cover every input, and the
     asserts cost ~2 µs per tensor per step: 3 % of a 33.6M-parameter CPU step, more
-    with many small tensors)."""
+    with many small tensors), and combo kernels (Note [combo kernels])."""
     if backend != "inductor":
         return (
             torch._dynamo.lookup_backend(backend)
@@ -96,7 +117,8 @@ def _backend(backend: Any, dynamic: bool) -> Any:
     wrapper = getattr(torch, "_TorchCompileInductorWrapper", None)
     if wrapper is None:  # pragma: no cover - every supported torch has it
         return torch._dynamo.lookup_backend(backend)
-    return wrapper(None, {"size_asserts": False}, None if dynamic else False)
+    options = {"size_asserts": False, **_combo_kernels()}
+    return wrapper(None, options, None if dynamic else False)
 
 
 def _compile(

@@ -1,0 +1,365 @@
+"""The calls an optimizer step makes for CUDA parameters, recorded on ``meta`` ones.
+
+A real ``umup_compile`` optimizer steps over parameters on the ``meta`` device (no
+memory, no values: gpt-1.2b's 1.2B elements cost nothing) with a :class:`Recorder` as
+its engine (the ``Engine`` protocol: ``opt._engine = recorder``). The runner then makes
+exactly the calls it would make on CUDA, through its own layout policy (pack, unrolled
+unit, chunks), clip call and configs; the recorder keeps each call's function, kind,
+static flag and its arguments' shapes, strides and dtypes, for ``gpu_lower`` to rebuild
+as fake CUDA tensors. A dispatch mode (:class:`DeviceOps`) records what the step runs
+on the device outside its graphs (the pack's copies, the clip's norms, the hyper-table
+refresh); :func:`device_cost` turns each op into CUDA launches and bytes.
+
+One stand-in, marked here: ``_gather.CAPTURABLE_DEVICES`` gains ``"meta"``, so that
+``capturable=True`` is accepted as it is on CUDA. Two differences from CUDA, both
+outside the graphs and accounted for: ``step`` lives on the CPU for meta parameters
+(``_specs._step_device``; the lowering puts it on the device, as CUDA would), and the
+hyper table's pinned host-to-device refresh is skipped on meta
+(``_hypers.HyperTable.tensor``): :func:`record` adds it as one modeled copy whenever a
+float hyper-parameter changed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import umup_compile as uc
+import umup_compile._gather as gather_module
+from benchmarks import contestants, sets
+from umup_compile._functional import ADAM_HYPERS
+from umup_compile.optim import Adam
+
+LR = contestants.LR
+MAX_NORM = contestants.MAX_NORM
+
+
+@dataclass(frozen=True)
+class DType:
+    """A parameter/state precision of the harness, and what one fused Adam pass
+    must move per element (``ideal``: read p, g, m, v; write p, m, v)."""
+
+    param: torch.dtype
+    state: torch.dtype | None  # None: the parameter's
+    stochastic_rounding: bool
+    ideal: int  # bytes per element
+
+
+DTYPES = {
+    "fp32": DType(torch.float32, None, False, 28),
+    "bf16-fp32state": DType(torch.bfloat16, torch.float32, False, 22),
+    "bf16-fp32state-sr": DType(torch.bfloat16, torch.float32, True, 22),
+    "bf16": DType(torch.bfloat16, None, False, 14),
+}
+
+# Workloads: the harness's (sets.param_specs), plus a scaled-down GPT-like set
+# that has both large and small tensors (unrolled unit + folded small ones) for CI
+# and Triton's interpreter.
+WORKLOADS = ("gpt", "gpt-124m", "gpt-1.2b", "many-small", "gpt-mini", "many-small-mini")
+
+
+def workload_specs(name: str) -> list[Any]:
+    """The parameter specs of a workload (``benchmarks.sets.ParamSpec``)."""
+    if name == "gpt-mini":  # 15 tensors, 131,392 elements
+        return list(sets.gpt_like_specs(d_model=64, n_layers=2, vocab=256))
+    if name == "many-small-mini":  # 32 tensors of 1024: one pack
+        return list(sets.many_small_specs(n=32, numel=1024))
+    if name not in WORKLOADS:
+        raise ValueError(f"unknown workload {name!r}; choose from {WORKLOADS}")
+    return list(sets.param_specs(name, smoke=False))
+
+
+# -- what the step calls -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor argument, without its values."""
+
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    offset: int
+
+    @staticmethod
+    def of(t: torch.Tensor) -> TensorSpec:
+        return TensorSpec(tuple(t.shape), t.stride(), t.dtype, t.storage_offset())
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def describe(value: Any) -> Any:
+    """``value`` with every tensor replaced by its :class:`TensorSpec`."""
+    if isinstance(value, torch.Tensor):
+        return TensorSpec.of(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(describe(v) for v in value)
+    if isinstance(value, dict):
+        return {k: describe(v) for k, v in value.items()}
+    return value
+
+
+@dataclass
+class Call:
+    """One engine call of a step."""
+
+    fn: Callable[..., None]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    kind: str
+    static: bool
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        """What makes two calls the same lowering: the engine's cache key (function,
+        config, kind) and every argument's shape, stride and dtype."""
+        return (self.fn, self.kind, self.static, repr(self.args), repr(self.kwargs))
+
+
+class Recorder:
+    """An engine that records its calls and runs nothing (see the module docstring)."""
+
+    packs = True  # as the compiled engine: the runner lays buckets out in units
+
+    def __init__(self) -> None:
+        self.calls: list[Call] = []
+
+    def __call__(
+        self,
+        fn: Callable[..., None],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        kind: str = "",
+        static: bool = False,
+        site: Any = None,
+    ) -> None:
+        self.calls.append(Call(fn, describe(args), describe(kwargs), kind, static))
+
+
+# -- what the step runs outside its graphs ----------------------------------------------
+
+
+@dataclass
+class DeviceOp:
+    """An aten op of the step on device tensors, outside the engine's calls."""
+
+    name: str
+    launches: int
+    bytes: int
+    host_sync: bool = False
+
+
+# The CUDA multi-tensor-apply limits (ATen/native/cuda/MultiTensorApply.cuh), with
+# 32 KB kernel arguments (CUDA >= 12.1 and a driver >= 530, any sm_90 machine): per
+# depth (tensor lists), the tensors and the 64K-element chunks one launch takes.
+CHUNK = 65536
+MAX_TENSORS = {1: 770, 2: 448, 3: 336, 4: 252, 5: 210}
+MAX_BLOCKS = 2240
+CAT_BATCH = 128  # ATen/native/cuda/Shape.cu: inputs one cat/stack launch copies
+
+
+def mta_launches(numels: Sequence[int], depth: int) -> int:
+    """Launches of one ``multi_tensor_apply`` over tensors of ``numels`` elements:
+    a launch whenever the launch's tensors or its chunks are full, then the rest."""
+    launches = tensors = blocks = 0
+    for numel in numels:
+        if numel == 0:
+            continue
+        tensors += 1
+        chunks = -(-numel // CHUNK)
+        for chunk in range(chunks):
+            blocks += 1
+            last = chunk == chunks - 1
+            if (tensors == MAX_TENSORS[depth] and last) or blocks == MAX_BLOCKS:
+                launches += 1
+                blocks = 0
+                tensors = 0 if last else 1
+    return launches + (blocks > 0)
+
+
+def torch_fused_launches(numels: Sequence[int]) -> int:
+    """torch.optim.Adam(fused=True) on CUDA, one device and dtype: the step counters'
+    ``_foreach_add_`` (depth 1), then ``_fused_adam_`` (depth 4: p, g, m, v)."""
+    return mta_launches([1] * len(numels), 1) + mta_launches(numels, 4)
+
+
+_FREE = {  # no kernel: allocation, metadata, aliasing
+    "empty",
+    "empty_strided",
+    "new_empty",
+    "new_empty_strided",
+    "set_",
+    "detach",
+    "alias",
+    "lift_fresh",
+    "_local_scalar_dense",
+}
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
+
+
+def _nbytes(ts: Sequence[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+def device_cost(
+    func: Any, args: Sequence[Any], kwargs: dict[str, Any], out: Any
+) -> DeviceOp:
+    """The CUDA launches and bytes of one aten op (see the module docstring):
+    foreach ops by the multi-tensor-apply rules, ``cat``/``stack`` by its batches,
+    views and allocations none, any other op one launch reading its inputs and
+    writing its outputs."""
+    name = func.overloadpacket.__name__
+    inputs, outputs = _tensors((args, kwargs)), _tensors(out)
+    # a host sync: a value read on the host, or a copy from the device to the host
+    sync = name == "_local_scalar_dense" or (
+        any(t.device.type != "cpu" for t in inputs)
+        and any(t.device.type == "cpu" for t in outputs)
+    )
+    views = [r.alias_info for r in func._schema.returns]
+    if name in _FREE or (
+        views and all(a is not None and not a.is_write for a in views)
+    ):
+        return DeviceOp(name, 0, 0, sync)
+    if name in ("copy_", "_foreach_copy_"):  # the destination is written, not read
+        return DeviceOp(
+            name,
+            mta_launches([t.numel() for t in args[1]], 2)
+            if name == "_foreach_copy_"
+            else 1,
+            2 * _nbytes(_tensors(args[1])),
+        )
+    if name.startswith("_foreach_"):
+        lists = [a for a in args if isinstance(a, (list, tuple)) and a]
+        depth = len(lists) + (0 if name.endswith("_") else 1)
+        numels = [t.numel() for t in lists[0]]
+        launches = mta_launches(numels, min(depth, 5))
+        if name == "_foreach_norm":
+            launches += 1  # the per-tensor cleanup kernel
+        # in place: the first list is written back; else the outputs are written
+        written = _nbytes(lists[0]) if name.endswith("_") else _nbytes(outputs)
+        return DeviceOp(name, launches, _nbytes(inputs) + written)
+    if name in ("cat", "stack"):
+        n = len(args[0])
+        return DeviceOp(name, -(-n // CAT_BATCH), 2 * _nbytes(outputs))
+    return DeviceOp(name, 1, _nbytes(inputs) + _nbytes(outputs), sync)
+
+
+class DeviceOps(TorchDispatchMode):
+    """Records the device ops (see :func:`device_cost`) of the code it wraps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[DeviceOp] = []
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if any(t.device.type != "cpu" for t in _tensors((args, kwargs, out))):
+            op = device_cost(func, args, kwargs, out)
+            if op.launches or op.host_sync:
+                self.ops.append(op)
+        return out
+
+
+# -- one step -------------------------------------------------------------------------
+
+
+@dataclass
+class Recorded:
+    """A steady step of one optimizer: its engine calls and its other device work."""
+
+    workload: str
+    dtype: str
+    capturable: bool
+    clip: bool
+    numels: list[int]
+    calls: list[Call]
+    ops: list[DeviceOp] = field(default_factory=list)
+
+    @property
+    def params(self) -> int:
+        return sum(self.numels)
+
+
+def meta_params(specs: Sequence[Any], dtype: torch.dtype) -> list[torch.nn.Parameter]:
+    """Tagged parameters (and gradients) on the meta device."""
+    params = []
+    for spec in specs:
+        data = torch.empty(spec.shape, dtype=dtype, device="meta")
+        p = uc.Parameter(data, spec.mup_type, spec.depth)
+        p.grad = torch.empty_like(data)
+        params.append(p)
+    return params
+
+
+def build_optimizer(
+    params: list[torch.nn.Parameter], dtype: DType, capturable: bool, clip: bool
+) -> Adam:
+    """The optimizer as the harness's contestants build it (``contestants``:
+    umup-compiled, umup-fp32state(-sr), umup-bf16; umup-capturable takes a device
+    lr, so that ``LambdaLR`` fills it in place; umup-compiled-clip clips at
+    ``MAX_NORM``)."""
+    opt = Adam(
+        params,
+        lr=LR,
+        capturable=capturable,
+        state_dtype=dtype.state,
+        stochastic_rounding=dtype.stochastic_rounding,
+        max_grad_norm=MAX_NORM if clip else None,
+    )
+    if capturable:
+        # Stand-in: the device lr goes in after construction, which validates a
+        # tensor lr on the host (``.item()``), and a meta tensor has no value.
+        for group in opt.param_groups:
+            group["lr"] = torch.full((), LR, device=params[0].device)
+    return opt
+
+
+def record(workload: str, dtype: str, capturable: bool, clip: bool) -> Recorded:
+    """Build the workload on meta, take a first step (state, layouts), change the lr
+    with the harness's ``LambdaLR``, and record the second, steady step."""
+    if "meta" not in gather_module.CAPTURABLE_DEVICES:  # stand-in: meta is CUDA here
+        gather_module.CAPTURABLE_DEVICES = (*gather_module.CAPTURABLE_DEVICES, "meta")
+    spec = DTYPES[dtype]
+    params = meta_params(workload_specs(workload), spec.param)
+    opt = build_optimizer(params, spec, capturable, clip)
+    recorder = Recorder()
+    opt._engine = recorder  # type: ignore[attr-defined]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, contestants._schedule)
+    opt.step()
+    sched.step()
+    recorder.calls.clear()
+    ops = DeviceOps()
+    with ops:
+        opt.step()
+    out = Recorded(
+        workload,
+        dtype,
+        capturable,
+        clip,
+        [p.numel() for p in params],
+        list(recorder.calls),
+        ops.ops,
+    )
+    if not capturable:  # a float lr changed: HyperTable refreshes through pinned memory
+        table = 8 * len(opt.param_groups) * len(ADAM_HYPERS)  # float64 (groups, 5)
+        out.ops.append(DeviceOp("hyper refresh (pinned H2D copy)", 1, table))
+    return out
