@@ -75,6 +75,11 @@ WORKLOADS = {
         "learning-rate transfer across width: u-muP (unit_scaling's model, our AdamW) "
         "vs standard parametrization",
     ),
+    "gpu-codegen": Workload(
+        "benchmarks.gpu_codegen",
+        "the step's CUDA kernels on paper, without a GPU (a simulation): kernels, "
+        "launches, bytes, cubin, interpreter check",
+    ),
 }
 
 

@@ -44,6 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from benchmarks.gpu_record import DTYPES, WORKLOADS
 
     parser = argparse.ArgumentParser(
+        prog="python -m benchmarks gpu-codegen",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

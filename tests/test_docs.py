@@ -32,7 +32,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 GUIDES = [
     "quickstart", "rules", "engines", "schedulers", "gradscaler", "clipping",
     "compiled_step", "low_precision", "distributed", "migration", "benchmarks",
-    "troubleshooting", "development",
+    "troubleshooting", "development", "gpu_on_cpu",
 ]  # fmt: skip
 README = DOCS.parent / "README.md"
 # distributed has no __all__: its public functions, and the Tags alias.
