@@ -1,31 +1,24 @@
 """Which 8-bit code map keeps Adam's training? Emulated 8-bit moments vs float32 state.
 
-Trains ``unit_scaling.TransformerDecoder`` on real text (``benchmarks.transfer``'s
-corpus, batches and warm-up + cosine schedule; ``umup_compile.optim.AdamW`` with
-independent weight decay, eager engine) and the demo's ``TinyUmupLM``, once with float32
-moments and once per candidate map. The 8-bit state is *emulated*: after every step each
-moment is quantized per block of ``--block`` elements (a float32 scale per block: the
-block's absmax) and dequantized in place, which is what a fused update does (it updates
-with the new float32 moments, then stores codes). The first moment always uses signed
-linear codes (``round(127 m / absmax)``); the second moment's map is the candidate:
+Trains ``unit_scaling.TransformerDecoder`` on text (``benchmarks.transfer``'s corpus,
+batches and warm-up + cosine schedule; ``umup_compile.optim.AdamW``, independent weight
+decay, eager engine) and the demo's ``TinyUmupLM``, with float32 moments and with each
+candidate map. 8-bit state is *emulated*: after every step each moment is quantized per
+block of ``--block`` elements (float32 scale: the block's absmax) and dequantized in
+place, as a fused update does (it updates with the new float32 moments, then stores
+codes). The first moment uses signed linear codes (``round(127 m / absmax)``); the
+second moment's map is the candidate: ``linear`` ``255 v/max``; ``sqrt``
+``255 sqrt(v/max)``; ``pow4`` ``255 (v/max)^(1/4)``; ``log`` 8 codes per octave;
+``log2`` the float32 bits ``(code + 761) << 20`` (3 mantissa bits, a kernel's integer
+ops); ``dynamic`` a dynamic-tree table (Dettmers 2016); ``e4m3`` ``float8_e4m3fn(448
+v/max)``. ``nearest`` rounds the code position (formula maps: in code space, as a
+kernel would; tables: to the nearest value); ``stochastic`` picks a neighbouring code,
+unbiased in value. Zero encodes to code 0, which decodes to 0; nothing decodes below
+0. Errors per step: ``|dequantized - exact| / block absmax`` (max and RMS).
 
-- ``linear``: ``255 v / max``; ``sqrt``: ``255 sqrt(v / max)``; ``pow4``:
-  ``255 (v / max)^(1/4)``; ``log``: 8 codes per octave below the block max (code 0 is 0);
-  ``dynamic``: a dynamic-tree table (exponent run of zeros, then a linear fraction;
-  Dettmers 2016), encoded by search; ``e4m3``: ``float8_e4m3fn(448 v / max)``.
-
-Rounding: ``nearest`` rounds the code position (for formula maps: in code space, as a
-kernel would; for the two tables: to the nearest value); ``stochastic`` picks one of the
-two neighbouring codes, unbiased in value. Zero always encodes to code 0, which decodes
-to 0; no code decodes below 0. The error of each moment is reported per step as
-``|dequantized - exact| / block absmax`` (max and RMS over every element).
-
-Writes ``<date>_quant_maps_t<threads>.{md,csv}`` and ``..._errors.csv`` (per step) under
-``--out`` (default ``benchmarks/results/<device>/``).
-
-Examples (from the repository root):
+Writes ``<date>_quant_maps_t<threads>[_TAG].{md,csv}`` and ``..._errors.csv`` (per
+step) under ``--out`` (default ``benchmarks/results/<device>/``). Examples:
     python -m benchmarks.quant_maps --threads 1
-    python -m benchmarks.quant_maps --maps pow4 --rounding nearest --block 256
     python -m benchmarks.quant_maps --smoke --out /tmp/qm
 """
 
@@ -78,7 +71,7 @@ class CodeMap:
 def _table_map(name: str, table: Tensor) -> CodeMap:
     """A map given by its sorted decode table: positions interpolate between codes, so
     rounding a position is rounding to the nearest value."""
-    t = table.double()
+    t = table.float()
 
     def position(u: Tensor) -> Tensor:
         lo = (torch.searchsorted(t, u, right=True) - 1).clamp(0, len(t) - 2)
@@ -98,9 +91,10 @@ def _dynamic_table() -> Tensor:
     return torch.tensor(sorted(set(values))[:256], dtype=torch.float64)
 
 
-def _e4m3_table() -> Tensor:
-    codes = torch.arange(128, dtype=torch.uint8).view(torch.float8_e4m3fn).double()
-    return torch.unique(codes[torch.isfinite(codes)]) / 448.0
+def _log2_table() -> Tensor:
+    """``_quant``'s log map (code c >= 1: the float32 bits ``(c + 761) << 20``)."""
+    bits = (torch.arange(1, 256, dtype=torch.int32) + 761) << 20
+    return torch.cat([torch.zeros(1), bits.view(torch.float32)])
 
 
 def _log_map(per_octave: int = 8) -> CodeMap:
@@ -112,18 +106,17 @@ def _log_map(per_octave: int = 8) -> CodeMap:
         return torch.where(u < smallest, u / smallest, 255 + k * torch.log2(safe))
 
     def decode(c: Tensor) -> Tensor:
-        return torch.where(c == 0, 0.0, torch.exp2((c.double() - 255) / k))
+        return torch.where(c == 0, 0.0, torch.exp2((c.float() - 255) / k))
 
     return CodeMap("log", 255, position, decode)
 
 
 def _power_map(name: str, power: float) -> CodeMap:
-    return CodeMap(
-        name,
-        255,
-        lambda u: 255 * u.pow(1 / power),
-        lambda c: (c.double() / 255).pow(power),
-    )
+    up, down = (lambda u: 255 * u.pow(1 / power)), (lambda c: (c / 255).pow(power))
+    return CodeMap(name, 255, up, down)
+
+
+_E4M3 = torch.arange(128, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
 
 
 MAPS: dict[str, Callable[[], CodeMap]] = {
@@ -131,8 +124,9 @@ MAPS: dict[str, Callable[[], CodeMap]] = {
     "sqrt": partial(_power_map, "sqrt", 2.0),
     "pow4": partial(_power_map, "pow4", 4.0),
     "log": _log_map,
+    "log2": lambda: _table_map("log2", _log2_table()),
     "dynamic": lambda: _table_map("dynamic", _dynamic_table()),
-    "e4m3": lambda: _table_map("e4m3", _e4m3_table()),
+    "e4m3": lambda: _table_map("e4m3", _E4M3[torch.isfinite(_E4M3)].unique() / 448),
 }
 LINEAR_SIGNED = _power_map("signed", 1.0)  # m: |m| / absmax -> 127 codes, sign apart
 
@@ -155,11 +149,11 @@ def emulate_(
 ) -> tuple[float, float, int]:
     """Quantize ``t`` per block and write the dequantized values back; return the max
     and the sum of squares of the error relative to each block's absmax, and a count."""
-    x = t.detach().double().flatten()
+    x = t.detach().float().flatten()
     pad = -len(x) % block
     xb = torch.nn.functional.pad(x, (0, pad)).view(-1, block)
     scale = xb.abs().amax(dim=1, keepdim=True)
-    u = (xb.abs() / scale.clamp_min(1e-300)).clamp(0, 1)
+    u = (xb.abs() / scale.clamp_min(1e-38)).clamp(0, 1)
     top = 127 if signed else cmap.top
     c = _codes(cmap, u, top, sr, gen)
     deq = cmap.decode(c * cmap.top / top) * scale
@@ -339,9 +333,11 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     error_rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    models: list[tuple[str, Callable[[Variant], Any]]] = [
-        ("TransformerDecoder", lambda v: transformer_run(v, args, corpus))
-    ]
+    models: list[tuple[str, Callable[[Variant], Any]]] = []
+    if args.steps:
+        models.append(
+            ("TransformerDecoder", lambda v: transformer_run(v, args, corpus))
+        )
     if args.demo_steps:
         models.append(("demo TinyUmupLM", lambda v: demo_run(v, args, text)))
     for model_name, run in models:

@@ -1,8 +1,9 @@
 """8-bit moments (``_quant``) and the 8-bit Adam update (``_quant_step``).
 
 The reference is float64 and written from the maps' definitions (Note [8-bit
-moments]): first moment ``round(127 m / absmax)``, second ``round(255 (v/max)^(1/4))``,
-per block of consecutive elements. Codes may differ from it by one only where the
+moments]): first moment ``round(127 m / absmax)``, second the nearest value of the log
+table (code c >= 1: ``2**(e - 127) * (1 + f / 8)`` with ``8 e + f = c + 761``), per
+block of consecutive elements. Codes may differ from it by one only where the
 float64 position lies within ``TIE`` of a rounding boundary (float32 arithmetic may
 round either way there).
 """
@@ -35,6 +36,23 @@ F64 = torch.float64
 HYPERS = {"lr": 0.01, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.1}
 
 
+def _log_table() -> Tensor:
+    """The unsigned codes' values in float64, from the formula (not the bit trick)."""
+    c = torch.arange(1, 256, dtype=F64) + 761
+    values = 2.0 ** (torch.div(c, 8, rounding_mode="floor") - 127) * (1 + c % 8 / 8)
+    return torch.cat([torch.zeros(1, dtype=F64), values])
+
+
+LOG_TABLE = _log_table()
+
+
+def _log_position(u: Tensor) -> Tensor:
+    """Interpolated code position of ``u`` in [0, 1]: rounding it is nearest-value."""
+    lo = (torch.searchsorted(LOG_TABLE, u, right=True) - 1).clamp(0, 254)
+    a, b = LOG_TABLE[lo], LOG_TABLE[lo + 1]
+    return lo + ((u - a) / (b - a)).clamp(0, 1)
+
+
 def _reference_codes(x: Tensor, signed: bool, block: int) -> tuple[Tensor, Tensor]:
     """float64 positions (before rounding) and scales of ``x``, per block."""
     rows = block_rows(x.double(), block)
@@ -43,7 +61,7 @@ def _reference_codes(x: Tensor, signed: bool, block: int) -> tuple[Tensor, Tenso
         scale = r.abs().amax(-1, keepdim=True)
         safe = scale.clamp_min(SCALE_FLOOR)
         u = r / safe
-        pos = 127 * u if signed else 255 * u.clamp(0, 1).pow(0.25)
+        pos = 127 * u if signed else _log_position(u.clamp(0, 1).reshape(-1))
         positions.append(pos.reshape(-1))
         scales.append(scale.reshape(-1))
     return torch.cat(positions), torch.cat(scales)
@@ -82,9 +100,9 @@ def test_quantize_matches_float64_reference_and_error_bound(
     per_element = ref_scales.repeat_interleave(BLOCK)[:numel]
     if signed:  # linear: half a code step of the block absmax
         assert torch.all((back - x.double()).abs() <= per_element / 254 * (1 + 1e-5))
-    else:  # fourth root: half a code step in v^(1/4) / max^(1/4)
-        err = back.pow(0.25) - x.double().pow(0.25)
-        assert torch.all(err.abs() <= per_element.pow(0.25) / 510 * (1 + 1e-4))
+    else:  # log: half a step, 1/16 of the value (or code 1's value, below it)
+        bound = torch.maximum(x.double() / 16, per_element * LOG_TABLE[1])
+        assert torch.all((back - x.double()).abs() <= bound * (1 + 1e-6))
 
 
 def test_zero_stays_zero_and_no_code_decodes_below_zero() -> None:

@@ -7,16 +7,20 @@ on 2-D *rows*: ``(blocks, block)`` tensors whose rows are blocks, with a ``(bloc
 scale column; :func:`block_rows` cuts a contiguous tensor into them. A pack's
 ``(rows, width)`` buffer, each parameter starting a row, already is such rows.
 
-Note [8-bit moments]: the maps, chosen by measurement (``benchmarks/quant_maps.py``):
+Note [8-bit moments]: the maps, chosen by measurement (``benchmarks/quant_maps.py``,
+results in ``benchmarks/results/<device>/*_quant_maps_*``):
 
 - first moment: signed linear codes, ``round(127 m / absmax)`` in ``[-127, 127]``
   (int8), scale = the block's absmax;
-- second moment: ``round(255 (v / max)^(1/4))`` in ``[0, 255]`` (uint8), scale = the
-  block's max. The fourth root spends the codes where Adam needs them: the update
-  divides by ``sqrt(v)``, and a linear or square-root map rounds the small ``v`` of a
-  block to 0 (linear diverged; sqrt trained worse, see the results), while a fourth
-  root keeps ``v`` down to ``max / 255^4`` (about ``2e-10 max``). Decoding is two
-  squarings, encoding two square roots: no table, no search, fully vectorised.
+- second moment: a logarithmic code (uint8) of ``u = v / max``: code ``c >= 1`` is the
+  float32 whose bits are ``(c + 761) << 20``, i.e. an exponent and 3 mantissa bits (8
+  codes per octave, code 255 = 1.0, code 1 = ``1.25 * 2**-32``), code 0 is 0; scale =
+  the block's max. Encoding rounds ``u``'s bits to the nearest code (add ``2**19``,
+  shift by 20). A log map keeps Adam's small ``v`` (a linear map rounds them to 0 and
+  diverged; sqrt trained worse), and this one is integer adds and shifts on the bit
+  pattern: no table, no search, and no square root beyond the update's own (a
+  ``v^(1/4)`` map trains as well but needs a second one per element, and the update
+  is compute-bound on CPU). Its error is at most 1/16 of the value (half a step).
 
 A zero moment encodes to code 0, which decodes to 0; no code decodes below 0. Scales
 below :data:`SCALE_FLOOR` are used as that floor to form the reciprocal (so that it
@@ -25,7 +29,9 @@ stays finite): such a block's elements, all below ``2**-120``, encode to 0.
 Every function is a chain of elementwise ops and one row reduction, with no ``.item()``
 and no branch on values, so Inductor fuses a whole update into one loop nest per row
 block (``_quant_step``). Reciprocals are written out (``reciprocal() * k`` rather than
-``k / x``) so that eager and compiled code round the same way.
+``k / x``) so that eager and compiled code round the same way. The bit casts
+(``Tensor.view(torch.int32)``) are vectorised under ``_codegen_hints`` (Note [vector
+bitcast]), which the compiled engine enters.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ BLOCK = 128
 SIGNED_TOP = 127
 UNSIGNED_TOP = 255
 SCALE_FLOOR = 2.0**-120  # 127 / SCALE_FLOOR is finite in float32
+LOG_BIAS = 761  # code c >= 1 is the float32 with bits (c + LOG_BIAS) << 20
+MANTISSA_SHIFT = 20  # keeps the exponent and 3 mantissa bits
 SIGNED_DTYPE = torch.int8
 UNSIGNED_DTYPE = torch.uint8
 
@@ -80,40 +88,32 @@ def decode_signed(codes: Tensor, absmax: Tensor) -> Tensor:
 
 
 def decode_unsigned(codes: Tensor, top: Tensor) -> Tensor:
-    """float32 values of uint8 fourth-root ``codes`` with their ``(rows, 1)`` max."""
-    x = codes.to(torch.float32) * (1.0 / UNSIGNED_TOP)
-    x = x * x
-    return x * x * top
+    """float32 values of uint8 log ``codes`` with their ``(rows, 1)`` max."""
+    c = codes.to(torch.int32)
+    u = ((c + LOG_BIAS) << MANTISSA_SHIFT).view(torch.float32)
+    return torch.where(c == 0, 0.0, u) * top
 
 
 def _inverse(scale: Tensor) -> Tensor:
     return scale.clamp_min(SCALE_FLOOR).reciprocal()
 
 
-def encode_signed(x: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """int8 codes of float32 rows ``x`` and each row's absmax ``(rows, 1)``.
-
-    ``noise``: uniform values in ``[0, 1)`` like ``x``: round stochastically (down,
-    then up with the probability of the distance), else to nearest.
-    """
+def encode_signed(x: Tensor) -> tuple[Tensor, Tensor]:
+    """int8 codes of float32 rows ``x`` (rounded to nearest) and each row's absmax
+    ``(rows, 1)``."""
     absmax = x.abs().amax(-1, keepdim=True)
     position = x * (_inverse(absmax) * SIGNED_TOP)
-    rounded = position.round() if noise is None else (position + noise).floor()
-    codes = rounded.clamp(-SIGNED_TOP, SIGNED_TOP).to(SIGNED_DTYPE)
+    codes = position.round().clamp(-SIGNED_TOP, SIGNED_TOP).to(SIGNED_DTYPE)
     return codes, absmax
 
 
-def encode_unsigned(v: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """uint8 fourth-root codes of non-negative float32 rows ``v``, and each row's max.
-
-    ``noise`` as for :func:`encode_signed`; stochastic rounding of the fourth root
-    (unbiased in the code, not in ``v``).
-    """
+def encode_unsigned(v: Tensor) -> tuple[Tensor, Tensor]:
+    """uint8 log codes of non-negative float32 rows ``v`` (rounded to nearest) and
+    each row's max ``(rows, 1)``."""
     top = v.amax(-1, keepdim=True)
-    u = (v * _inverse(top)).clamp(0.0, 1.0)
-    position = u.sqrt().sqrt() * UNSIGNED_TOP
-    rounded = position.round() if noise is None else (position + noise).floor()
-    codes = rounded.clamp(0, UNSIGNED_TOP).to(UNSIGNED_DTYPE)
+    bits = (v * _inverse(top)).view(torch.int32)
+    position = (bits + (1 << (MANTISSA_SHIFT - 1))) >> MANTISSA_SHIFT
+    codes = (position - LOG_BIAS).clamp(0, UNSIGNED_TOP).to(UNSIGNED_DTYPE)
     return codes, top
 
 

@@ -67,7 +67,7 @@ def adam8_step_(
         params, grads: aligned lists of contiguous tensors (float32 or bf16
             parameters), one entry per parameter (or one pack).
         exp_avgs: int8 codes of the first moments, shaped like the parameters.
-        exp_avg_sqs: uint8 fourth-root codes of the second moments, likewise.
+        exp_avg_sqs: uint8 log codes of the second moments, likewise.
         scales: per parameter, ``(num_blocks(numel, block), 2)`` float32: each
             block's first-moment absmax and second-moment max.
         steps, hyper_t, group_index_t, lr_scales_t, wd_scales_t, grad_scale_t,
