@@ -3,7 +3,7 @@
 Phase 1 of issue 26: the fused update with 8-bit moments is a core function not yet
 wired into the optimizer, so this script compiles it directly, as the compiled engine
 would (one static-shape graph over every tensor, like the unrolled unit), on the
-GPT-like set with each tensor passed as ``(blocks, 128)`` aliases (Note [one pass]).
+GPT-like set with each tensor passed as ``(blocks, --block)`` aliases (Note [one pass]).
 Contestants, in one process, on the same parameters and gradients, timed in
 round-robin windows (``common.time_interleaved``, medians):
 
@@ -54,12 +54,13 @@ def _alias(t: Tensor, shape: tuple[int, ...]) -> Tensor:
 class Adam8:
     """The compiled 8-bit update over every tensor, with its state."""
 
-    def __init__(self, params: list[Tensor], threads_note: str = "") -> None:
+    def __init__(self, params: list[Tensor], block: int = BLOCK) -> None:
         n = len(params)
         self.params = params
         self.codes_m = [torch.zeros_like(p, dtype=torch.int8) for p in params]
         self.codes_v = [torch.zeros_like(p, dtype=torch.uint8) for p in params]
-        self.scales = [torch.zeros(num_blocks(p.numel()), 2) for p in params]
+        self.block = block
+        self.scales = [torch.zeros(num_blocks(p.numel(), block), 2) for p in params]
         self.steps = [torch.zeros(()) for _ in params]
         hyper = [LR, 0.9, 0.999, 1e-8, WD]
         self.hyper_t = torch.tensor([hyper], dtype=torch.float64)
@@ -80,13 +81,12 @@ class Adam8:
             self.lr_scales_t,
             self.wd_scales_t,
         )
-        self.kwargs = {"config": AdamConfig(weight_decay="decoupled")}
+        self.kwargs = {"config": AdamConfig(weight_decay="decoupled"), "block": block}
 
-    @staticmethod
-    def _rows(t: Tensor) -> Tensor:
-        if t.numel() % BLOCK:  # the functional cuts the tail itself
+    def _rows(self, t: Tensor) -> Tensor:
+        if t.numel() % self.block:  # the functional cuts the tail itself
             return _alias(t, (t.numel(),))
-        return _alias(t, (t.numel() // BLOCK, BLOCK))
+        return _alias(t, (t.numel() // self.block, self.block))
 
     def step(self) -> None:
         with codegen_hints:  # as the compiled engine: vector bit casts
@@ -114,7 +114,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     ps = common.copy_params(base)
     uopt = uo.AdamW(ps, lr=LR, weight_decay=WD, allow_non_unit_scaling_params=True)
     out["umup fp32"] = (uopt.step, lambda o=uopt: common.state_bytes(o), "")
-    adam8 = Adam8(common.copy_params(base))
+    adam8 = Adam8(common.copy_params(base), args.block)
     out["umup 8-bit"] = (adam8.step, adam8.state_bytes, "")
     out["_adam8"] = adam8
     if args.peers:
@@ -160,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         description=(__doc__ or "").split("\n\n")[0],
     )
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--block", type=int, default=BLOCK, help="elements per scale")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-peers", dest="peers", action="store_false")
@@ -228,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         "# 8-bit AdamW step (adam8_step_, compiled) vs torch fused AdamW\n\n"
         + "\n".join(f"- {k}: {x}" for k, x in head.items())
         + f"\n- set: GPT-like, {len(adam8.params)} tensors, {n_params:,} elements; "
+        f"8-bit blocks of {args.block}; "
         f"{args.repeats} round-robin windows, medians\n"
         f"- 8-bit graph: {nests} outer loop nests over blocks in the generated C++ "
         f"for {len(adam8.params)} tensors (one per tensor: a single pass)\n"
