@@ -14,8 +14,8 @@ results in ``benchmarks/results/<device>/*_quant_maps_*``):
   (int8), scale = the block's absmax;
 - second moment: a logarithmic code (uint8) of ``u = v / max``: code ``c >= 1`` is the
   float32 whose bits are ``(c + 761) << 20``, i.e. an exponent and 3 mantissa bits (8
-  codes per octave, code 255 = 1.0, code 1 = ``1.25 * 2**-32``), code 0 is 0; scale =
-  the block's max. Encoding rounds ``u``'s bits to the nearest code (add ``2**19``,
+  codes per octave, code 255 = 1.0, code 1 = ``1.25 * 2**-32``), code 0 is 0 (``u``
+  below ``1.1875 * 2**-32``: nearer the pattern of code 0); scale = the block's max. Encoding rounds ``u``'s bits to the nearest code (add ``2**19``,
   shift by 20). A log map keeps Adam's small ``v`` (a linear map rounds them to 0 and
   diverged; sqrt trained worse), and this one is integer adds and shifts on the bit
   pattern: no table, no search, and no square root beyond the update's own (a
