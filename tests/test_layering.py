@@ -16,6 +16,8 @@ ALLOWED: dict[str, set[str]] = {
     "_plan": {"_rules", "parameter"},
     "_rounding": set(),
     "_functional": {"_rounding"},
+    "_quant": set(),
+    "_quant_step": {"_functional", "_quant"},
     "_specs": {"_functional", "_plan"},
     "_groups": {"_plan", "_rules", "_specs"},
     "_checkpoint": {"_plan", "_specs"},
@@ -103,7 +105,9 @@ def test_layering_imports_go_one_way(module: str) -> None:
     assert "umup_compile" not in external  # internal imports are relative
 
 
-@pytest.mark.parametrize("module", ["_functional", "_rounding"])
+@pytest.mark.parametrize(
+    "module", ["_functional", "_quant", "_quant_step", "_rounding"]
+)
 def test_layering_core_imports_torch_only(module: str) -> None:
     _, external = _imports(PACKAGE / f"{module}.py")
     assert external <= {
