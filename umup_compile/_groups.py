@@ -19,6 +19,9 @@ from ._rules import LrScaleFunc
 from ._specs import AlgorithmSpec
 
 Group = dict[str, Any]
+# Parameter dtypes whose moments state_dtype=torch.int8 quantizes (the update runs in
+# float32: a float64 parameter would be rounded to it).
+_INT8_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclass(frozen=True)
@@ -148,11 +151,13 @@ def _check_low_precision(
     """Validate ``state_dtype`` and ``stochastic_rounding`` (Note [low precision])."""
     dtype = group.get("state_dtype")
     if dtype is not None and not (
-        isinstance(dtype, torch.dtype) and dtype.is_floating_point
+        isinstance(dtype, torch.dtype)
+        and (dtype.is_floating_point or dtype == torch.int8)
     ):
         raise TypeError(
-            f"state_dtype must be None (the parameter's dtype) or a floating dtype such "
-            f"as torch.float32, got {dtype!r} (param group {g})."
+            f"state_dtype must be None (the parameter's dtype), a floating dtype such "
+            f"as torch.float32, or torch.int8 (8-bit Adam moments), got {dtype!r} "
+            f"(param group {g})."
         )
     rounding = group.get("stochastic_rounding", False)
     if not isinstance(rounding, bool):
@@ -160,6 +165,12 @@ def _check_low_precision(
             f"stochastic_rounding must be a bool, got {rounding!r} (param group {g})."
         )
     for i, p in enumerate(params):
+        if dtype == torch.int8 and p.dtype not in _INT8_PARAM_DTYPES:
+            raise ValueError(
+                f"state_dtype=torch.int8 quantizes the moments of float32, bfloat16 "
+                f"and float16 parameters, but {describe_param(p, names[i], g, i)} is "
+                f"{p.dtype}; put it in a param group with state_dtype=None."
+            )
         if rounding and p.dtype == torch.float16:
             raise ValueError(
                 f"stochastic_rounding=True rounds bfloat16 parameters, but "

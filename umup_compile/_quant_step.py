@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._functional import AdamConfig, _unscale, adam_prologue
+from ._functional import AdamConfig, _noise, _store, _unscale, adam_prologue
 from ._quant import (
     BLOCK,
     block_rows,
@@ -58,6 +58,8 @@ def adam8_step_(
     config: AdamConfig,
     block: int = BLOCK,
     segment_t: Tensor | None = None,
+    local_index_t: Tensor | None = None,
+    sr_seeds_t: Tensor | None = None,
     grad_scale_t: Tensor | None = None,
     found_inf_t: Tensor | None = None,
 ) -> None:
@@ -72,23 +74,26 @@ def adam8_step_(
             block's first-moment absmax and second-moment max.
         steps, hyper_t, group_index_t, lr_scales_t, wd_scales_t, grad_scale_t,
             found_inf_t: as for :func:`~umup_compile._functional.adam_step_`.
-        config: static structure (``amsgrad`` and ``stochastic_rounding`` are not
-            supported with 8-bit moments).
+        config: static structure (``amsgrad`` is not supported with 8-bit
+            moments; ``stochastic_rounding`` rounds bf16 parameters, the codes
+            round to nearest).
         block: elements per block: consecutive elements of the flattened tensor.
         segment_t: for a pack, as for ``adam_step_``: ``block`` must then be the
             pack's row width, so that each row is one block.
+        local_index_t, sr_seeds_t: as for ``adam_step_`` (stochastic rounding of
+            bf16 parameters, the same streams as with float32 state).
 
     Raises:
-        ValueError: for ``amsgrad`` or ``stochastic_rounding``.
+        ValueError: for ``amsgrad``.
     """
-    if config.amsgrad or config.stochastic_rounding:
+    if config.amsgrad:
         raise ValueError(
-            "8-bit moments support neither amsgrad nor stochastic_rounding: keep "
-            "float32 state for them (state_dtype=torch.float32)"
+            "8-bit moments do not support amsgrad: keep float32 state for it "
+            "(state_dtype=torch.float32)"
         )
     if not params:
         return
-    skip, _, _, coefficients = adam_prologue(
+    skip, step, _, coefficients = adam_prologue(
         params[0].dtype,
         torch.float32,
         steps,
@@ -100,14 +105,20 @@ def adam8_step_(
         found_inf_t=found_inf_t,
     )
     weight1s, weight2s, root_scales, eps_scaleds, l2s, decays = coefficients
+    noise = _noise(sr_seeds_t, step, segment_t, local_index_t, params)
     for i, param in enumerate(params):
         n = param.numel()
-        for p_rows, g_rows, m_rows, v_rows, s_rows in zip(
+        keys = noise[i][1:] if noise else ()
+        index_rows: list[Tensor | None] = (
+            list(block_rows(noise[i][0], block)) if noise else [None] * 2
+        )
+        for p_rows, g_rows, m_rows, v_rows, s_rows, i_rows in zip(
             block_rows(param, block),
             block_rows(grads[i], block),
             block_rows(exp_avgs[i], block),
             block_rows(exp_avg_sqs[i], block),
             scale_rows(scales[i], n, block),
+            index_rows,
         ):
             grad = _unscale(g_rows.to(torch.float32), grad_scale_t, config.maximize)
             p = p_rows.to(torch.float32)
@@ -123,7 +134,8 @@ def adam8_step_(
             m = m + weight1s[i] * (grad - m)
             v = decode_unsigned(v_rows, s_rows[:, 1:])
             v = v + weight2s[i] * (grad.square() - v)
-            p_rows.copy_(p.addcdiv(m, v.sqrt() * root_scales[i] + eps_scaleds[i]))
+            p = p.addcdiv(m, v.sqrt() * root_scales[i] + eps_scaleds[i])
+            _store(p_rows, p, None if i_rows is None else (i_rows, *keys))
             m_codes, m_scale = encode_signed(m)
             v_codes, v_scale = encode_unsigned(v)
             new_scales = torch.cat([m_scale, v_scale], dim=-1)
