@@ -32,10 +32,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._aliases import flat_alias as _flat
+from ._aliases import rows_alias as _rows_alias
+from ._aliases import same as _same
 from ._layout import (
     PACK_KIND,
     STRIDED_KIND,
-    UnitClass,
     UnitKind,
     UnrolledKinds,
     is_large,
@@ -151,33 +153,6 @@ def build_layout(
     return Layout(pack, units)
 
 
-def _same(t: Tensor) -> Tensor:
-    return t
-
-
-def _rows_alias(kind: UnitKind, block: int) -> Callable[[Tensor], Tensor] | None:
-    """Note [block rows]: a unit of 8-bit moments passes each member whose size is
-    whole blocks as a ``(blocks, block)`` alias (``_quant_step``'s Note [one pass]:
-    Inductor then writes each tensor's update as one loop over its blocks); the
-    others as they are (the unrolled unit, whose kind names every shape) or flat
-    (a static chunk: all of one size). Dynamic chunks mix sizes: all flat, so that
-    their graphs' inputs keep one rank. Strided members stay as they are."""
-    if kind.cls in (UnitClass.STRIDED, UnitClass.DYNAMIC):
-        return None
-    other = _same if kind.as_is else _flat
-
-    def alias(t: Tensor) -> Tensor:
-        n = t.numel()
-        if n % block or not t.is_contiguous():
-            return other(t)
-        rows = t.new_empty(0)
-        return rows.set_(
-            t.untyped_storage(), t.storage_offset(), (n // block, block), (block, 1)
-        )
-
-    return alias
-
-
 def _unit_state(t: Tensor, large: bool) -> Tensor:
     """A unit member's state tensor as a graph may read it (Note [what a graph
     reads]): its own memory, not a view (a former pack member's state is a view of
@@ -191,19 +166,6 @@ def _unit_state(t: Tensor, large: bool) -> Tensor:
     if large and not t.is_contiguous():
         t = t.contiguous()
     return t
-
-
-def _flat(t: Tensor) -> Tensor:
-    """A 1-D alias of contiguous ``t`` that is not a view (0-d: one element).
-
-    Dynamo guards on a view's base (its sizes and strides), so flat views of
-    differently shaped parameters would recompile; an alias made with ``set_`` shares
-    the storage without a base. It also never is 0-d (see ``_runner``).
-    """
-    flat = t.new_empty(0)
-    return flat.set_(
-        t.untyped_storage(), t.storage_offset(), (max(t.numel(), 1),), (1,)
-    )
 
 
 def _row_width(numels: Sequence[int]) -> int:

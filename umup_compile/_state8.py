@@ -83,7 +83,7 @@ def keeps_float(p: Tensor) -> str | None:
         if not local.is_contiguous():
             return "its shard is not contiguous"
         return None
-    if not p.is_contiguous() or p.is_neg():
+    if not p.is_contiguous():
         return "it is not contiguous"
     return None
 
