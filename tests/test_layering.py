@@ -20,7 +20,7 @@ ALLOWED: dict[str, set[str]] = {
     "_quant_step": {"_functional", "_quant"},
     "_state8": {"_functional", "_quant", "_quant_step"},
     "_specs": {"_functional", "_plan", "_quant", "_state8"},
-    "_groups": {"_plan", "_rules", "_specs"},
+    "_groups": {"_plan", "_rules", "_specs", "_state8"},
     "_checkpoint": {"_plan", "_quant", "_specs", "_state8"},
     "_hypers": {"_rounding", "_specs"},
     "_gather": {"_hypers", "_plan", "_specs"},

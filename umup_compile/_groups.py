@@ -17,11 +17,9 @@ from torch import Tensor
 from ._plan import as_float, describe_param, group_scales
 from ._rules import LrScaleFunc
 from ._specs import AlgorithmSpec
+from ._state8 import PARAM_DTYPES
 
 Group = dict[str, Any]
-# Parameter dtypes whose moments state_dtype=torch.int8 quantizes (the update runs in
-# float32: a float64 parameter would be rounded to it).
-_INT8_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclass(frozen=True)
@@ -165,7 +163,7 @@ def _check_low_precision(
             f"stochastic_rounding must be a bool, got {rounding!r} (param group {g})."
         )
     for i, p in enumerate(params):
-        if dtype == torch.int8 and p.dtype not in _INT8_PARAM_DTYPES:
+        if dtype == torch.int8 and p.dtype not in PARAM_DTYPES:
             raise ValueError(
                 f"state_dtype=torch.int8 quantizes the moments of float32, bfloat16 "
                 f"and float16 parameters, but {describe_param(p, names[i], g, i)} is "

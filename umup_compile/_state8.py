@@ -48,6 +48,9 @@ INT8 = torch.int8
 MIN_NUMEL = 4096  # smaller parameters keep float32 moments
 SCALES_KEY = "exp_avg_scales"
 CODE_DTYPES = {"exp_avg": torch.int8, "exp_avg_sq": torch.uint8}
+# Parameter dtypes whose moments quantize (the update runs in float32: a float64
+# parameter would be rounded to it; ``_groups`` refuses others at admission).
+PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def float_state_dtype(state_dtype: torch.dtype | None, param: Tensor) -> torch.dtype:
@@ -68,6 +71,8 @@ def keeps_float(p: Tensor) -> str | None:
     when its moments are 8-bit (see Note [8-bit state])."""
     if p.numel() < MIN_NUMEL:
         return f"it has fewer than {MIN_NUMEL} elements"
+    if p.dtype not in PARAM_DTYPES:  # e.g. made float64 after add_param_group
+        return f"it is {p.dtype}"
     if isinstance(p, DTensor):
         placements_ok = all(
             isinstance(x, Replicate) or (isinstance(x, Shard) and x.dim == 0)
