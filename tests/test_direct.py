@@ -42,7 +42,7 @@ SPECS: list[tuple[str, tuple[int, ...], str, int | None]] = [
 
 def _sites(opt: torch.optim.Optimizer) -> list[Site]:
     runner = opt._runner  # type: ignore[attr-defined]
-    return [c.site for p in runner._plans for c in p.calls if c.site is not None]
+    return [c.site for p in runner.plans for c in p.calls if c.site is not None]
 
 
 def _direct_calls(opt: torch.optim.Optimizer) -> int:
@@ -234,7 +234,7 @@ def test_compiled_clip_call_is_direct_on_steady_steps() -> None:
     params, ref_params, opt, ref = _pair(Adam, lr=0.01, max_grad_norm=0.5)
     run_steps([opt, ref], [params, ref_params], 4)
     assert_states_close(opt, ref, **TOLERANCES[torch.float32])
-    assert opt._runner._clip_site.direct_calls == 3  # type: ignore[attr-defined]
+    assert opt._runner.clip.site.direct_calls == 3  # type: ignore[attr-defined]
     for o in (opt, ref):
         o.max_grad_norm = 0.25  # a new threshold tensor, same structure
     run_steps([opt, ref], [params, ref_params], 2)

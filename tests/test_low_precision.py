@@ -205,7 +205,7 @@ def test_mixed_dtypes_one_step_per_dtype_bucket() -> None:
     ref_n = Adam([n2], lr=0.01, compile=False)
     run_steps([opt, ref_w, ref_n], [[w, n], [w2, n2]], 3)
     assert torch.equal(w, w2) and torch.equal(n, n2)
-    assert len(opt._runner._plans) == 2  # one bucket per dtype, one step call
+    assert len(opt._runner.plans) == 2  # one bucket per dtype, one step call
 
 
 def test_checkpoint_keeps_state_dtype_and_converts_with_warning() -> None:

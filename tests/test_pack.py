@@ -76,7 +76,7 @@ def test_layout_matches_eager(cls, kwargs, threshold: str) -> None:  # noqa: ANN
             opt.step()
             ref.step()
         assert_same(opt, ref)
-    layout = next(iter(opt._runner.layouts.values())).layout
+    layout = next(iter(opt._runner.layouts.cached.values())).layout
     classes = {unit_class(u.kind) for u in layout.units}
     assert classes == (set() if threshold == "packed" else {threshold})
     # state_dict keeps torch's per-parameter layout: views shaped like the params
@@ -180,7 +180,7 @@ def test_many_tensors_one_pack_graph(
     counter = CompileCounter()
     use_backend(opt, counter)
     run_steps([opt], [params], 2)
-    layout = next(iter(opt._runner.layouts.values())).layout
+    layout = next(iter(opt._runner.layouts.cached.values())).layout
     assert layout.pack is not None and len(layout.pack.unit.members) == 600
     chunks = [(len(u.members), u.kind.name) for u in layout.units]
     if unroll_max == 48:
@@ -216,7 +216,7 @@ def test_few_small_params_join_the_unrolled_unit(
     ref = Adam(ref_params, lr=0.01, weight_decay=0.1, compile=False)
     run_steps([opt, ref], [params, ref_params], 3)
     assert_same(opt, ref)
-    layout = next(iter(opt._runner.layouts.values())).layout
+    layout = next(iter(opt._runner.layouts.cached.values())).layout
     assert (layout.pack is not None) == packed
     (unit,) = layout.units
     assert unit_class(unit.kind) == "unrolled"
@@ -230,7 +230,7 @@ def test_pack_rows() -> None:
     opt = Adam(params, lr=0.01)
     use_backend(opt, "aot_eager")
     run_steps([opt], [params], 3)
-    pack = next(iter(opt._runner.layouts.values())).layout.pack
+    pack = next(iter(opt._runner.layouts.cached.values())).layout.pack
     assert pack is not None
     assert_expected_inline(
         str((pack.segment_t.tolist(), pack.local_index_t.tolist())),

@@ -88,7 +88,7 @@ class UmupOptimizer(torch.optim.Optimizer):
             self._spec, engine, Structure.of(self._spec, defaults)
         )
         self._runner.hypers.bind(self)  # Note [traced hypers]
-        self._runner.max_grad_norm = options.get("max_grad_norm")
+        self._runner.clip.max_grad_norm = options.get("max_grad_norm")
 
     def _register_hooks(self) -> None:
         _checkpoint.register(self)
@@ -107,20 +107,20 @@ class UmupOptimizer(torch.optim.Optimizer):
     @property
     def max_grad_norm(self) -> float | None:
         """The clipping threshold (``None``: no clipping); settable."""
-        return self._runner.max_grad_norm
+        return self._runner.clip.max_grad_norm
 
     @max_grad_norm.setter
     def max_grad_norm(self, value: float | None) -> None:
         value = check_max_grad_norm(value)
         self._umup_options["max_grad_norm"] = value
-        self._runner.max_grad_norm = value
+        self._runner.clip.max_grad_norm = value
 
     @property
     def last_grad_norm(self) -> torch.Tensor | None:
         """The global gradient norm of the last step with ``max_grad_norm`` (of the
         unscaled gradients, before clipping), as a device tensor: log it without a
         sync. ``None`` before such a step."""
-        return self._runner.last_grad_norm
+        return self._runner.clip.last_grad_norm
 
     @property
     def layout_builds(self) -> int:

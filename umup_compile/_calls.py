@@ -1,0 +1,201 @@
+"""Planning a bucket's calls: which engine calls a step makes over a bucket.
+
+Under the compiled engine a bucket runs as the units of its layout (``_layout`` decides,
+``_pack`` builds; :class:`Layouts` caches a bucket's layout while it still describes
+the bucket), each a :class:`Call` with the graph kind it compiles to, its factor
+vectors and its direct-call :class:`~umup_compile._direct.Site`. Sharded, complex and
+mixed-dtype buckets, and the eager engine, take the *list path*: one call over the
+bucket's per-parameter lists. A plan lives until the next full gather.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._direct import Site
+from ._gather import Bucket, BucketKey, DTensor, Picker, picker
+from ._hypers import FactorVectors, Position, factor_vectors
+from ._layout import UnrolledKinds
+from ._pack import Layout, Pack, Unit, build_layout
+from ._specs import AlgorithmSpec
+
+Group = dict[str, Any]
+
+
+def local_shard(t: Tensor) -> Tensor:
+    """The local shard of a ``DTensor`` (FSDP2's params, grads, state), else ``t``.
+
+    Note [sharded parameters]: the update is elementwise, so each rank runs it on its
+    shards as plain tensors: no DTensor dispatch per op, no DTensor mixed with the
+    plain hyper-parameter tensors. ``to_local()`` is a view, so the in-place update
+    lands in the DTensor. The u-μP factors come from ``p.shape``, which a DTensor
+    reports globally: those of the full weight. Sharded buckets take the list path,
+    rebuilt at every step, not packs: a pack rebinds the state to views of its flat
+    buffer, and the state must stay DTensors for ``state_dict``/DCP.
+    """
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _at_least_1d(t: Tensor) -> Tensor:
+    # Dynamo (torch 2.13) drops in-place updates of 0-d float64 graph inputs;
+    # 1-element views of them update correctly, in both engines alike.
+    return t.view(1) if t.ndim == 0 else t
+
+
+@dataclass
+class Call:
+    """One prepared engine call over some of a bucket's parameters."""
+
+    kind: str
+    static: bool
+    pick: Picker  # the call's gradients from the bucket's
+    params: list[Tensor]
+    factors: FactorVectors
+    unit: Unit | None = None  # a layout unit (else: the list path)
+    pack: Pack | None = None
+    state_lists: list[list[Tensor]] = field(default_factory=list)  # list path
+    # Note [direct calls]: a unit call lives until the next gather, and a steady
+    # step's tensors match its first's.
+    site: Site | None = None
+
+
+@dataclass
+class BucketPlan:
+    """A bucket and how it runs."""
+
+    bucket: Bucket
+    keys: tuple[str, ...]  # the state keys its config uses, in slot order
+    calls: list[Call]
+
+
+@dataclass
+class _CachedLayout:
+    positions: tuple[Position, ...]
+    tensors: list[list[Tensor]]  # per key, the members' state tensors
+    layout: Layout
+
+
+class Layouts:
+    """Each bucket's layout, kept while it still describes the bucket; ``builds``
+    counts the layouts built (tests bound it)."""
+
+    def __init__(self) -> None:
+        self.builds = 0
+        self.unrolled = UnrolledKinds()
+        self.cached: dict[BucketKey, _CachedLayout] = {}
+
+    def clear(self) -> None:
+        self.cached.clear()
+
+    def get(self, bucket: Bucket, keys: tuple[str, ...], spec: AlgorithmSpec) -> Layout:
+        """The bucket's layout: the cached one while it still describes the bucket."""
+        cached = self.cached.get(bucket.key)
+        positions = tuple(bucket.positions)
+        if (
+            cached is None
+            or any(bucket.fresh)
+            or cached.positions != positions
+            or not all(
+                all(map(operator.is_, map(operator.itemgetter(k), bucket.states), ts))
+                for k, ts in zip(keys, cached.tensors)
+            )
+        ):
+            layout = build_layout(
+                bucket.params, bucket.states, keys, spec.scalar_keys, self.unrolled
+            )
+            self.builds += 1
+            cached = self.cached[bucket.key] = _CachedLayout(
+                positions, [[s[k] for s in bucket.states] for k in keys], layout
+            )
+        return cached.layout
+
+
+def plan_bucket(
+    bucket: Bucket,
+    groups: Sequence[Group],
+    spec: AlgorithmSpec,
+    layouts: Layouts | None,
+) -> BucketPlan:
+    """The calls that run ``bucket``: its layout's units, or (``layouts`` is None:
+    an engine without layouts) one call over its lists."""
+    keys = spec.active_keys(bucket.config)
+    # Sharded (Note [sharded parameters]), complex and mixed-dtype buckets take
+    # the list path.
+    if layouts is None or bucket.sharded or bucket.mixed or bucket.key[1].is_complex:
+        return BucketPlan(bucket, keys, [bucket_call(bucket, keys, groups)])
+    layout = layouts.get(bucket, keys, spec)
+    calls = []
+    if layout.pack is not None:
+        calls.append(_unit_call(bucket, layout.pack.unit, groups, layout.pack))
+    calls += [_unit_call(bucket, u, groups) for u in layout.units]
+    return BucketPlan(bucket, keys, calls)
+
+
+def _unit_call(
+    bucket: Bucket, unit: Unit, groups: Sequence[Group], pack: Pack | None = None
+) -> Call:
+    return Call(
+        kind=_engine_kind(bucket, unit.kind.name, len(unit.members), groups, pack),
+        static=unit.kind.static,
+        pick=picker(unit.members),
+        params=[bucket.params[k] for k in unit.members],
+        factors=factor_vectors(
+            [bucket.positions[k] for k in unit.members], groups, bucket.device
+        ),
+        unit=unit,
+        pack=pack,
+        site=Site(),
+    )
+
+
+def bucket_call(bucket: Bucket, keys: tuple[str, ...], groups: Sequence[Group]) -> Call:
+    """The whole bucket as one call over per-parameter lists (the list path)."""
+    return Call(
+        kind=_engine_kind(bucket, "list", len(bucket.params), groups),
+        static=False,
+        pick=list,
+        params=list_view(bucket, bucket.params),
+        factors=factor_vectors(bucket.positions, groups, bucket.device),
+        state_lists=[list_view(bucket, [s[k] for s in bucket.states]) for k in keys],
+    )
+
+
+def _engine_kind(
+    bucket: Bucket,
+    name: str,
+    members: int,
+    groups: Sequence[Group],
+    pack: Pack | None = None,
+) -> str:
+    """The engine's name for a call's graph: the unit kind, plus what else its
+    graph specialises on, so that Dynamo's recompile limit counts the variants of
+    one graph, not those of every bucket and membership: dtypes, a pack's row
+    width, and the size classes 0, 1, many of the dynamic sizes (Dynamo
+    specialises sizes 0 and 1 even when marked dynamic): members, groups, rows."""
+    device, dtype, _, state_dtype, grad_dtype = bucket.key
+    sizes = f"n{min(members, 2)}g{min(len(groups), 2)}"
+    tag = f"{name}@{device.type}:{dtype}/{state_dtype}/{grad_dtype}/{sizes}"
+    if pack is None:
+        return tag
+    rows, width = pack.flat_param.shape
+    return f"{tag}/w{width}r{min(rows, 2)}"
+
+
+def list_view(bucket: Bucket, tensors: Sequence[Tensor]) -> list[Tensor]:
+    """``tensors`` as the list path passes them: local shards, complex tensors as
+    real views (torch.optim's semantics: the update is elementwise on the real and
+    imaginary parts), 0-d as 1-element."""
+    out = list(tensors)
+    if bucket.sharded:  # Note [sharded parameters]
+        out = [local_shard(t) for t in out]
+    if bucket.key[1].is_complex:
+        out = [torch.view_as_real(t) if t.is_complex() else t for t in out]
+    if bucket.has_scalars:
+        out = [_at_least_1d(t) for t in out]
+    return out
