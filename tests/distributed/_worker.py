@@ -197,13 +197,15 @@ def train_reference(
     cls: type[torch.optim.Optimizer],
     kwargs: dict[str, Any],
     steps: int,
+    make: Callable[[torch.dtype], nn.Module] = make_model,
 ) -> list[Snapshot]:
-    """Single-process training of the same model on the whole global batch.
+    """Single-process training of the same model (``make(dtype)``) on the whole
+    global batch.
 
     It runs eagerly: the engines agree to rounding (tests/test_engine.py), and each
     rank is spared a second compile.
     """
-    model = make_model(dtype)
+    model = make(dtype)
     opt = make_optimizer(model, "eager", cls, **kwargs)
     return train(model, model, opt, range(steps))
 
