@@ -118,8 +118,8 @@ def parallelize(
     if world % tp:
         raise SystemExit(f"--tp {tp} must divide the world size {world}")
     mesh = init_device_mesh(device, (world // tp, tp), mesh_dim_names=("dp", "tp"))
-    # parallelize_module also builds new DTensor parameters: keep_tags again. The
-    # u-μP factors come from the global shapes, which DTensors report.
+    # parallelize_module, like fully_shard, builds new DTensor parameters: keep_tags
+    # re-tags them. The u-μP factors come from the global shapes DTensors report.
     with keep_tags(model):
         parallelize_module(model, mesh["tp"], tp_plan(model))
         if mode == "fsdp-tp":
