@@ -4,8 +4,9 @@
 file in a fresh temporary folder (no port to race for) and run ``body(rank, *args)``.
 An exception in any rank fails the test with its traceback. The processes fork from a
 forkserver that has imported torch and this module once per test session: a launch
-then costs ~0.2 s instead of a fresh interpreter importing torch per rank (~6 s of CPU
-each, ~13 s per 2-rank launch on the shared 2-core machine).
+then costs ~0.2 s instead of a fresh interpreter importing torch per rank (a 2-rank
+launch took 20-23 s on the shared 2-core machine, ~12 s of CPU; this suite's CPU time
+went from 315 s to 118 s). The ranks inherit the environment of the first launch.
 
 Every rank trains on its slice of the same global batch; :func:`train_reference` trains
 the same model on the whole batch in one process. Losses are means and DDP/FSDP2 average
