@@ -1,4 +1,4 @@
-"""Run test bodies in 2 CPU processes (gloo), and the single-process runs they match.
+"""Run test bodies in gloo CPU processes (2 by default); the single-process runs they match.
 
 :func:`launch` starts ``WORLD_SIZE`` processes (or ``world_size``); they meet through a
 file in a fresh temporary folder (no port to race for) and run ``body(rank, *args)``.
