@@ -1,4 +1,4 @@
-"""Run test bodies in gloo CPU processes (2 by default); the single-process runs they match.
+"""Gloo CPU processes for test bodies (2 by default); single-process reference runs.
 
 :func:`launch` starts ``WORLD_SIZE`` processes (or ``world_size``); they meet through a
 file in a fresh temporary folder (no port to race for) and run ``body(rank, *args)``.
