@@ -39,16 +39,16 @@ def local_shard(t: Tensor) -> Tensor:
     rebuilt at every step, not packs: a pack rebinds the state to views of its flat
     buffer, and the state must stay DTensors for ``state_dict``/DCP. A gradient can
     be placed unlike its parameter (tensor parallel's ``RowwiseParallel`` embedding
-    gets a ``Replicate`` gradient for its ``Shard(0)`` weight; a sequence-parallel norm
-    weight a ``Partial`` one): :func:`placed_like` first redistributes it to the
-    parameter's placements, as torch.optim's DTensor ops would.
+    gets a ``Replicate`` gradient for its ``Shard(0)`` weight): :func:`placed_like`
+    first redistributes it to the parameter's placements, as torch.optim's DTensor
+    ops would (a local slice; a ``Partial`` gradient would be reduced).
     """
     return t.to_local() if isinstance(t, DTensor) else t
 
 
 def placed_like(params: Sequence[Tensor], grads: Sequence[Tensor]) -> list[Tensor]:
-    """``grads``, each placed as its parameter (Note [sharded parameters]): a local
-    slice from ``Replicate``, a reduction from ``Partial``; most need nothing."""
+    """``grads``, each placed as its parameter (Note [sharded parameters]); FSDP2's
+    already are."""
     return [
         g.redistribute(p.device_mesh, p.placements)
         if isinstance(g, DTensor)
