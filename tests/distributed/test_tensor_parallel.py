@@ -109,9 +109,9 @@ def _matches_single_process(rank: int, layout: str, engine: str, cases: list[str
 
 
 # (layout, engine, optimizer cases, slow): every case eagerly; compiled on one (each
-# case compiles once per rank: ~10 s each on the shared 2-core machine). Inductor is
-# slow (~100 s for 2 ranks there): its engine sees the same plain local shards as
-# under FSDP2, whose Inductor run is in test_fsdp2.py.
+# case compiles once per rank: 5-8 s a run on the shared 2-core machine at load 4,
+# 40-50 s at load 10). Inductor is slower (17 s and 118 s): its engine sees the same
+# plain local shards as under FSDP2, whose Inductor run is in test_fsdp2.py.
 RUNS = [
     ("tp", "eager", ALL_CASES, False),
     ("tp", "aot_eager", ["adam"], False),
