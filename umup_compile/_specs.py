@@ -342,12 +342,15 @@ def _sgd_init(p: Tensor, grad: Tensor, state: State, group: Group) -> bool:
     # where it creates a buffer.
     if state.get("momentum_buffer") is None and group["momentum"] != 0:
         # torch starts the buffer as a clone of the (weight-decayed) gradient: its
-        # layout, and the dtype of ``grad + weight_decay * p``.
+        # layout, and the dtype of ``grad + weight_decay * p``. A DTensor gradient
+        # placed unlike its parameter (tensor parallel) gives the parameter's
+        # placements: the update runs on local shards (Note [sharded parameters]).
         dtype = grad.dtype
         if group["weight_decay"] != 0:
             dtype = torch.promote_types(dtype, p.dtype)
+        placed = getattr(grad, "placements", None) == getattr(p, "placements", None)
         state["momentum_buffer"] = torch.zeros_like(
-            grad,
+            grad if placed else p,
             dtype=group.get("state_dtype") or dtype,
             memory_format=torch.preserve_format,
         )
