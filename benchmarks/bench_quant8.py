@@ -16,9 +16,9 @@ Also checks the generated C++ of the 8-bit graph: the number of loop nests over 
 tensor's blocks (one per tensor when the update is a single pass).
 
 Examples:
-    python -m benchmarks.bench_quant8 --threads 1
-    python -m benchmarks.bench_quant8 --threads 2 --no-peers
-    python -m benchmarks.bench_quant8 --smoke --out /tmp/q8
+    python -m benchmarks quant8-kernel --threads 1
+    python -m benchmarks quant8-kernel --threads 2 --no-peers
+    python -m benchmarks quant8-kernel --smoke --out /tmp/q8
 """
 
 from __future__ import annotations
@@ -154,9 +154,9 @@ def _peer_bytes(opt: torch.optim.Optimizer) -> int:
     return total
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.bench_quant8",
+        prog="python -m benchmarks quant8-kernel",
         description=(__doc__ or "").split("\n\n")[0],
     )
     parser.add_argument("--threads", type=int, default=1)
@@ -170,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.smoke:
         args.repeats, args.warmup, args.peers = 2, 1, False
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     head = common.header(torch.device("cpu"))
     built = build(args)
@@ -233,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.repeats} round-robin windows, medians\n"
         f"- 8-bit graph: {nests} outer loop nests over blocks in the generated C++ "
         f"for {len(adam8.params)} tensors (one per tensor: a single pass)\n"
-        f"- command: `python -m benchmarks.bench_quant8 {command}`\n\n"
+        f"- command: `python -m benchmarks quant8-kernel {command}`\n\n"
         + common.markdown_table(rows, COLUMNS)
         + "\n"
     )
