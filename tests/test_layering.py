@@ -16,15 +16,19 @@ ALLOWED: dict[str, set[str]] = {
     "_plan": {"_rules", "parameter"},
     "_rounding": set(),
     "_functional": {"_rounding"},
-    "_specs": {"_functional", "_plan"},
-    "_groups": {"_plan", "_rules", "_specs"},
-    "_checkpoint": {"_plan", "_specs"},
+    "_quant": set(),
+    "_quant_step": {"_functional", "_quant"},
+    "_state8": {"_functional", "_quant", "_quant_step"},
+    "_specs": {"_functional", "_plan", "_quant", "_state8"},
+    "_groups": {"_plan", "_rules", "_specs", "_state8"},
+    "_checkpoint": {"_plan", "_quant", "_specs", "_state8"},
     "_hypers": {"_rounding", "_specs"},
     "_gather": {"_hypers", "_plan", "_specs"},
     "_tensor_check": set(),
     "_steady": {"_gather", "_specs", "_tensor_check"},
     "_layout": set(),
-    "_pack": {"_layout"},
+    "_aliases": {"_layout"},
+    "_pack": {"_aliases", "_layout"},
     "_codegen_hints": set(),
     "_direct": {"_gather"},
     "_engine": {"_codegen_hints", "_direct"},
@@ -103,7 +107,9 @@ def test_layering_imports_go_one_way(module: str) -> None:
     assert "umup_compile" not in external  # internal imports are relative
 
 
-@pytest.mark.parametrize("module", ["_functional", "_rounding"])
+@pytest.mark.parametrize(
+    "module", ["_functional", "_quant", "_quant_step", "_rounding"]
+)
 def test_layering_core_imports_torch_only(module: str) -> None:
     _, external = _imports(PACKAGE / f"{module}.py")
     assert external <= {

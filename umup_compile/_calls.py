@@ -131,7 +131,13 @@ class Layouts:
             or cached.signature != _signature(bucket, keys)
         ):
             layout = build_layout(
-                bucket.params, bucket.states, keys, spec.scalar_keys, self.unrolled
+                bucket.params,
+                bucket.states,
+                keys,
+                spec.scalar_keys,
+                self.unrolled,
+                spec.block_keys,
+                spec.block,
             )
             self.builds += 1
             cached = self.cached[bucket.key] = _CachedLayout(

@@ -49,12 +49,17 @@ WeightDecayMode = Literal["none", "l2", "decoupled"]
 
 @dataclass(frozen=True)
 class AdamConfig:
-    """Static structure of an Adam bucket; changing it recompiles on purpose."""
+    """Static structure of an Adam bucket; changing it recompiles on purpose.
+
+    ``int8_state``: the moments are 8-bit codes with block scales (the update is
+    ``_quant_step.adam8_step_``; :func:`adam_step_` never sees such a bucket).
+    """
 
     amsgrad: bool = False
     maximize: bool = False
     weight_decay: WeightDecayMode = "none"
     stochastic_rounding: bool = False
+    int8_state: bool = False
 
 
 @dataclass(frozen=True)
@@ -157,6 +162,60 @@ def _skip_mask(found_inf_t: Tensor | None) -> Tensor | None:
     return None if found_inf_t is None else found_inf_t.reshape(()) > 0
 
 
+def adam_prologue(
+    param_dtype: torch.dtype,
+    state_dtype: torch.dtype,
+    steps: list[Tensor],
+    hyper_t: Tensor,
+    group_index_t: Tensor,
+    lr_scales_t: Tensor,
+    wd_scales_t: Tensor,
+    *,
+    segment_t: Tensor | None = None,
+    found_inf_t: Tensor | None = None,
+) -> tuple[Tensor | None, Tensor, torch.dtype, list[tuple[Tensor, ...]]]:
+    """Count the step; return the skip mask, the step vector, the compute dtype and
+    the coefficients ``1 - beta1``, ``1 - beta2``, root scale, scaled eps, L2 factor
+    and decoupled decay (each per parameter). Shared with ``_quant_step``."""
+    skip = _skip_mask(found_inf_t)
+    if skip is None:
+        torch._foreach_add_(steps, 1)
+    else:
+        # A list of tensors, not one tensor "scalar": CPU's foreach reads that on the
+        # host (``.item()``); elementwise adds stay on the device.
+        increment = (~skip).to(steps[0].dtype)
+        torch._foreach_add_(steps, [increment] * len(steps))
+    lr, beta1, beta2, eps, weight_decay = _per_param(hyper_t, group_index_t)
+    lrs = lr * lr_scales_t
+    # reshape: 0-d parameters arrive as 1-element views (see UmupOptimizer._run_bucket).
+    # (``to``: a meta dry run counts steps on the CPU.)
+    step = torch.stack(steps).to(hyper_t.device, hyper_t.dtype).reshape(-1)
+    bias_correction1 = 1 - beta1.pow(step)
+    bias_correction2_sqrt = (1 - beta2.pow(step)).sqrt()
+    wds = weight_decay * wd_scales_t
+    weight1, weight2 = 1 - beta1, 1 - beta2
+    # The step size -lr / bc1 is folded into the denominator, as torch's capturable
+    # path does: update = m / (sqrt(v) * root_scale + eps_scaled), one addcdiv_.
+    neg_inv_step = -bias_correction1 / lrs
+    root_scale = neg_inv_step / bias_correction2_sqrt
+    eps_scaled = eps * neg_inv_step
+    decay = 1 - lrs * wds
+    # No update (lr 0, e.g. warm-up, or a skipped step): a denominator of -inf makes
+    # the update +-0 even where sqrt(v) is 0, where -inf * 0 would give nan.
+    frozen = lrs == 0
+    if skip is not None:
+        frozen = frozen | skip
+        weight1, weight2 = weight1.where(~skip, 0.0), weight2.where(~skip, 0.0)
+        decay = decay.where(~skip, 1.0)
+    root_scale = root_scale.where(~frozen, 0.0)
+    eps_scaled = eps_scaled.where(~frozen, -math.inf)
+    cdt = compute_dtype(param_dtype, state_dtype)
+    coefficients = _coefficients(
+        cdt, segment_t, weight1, weight2, root_scale, eps_scaled, wds, decay
+    )
+    return skip, step, cdt, coefficients
+
+
 def adam_step_(
     params: list[Tensor],
     grads: Sequence[Tensor],
@@ -199,54 +258,24 @@ def adam_step_(
     """
     if not params:
         return
-    skip = _skip_mask(found_inf_t)
-    if skip is None:
-        torch._foreach_add_(steps, 1)
-    else:
-        # A list of tensors, not one tensor "scalar": CPU's foreach reads that on the
-        # host (``.item()``); elementwise adds stay on the device.
-        increment = (~skip).to(steps[0].dtype)
-        torch._foreach_add_(steps, [increment] * len(steps))
-    lr, beta1, beta2, eps, weight_decay = _per_param(hyper_t, group_index_t)
-    lrs = lr * lr_scales_t
-    # reshape: 0-d parameters arrive as 1-element views (see UmupOptimizer._run_bucket).
-    # (``to``: a meta dry run counts steps on the CPU.)
-    step = torch.stack(steps).to(hyper_t.device, hyper_t.dtype).reshape(-1)
-    bias_correction1 = 1 - beta1.pow(step)
-    bias_correction2_sqrt = (1 - beta2.pow(step)).sqrt()
-    wds = weight_decay * wd_scales_t
-    weight1, weight2 = 1 - beta1, 1 - beta2
-    # The step size -lr / bc1 is folded into the denominator, as torch's capturable
-    # path does: update = m / (sqrt(v) * root_scale + eps_scaled), one addcdiv_.
-    neg_inv_step = -bias_correction1 / lrs
-    root_scale = neg_inv_step / bias_correction2_sqrt
-    eps_scaled = eps * neg_inv_step
-    decay = 1 - lrs * wds
-    # No update (lr 0, e.g. warm-up, or a skipped step): a denominator of -inf makes
-    # the update +-0 even where sqrt(v) is 0, where -inf * 0 would give nan.
-    frozen = lrs == 0
-    if skip is not None:
-        frozen = frozen | skip
-        weight1, weight2 = weight1.where(~skip, 0.0), weight2.where(~skip, 0.0)
-        decay = decay.where(~skip, 1.0)
-    root_scale = root_scale.where(~frozen, 0.0)
-    eps_scaled = eps_scaled.where(~frozen, -math.inf)
     # The state's dtypes (a state tensor rebound to another dtype is updated in it).
     dtypes = [t[0].dtype for t in (exp_avgs, exp_avg_sqs, max_exp_avg_sqs) if t]
-    cdt = params[0].dtype
-    for dtype in dtypes:
-        cdt = compute_dtype(cdt, dtype)
+    state_dtype = dtypes[0]
+    for dtype in dtypes[1:]:
+        state_dtype = torch.promote_types(state_dtype, dtype)
+    skip, step, cdt, coefficients = adam_prologue(
+        params[0].dtype,
+        state_dtype,
+        steps,
+        hyper_t,
+        group_index_t,
+        lr_scales_t,
+        wd_scales_t,
+        segment_t=segment_t,
+        found_inf_t=found_inf_t,
+    )
     one_minus_beta1s, one_minus_beta2s, root_scales, eps_scaleds, l2s, decays = (
-        _coefficients(
-            cdt,
-            segment_t,
-            weight1,
-            weight2,
-            root_scale,
-            eps_scaled,
-            wds,
-            decay,
-        )
+        coefficients
     )
 
     if cdt != params[0].dtype or any(d != cdt for d in dtypes):  # Note [low precision]
