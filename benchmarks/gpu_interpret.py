@@ -64,17 +64,29 @@ class Launcher:
         named = dict(zip([p for p in self.params if p not in self.constexprs], args))
         meta = self.meta.get("inductor_meta", {})
         block: dict[str, int] = {}
-        reduction = "r0_numel" in named or "R0_BLOCK" in self.constexprs
+        # a persistent combo member fixes its R0_BLOCK inside: its kind says it
+        persistent = self.kind == "persistent_reduction"
+        reduction = (
+            persistent
+            or self.kind == "reduction"
+            or "r0_numel" in named
+            or "R0_BLOCK" in self.constexprs
+        )
         if "R0_BLOCK" in self.constexprs:
             rnumel = named.get("r0_numel", 1)
-            persistent = self.kind == "persistent_reduction"
             block["R0_BLOCK"] = (
                 _pow2(rnumel) if persistent else min(_pow2(rnumel), 1024)
             )
         for axis in ("X", "Y", "Z"):
             if f"{axis}BLOCK" in self.constexprs:
+                # Persistent rows (at most 1024 elements) 32 at a time, one of
+                # Inductor's configs for them: the interpreter runs each program in
+                # Python, and one row per program made gpt-mini's 8-bit step ~30x
+                # slower. A looped reduction: one row.
                 block[f"{axis}BLOCK"] = (
-                    1 if reduction else (1024 if axis == "X" else 16)
+                    (32 if persistent and axis == "X" else 1)
+                    if reduction
+                    else (1024 if axis == "X" else 16)
                 )
         grid_type = meta.get("grid_type", "Grid1D")
         if "Combo" in grid_type:
@@ -151,8 +163,28 @@ libdevice = types.SimpleNamespace(
     trunc=_numpy(np.trunc),
     signbit=_numpy(np.signbit),
     nextafter=_numpy(np.nextafter),
+    nearbyint=_numpy(np.rint),  # round half to even, as torch.round (8-bit codes)
     abs=_numpy(np.abs),
 )
+
+
+def _reduce2(op: Callable[..., Any]) -> Callable[..., Any]:
+    """``triton_helpers.max2``/``min2`` computed by numpy: the interpreter runs their
+    combine function (``triton_helpers.maximum``) once per element pair in Python,
+    which made a block-maxima kernel minutes long. numpy's ``max``/``min`` propagate
+    NaN, as that combine function does (Triton's own ``tl.max`` in the interpreter,
+    ``np.nanmax``, would not)."""
+    from triton.runtime.interpreter import ReduceOps
+
+    def reduce(a: Any, dim: Any, _builder: Any = None) -> Any:
+        dim = int(getattr(dim, "value", dim))
+        out = np.asarray(op(a.handle.data, axis=dim))
+        return ReduceOps(dim, None, False).to_tensor(out, a.dtype)
+
+    return reduce
+
+
+max2, min2 = _reduce2(np.max), _reduce2(np.min)
 
 
 class _KernelLoader:
@@ -173,6 +205,8 @@ class _KernelLoader:
             + "\nlibdevice = _interp.libdevice\n"
         )
         source = source.replace("libdevice.", "_interp.libdevice.")
+        for helper in ("max2", "min2"):
+            source = source.replace(f"triton_helpers.{helper}(", f"_interp.{helper}(")
         path = self.workdir / f"interp_{name}.py"
         path.write_text(source)
         launcher: Launcher = getattr(import_file(path), name)

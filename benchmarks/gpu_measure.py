@@ -128,7 +128,7 @@ def measure(
         out[f"{name}_ms"] = round(median_ms(opt.step, device, repeats), 4)
         out[f"{name}_kernels"] = kernels_per_step(opt.step, device)
     out["umup_sync_check"] = sync_check(ours.step, device)
-    moved = spec.ideal * out["params"]
+    moved = spec.ideal_bytes([p.numel() for p in params])
     out["umup_gb_s"] = round(moved / out["umup_ms"] / 1e6, 1)
     return out
 

@@ -32,6 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import umup_compile as uc
 import umup_compile._gather as gather_module
 from benchmarks import contestants, sets
+from umup_compile import _quant, _state8
 from umup_compile._functional import ADAM_HYPERS
 from umup_compile.optim import Adam
 
@@ -41,20 +42,49 @@ MAX_NORM = contestants.MAX_NORM
 
 @dataclass(frozen=True)
 class DType:
-    """A parameter/state precision of the harness, and what one fused Adam pass
-    must move per element (``ideal``: read p, g, m, v; write p, m, v)."""
+    """A parameter/state precision of the harness, and what one fused Adam pass must
+    move (:meth:`ideal`)."""
 
     param: torch.dtype
-    state: torch.dtype | None  # None: the parameter's
+    state: torch.dtype | None  # None: the parameter's; torch.int8: 8-bit moments
     stochastic_rounding: bool
-    ideal: int  # bytes per element
+
+    def ideal(self, numel: int) -> int:
+        """The bytes one fused Adam pass must move for a parameter of ``numel``
+        elements: read p, g, m, v; write p, m, v. With 8-bit state
+        (``_state8``, Note [8-bit state]), a quantized parameter's m and v are 1-byte
+        codes and each of its blocks of ``_quant.BLOCK`` elements has two float32
+        scales, read and written (16 B per block); a parameter that keeps float32
+        moments (:func:`keeps_float`) moves what float32 state moves."""
+        p = self.param.itemsize
+        if self.state == _state8.INT8:
+            if not keeps_float(numel):
+                return (3 * p + 4) * numel + 16 * _quant.num_blocks(numel)
+            return (3 * p + 4 * 4) * numel
+        return (3 * p + 4 * (self.state or self.param).itemsize) * numel
+
+    def ideal_bytes(self, numels: Sequence[int]) -> int:
+        """:meth:`ideal` summed over the parameters."""
+        return sum(self.ideal(n) for n in numels)
+
+
+def keeps_float(numel: int) -> bool:
+    """Whether a workload's parameter of ``numel`` elements keeps float32 moments
+    under ``state_dtype=torch.int8``: the workloads' parameters are contiguous
+    float32/bf16 tensors, so only ``_state8.keeps_float``'s size rule applies
+    (:func:`record` checks the optimizer's state against it)."""
+    return numel < _state8.MIN_NUMEL
 
 
 DTYPES = {
-    "fp32": DType(torch.float32, None, False, 28),
-    "bf16-fp32state": DType(torch.bfloat16, torch.float32, False, 22),
-    "bf16-fp32state-sr": DType(torch.bfloat16, torch.float32, True, 22),
-    "bf16": DType(torch.bfloat16, None, False, 14),
+    "fp32": DType(torch.float32, None, False),  # 28 B per element
+    "bf16-fp32state": DType(torch.bfloat16, torch.float32, False),  # 22
+    "bf16-fp32state-sr": DType(torch.bfloat16, torch.float32, True),  # 22
+    "bf16": DType(torch.bfloat16, None, False),  # 14
+    # 8-bit moments: 4 + 4 + 4 + 2 + 2 B per element + 16 B per block of 128
+    "int8-state": DType(torch.float32, torch.int8, False),
+    # bf16 parameters, 8-bit moments, stochastic rounding: 6 + 4 B + 16 B per block
+    "bf16-int8state-sr": DType(torch.bfloat16, torch.int8, True),
 }
 
 # Workloads: the harness's (sets.param_specs), plus a scaled-down GPT-like set
@@ -333,6 +363,20 @@ def build_optimizer(
     return opt
 
 
+def _check_state(opt: Adam, params: Sequence[torch.Tensor], dtype: DType) -> None:
+    """Raise ``RuntimeError`` where the optimizer's 8-bit state is not what
+    :meth:`DType.ideal` counts (:func:`keeps_float`)."""
+    if dtype.state != _state8.INT8:
+        return
+    for i, p in enumerate(params):
+        quantized = _state8.SCALES_KEY in opt.state[p]
+        if quantized == keeps_float(p.numel()):
+            raise RuntimeError(
+                f"parameter {i} ({tuple(p.shape)}): 8-bit state {quantized}, but "
+                "gpu_record.keeps_float says otherwise; the ideal bytes would be wrong"
+            )
+
+
 def record(workload: str, dtype: str, capturable: bool, clip: bool) -> Recorded:
     """Build the workload on meta, take a first step (state, layouts), change the lr
     with the harness's ``LambdaLR``, and record the second, steady step."""
@@ -346,6 +390,7 @@ def record(workload: str, dtype: str, capturable: bool, clip: bool) -> Recorded:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, contestants._schedule)
     opt.step()
     sched.step()
+    _check_state(opt, params, spec)
     recorder.calls.clear()
     ops = DeviceOps()
     with ops:

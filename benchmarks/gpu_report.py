@@ -34,7 +34,12 @@ def paper(result: dict[str, Any], launch_us: float) -> dict[str, Any]:
 def goals(result: dict[str, Any]) -> dict[str, Any]:
     """The issue's goals on paper, checked (a simulation: structure, not timings)."""
     ratio = result["total_bytes"] / result["ideal_bytes"]
-    bytes_limit = 1.3 if result["workload"].startswith("many-small") else 1.02
+    if result["workload"].startswith("many-small"):
+        bytes_limit = 1.3
+    elif "int8" in result["dtype"]:  # 8-bit state (issue 26)
+        bytes_limit = 1.05
+    else:
+        bytes_limit = 1.02
     return {
         "bytes_over_ideal": round(ratio, 4),
         "bytes_ok": ratio <= bytes_limit,
@@ -116,7 +121,12 @@ def markdown(results: list[dict[str, Any]], header: dict[str, Any]) -> str:
     lines += [
         "",
         "Ideal bytes: 28 B per parameter for float32 Adam, 22 with bf16 parameters and "
-        "float32 state, 14 in bf16. Eager launches: the pack's copies, the clip's "
+        "float32 state, 14 in bf16; with 8-bit state (int8), per parameter: 3 x "
+        "its itemsize + 4 B per element (1-byte m and v codes read and written) + "
+        "16 B per block of 128 elements (two float32 scales read and written), "
+        "float32-state bytes for a parameter under 4096 elements (it keeps float32 "
+        "moments), and torch's fused Adam, which has no 8-bit state, is shown at "
+        "that ideal. Eager launches: the pack's copies, the clip's "
         "norms, the hyper-parameter refresh. torch fused launches: its step-counter "
         "`_foreach_add_` and `_fused_adam_` by the CUDA multi-tensor-apply rules "
         "(32 KB kernel arguments). Per-graph kernels, `kernel_num_gb`, cubin "

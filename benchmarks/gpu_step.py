@@ -95,7 +95,8 @@ def account(
         numerics = gpu_interpret.check(
             workload, dtype, clip, lower, code_dir / "interpreter"
         )
-    ideal = gpu_record.DTYPES[dtype].ideal
+    ideal = gpu_record.DTYPES[dtype].ideal_bytes(step.numels)
+    per_param = ideal / step.params  # 8-bit state: not a whole number
     graph_bytes = sum(g["bytes"] * g["calls"] for g in graphs)
     eager_bytes = sum(op.bytes for op in step.ops)
     reasons = sorted(
@@ -115,8 +116,10 @@ def account(
         "clip": clip,
         "params": step.params,
         "tensors": len(step.numels),
-        "ideal_bytes_per_param": ideal,
-        "ideal_bytes": ideal * step.params,
+        "ideal_bytes_per_param": int(per_param)
+        if per_param.is_integer()
+        else round(per_param, 4),
+        "ideal_bytes": ideal,
         "graph_bytes": int(graph_bytes),
         "eager_bytes": eager_bytes,
         "total_bytes": int(graph_bytes) + eager_bytes,

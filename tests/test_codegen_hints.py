@@ -176,3 +176,30 @@ def test_optimizer_compiles_its_kernels_with_the_hints() -> None:
     # The pack's rows: some loop steps by bf16's width.
     assert f"+=static_cast<int64_t>({_lanes(torch.bfloat16)}L)" in source
     assert "std::memcpy(&out" in source
+
+
+def test_persistent_block_reductions_are_scoped() -> None:
+    """Note [persistent block reductions]: Inductor's persistent-reduction choice is
+    wrapped once, acts on rows up to an 8-bit block only under the hints."""
+    from torch._inductor.choices import InductorChoices
+
+    from umup_compile import _quant
+
+    assert _codegen_hints.PERSISTENT_MAX == _quant.BLOCK
+    with codegen_hints:
+        pass
+    wrapped = InductorChoices.should_use_persistent_reduction
+    assert hasattr(wrapped, "__wrapped__")
+    _codegen_hints._install_persistent()  # again: not wrapped twice
+    assert InductorChoices.should_use_persistent_reduction is wrapped
+
+    class Features:
+        reduction_numel = 128
+
+    with torch._inductor.virtualized.V.set_graph_handler(  # type: ignore[attr-defined]
+        types.SimpleNamespace(
+            sizevars=types.SimpleNamespace(statically_known_leq=lambda a, b: a <= b)
+        )
+    ):
+        with codegen_hints:
+            assert wrapped(Features(), False) is True

@@ -1,9 +1,11 @@
-"""Two fixes to Inductor's CPU code for the kernels of low-precision updates.
+"""Fixes to Inductor's code for the kernels of low-precision updates: two in its CPU
+code, one in its Triton (GPU) code.
 
-Both change the generated C++ (speed), never a value: every lane computes what it
+Each changes the generated code (speed), never a value: every lane computes what it
 computed before. They act only while ``codegen_hints`` is entered; the compiled engine
 enters it around its own calls, so the user's other compiled code is untouched. They
-use internals of ``torch._inductor.codegen.cpp`` (the same in torch 2.6 to 2.13) and do
+use internals of ``torch._inductor.codegen.cpp`` and
+``torch._inductor.choices.InductorChoices`` (the same in torch 2.6 to 2.13) and do
 nothing where those are missing.
 
 Note [bf16 tiling]: Inductor's C++ backend picks one vector width per fused kernel
@@ -26,6 +28,20 @@ between same-size types is one register reinterpretation: under the hints it is
 written as a ``memcpy`` of the whole vector into one of the other type
 (``Vectorized<T>`` and ``VectorizedN<T, n>`` are trivially copyable, and equal in size
 for equal itemsize), which the compiler turns into register moves.
+
+Note [persistent block reductions]: the 8-bit update (``_quant_step``) reduces each
+block of ``_quant.BLOCK`` (128) elements to its two maxima, then encodes the block's
+moments with them. Inductor's Triton backend keeps a reduction's row in registers (a
+persistent reduction: one load of every input, no loop) only up to 64 elements
+unless it proves the reduction "inner", which it does not for the update's fused
+kernels (its hint is DEFAULT: many rows, or a strided scale store among the nodes).
+A looped reduction over 128 elements then has to carry each block's new parameter or
+moments from its first loop to the second through a float32 staging buffer in global
+memory: sm_90's lowering of the GPT-like set (``benchmarks/gpu_codegen.py``, int8
+state) moved 1.26x the 8-bit ideal bytes; with persistent rows, 1.01x. Under the
+hints, a Triton reduction of at most :data:`PERSISTENT_MAX` elements is persistent
+(``InductorChoices.should_use_persistent_reduction``); Inductor's own choice
+otherwise, and always outside the hints.
 """
 
 from __future__ import annotations
@@ -40,6 +56,8 @@ _depth = 0
 _installed: bool | None = None  # None: not tried yet
 # Same-size pairs whose vectors reinterpret cleanly (AVX2, AVX-512, the scalar ISA).
 _BITCASTABLE = {torch.float32, torch.int32, torch.float64, torch.int64}
+# Note [persistent block reductions]: _quant.BLOCK (tests/test_codegen_hints.py ties them)
+PERSISTENT_MAX = 128
 
 
 def _cpp_backend() -> Any | None:
@@ -130,6 +148,39 @@ def _install_bitcast(cpp: Any) -> None:
     cpp.CppVecOverrides.to_dtype_bitcast = staticmethod(to_dtype_bitcast)
 
 
+def _install_persistent() -> None:
+    """Wrap ``InductorChoices.should_use_persistent_reduction`` once; see Note
+    [persistent block reductions]. Nothing where Inductor lacks it."""
+    try:
+        from torch._inductor import config
+        from torch._inductor.choices import InductorChoices
+        from torch._inductor.virtualized import V
+    except ImportError:  # pragma: no cover - every supported torch has them
+        return
+    found = InductorChoices.__dict__.get("should_use_persistent_reduction")
+    if not isinstance(found, staticmethod) or hasattr(found.__func__, "__wrapped__"):
+        return  # missing, changed, or already wrapped
+    original: Callable[..., bool] = found.__func__
+
+    def should_use_persistent_reduction(
+        features: Any, cooperative_reduction: bool
+    ) -> bool:
+        if (
+            _depth
+            and config.triton.persistent_reductions
+            and V.graph.sizevars.statically_known_leq(
+                features.reduction_numel, PERSISTENT_MAX
+            )
+        ):
+            return True
+        return original(features, cooperative_reduction)
+
+    should_use_persistent_reduction.__wrapped__ = original  # type: ignore[attr-defined]
+    InductorChoices.should_use_persistent_reduction = staticmethod(  # type: ignore[method-assign]
+        should_use_persistent_reduction
+    )
+
+
 class _CodegenHints:
     """See :data:`codegen_hints`; a class, not a generator: entered at every step."""
 
@@ -141,6 +192,7 @@ class _CodegenHints:
             if cpp is not None:
                 _install_tiling(cpp)
                 _install_bitcast(cpp)
+            _install_persistent()
         _depth += 1
 
     def __exit__(self, *exc: object) -> None:
@@ -151,7 +203,8 @@ class _CodegenHints:
 codegen_hints = _CodegenHints()
 """While ``with codegen_hints:`` is open, CPU kernels compiled in this thread get full
 low-precision vectors (Note [bf16 tiling]) and register bitcasts (Note [vector
-bitcast]). Reentrant; a no-op where Inductor lacks the hooks."""
+bitcast]), and Triton reductions of block rows are persistent (Note [persistent block
+reductions]). Reentrant; a no-op where Inductor lacks the hooks."""
 
 
 def active() -> bool:

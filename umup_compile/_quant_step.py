@@ -22,6 +22,10 @@ float32 state). Two layout rules make Inductor generate it:
   store then iterates ``(blocks, 2)``, not vectorised along the blocks, and joins the
   block loop (Inductor's outer-loop fusion needs equal loop steps at the outer
   level; a ``(blocks,)`` store is vectorised by 16 there).
+
+On CUDA the block stays in registers instead (a Triton persistent reduction: Note
+[persistent block reductions] in ``_codegen_hints``): one read of every input, no
+staging buffer.
 """
 
 from __future__ import annotations
