@@ -4,15 +4,15 @@ Same arithmetic as ``_functional.adam_step_`` (its prologue, Note [skipped steps
 Note [realized coefficients]), with each moment held as codes and block scales
 (``_quant``, Note [8-bit moments]): per block of :data:`~umup_compile._quant.BLOCK`
 elements, decode the old moments, update them and the parameter in float32, then
-encode the new moments with their new block maxima. The parameter update uses the
-new float32 moments, not their codes, as bitsandbytes' and torchao's 8-bit Adam do.
+encode the new moments. The parameter update uses the new float32 moments, not their
+codes, as bitsandbytes' and torchao's 8-bit Adam do.
 
 Note [one pass]: compiled, each tensor's update is one loop nest over its blocks:
-per block, a first inner loop reads the gradient and codes and reduces the block
-maxima, a second recomputes the moments (from the same cache lines), stores the
-parameter and the codes; no staging buffer. Per element that moves 4 B of parameter
-read and written, 4 B of gradient and 1 + 1 B of codes read and written (28 B for
-float32 state). Two layout rules make Inductor generate it:
+per block, a first inner loop reads the gradient and the first moment's codes and
+reduces the block's two maxima, a second recomputes the moments (from the same cache
+lines), stores the parameter and the codes; no staging buffer. Per element that moves
+4 B of parameter read and written, 4 B of gradient and 1 + 1 B of codes read and
+written (28 B for float32 state). Two layout rules make Inductor generate it:
 
 - the tensors reach the graph as ``(blocks, block)`` rows (a chunk's or the unrolled
   unit's aliases, a pack's rows): a parameter of another shape is viewed as rows
@@ -22,6 +22,21 @@ float32 state). Two layout rules make Inductor generate it:
   store then iterates ``(blocks, 2)``, not vectorised along the blocks, and joins the
   block loop (Inductor's outer-loop fusion needs equal loop steps at the outer
   level; a ``(blocks,)`` store is vectorised by 16 there).
+
+The loop is compute-bound on CPU, not bound by its bytes: every vector instruction
+counts (Note [cheap codes]), and the compiled engine's hints prefetch the next blocks'
+rows (Note [row prefetch] in ``_codegen_hints``). Measured (``benchmarks/bench_quant8``).
+
+Note [second-moment bound]: the second moment's new scale is a power of two at least
+``beta2 * s + (1 - beta2) * max(g**2)`` (``s`` the old scale, which bounds every old
+value), not the exact max of the new values. Every new value ``v + (1 - beta2) * (g**2
+- v)`` is below it, so the block's first inner loop reduces ``g**2`` (one load, one
+multiply) instead of decoding and updating ``v`` a second time, and its codes need no
+division (``_quant.encode_unsigned_below``). The log code's relative precision does not
+depend on the scale; a looser scale only moves the 32 octaves the codes span up by
+the bound's slack (``benchmarks/quant8_train.py`` measures both on real training). The
+first moment keeps its exact absmax: its codes are linear, and a looser scale would
+cost them bits.
 """
 
 from __future__ import annotations
@@ -38,7 +53,7 @@ from ._quant import (
     decode_signed,
     decode_unsigned,
     encode_signed,
-    encode_unsigned,
+    encode_unsigned_below,
     scale_rows,
 )
 
@@ -69,7 +84,9 @@ def adam8_step_(
         exp_avgs: int8 codes of the first moments, shaped like the parameters.
         exp_avg_sqs: uint8 log codes of the second moments, likewise.
         scales: per parameter, ``(num_blocks(numel, block), 2)`` float32: each
-            block's first-moment absmax and second-moment max.
+            block's first-moment absmax and a second-moment bound (any value at least
+            the block's largest; written as a power of two, Note [second-moment
+            bound]).
         steps, hyper_t, group_index_t, lr_scales_t, wd_scales_t, grad_scale_t,
             found_inf_t: as for :func:`~umup_compile._functional.adam_step_`.
         config: static structure (``amsgrad`` and ``stochastic_rounding`` are not
@@ -99,7 +116,12 @@ def adam8_step_(
         segment_t=segment_t,
         found_inf_t=found_inf_t,
     )
-    weight1s, weight2s, root_scales, eps_scaleds, l2s, decays = coefficients
+    # One float32 table, realized once: the loops then load each coefficient, where
+    # the prologue's float64 table would be converted in every vector iteration.
+    table = torch.stack([torch.stack(list(c)) for c in coefficients])
+    weight1s, weight2s, root_scales, eps_scaleds, l2s, decays = (
+        tuple(row.unbind()) for row in table
+    )
     for i, param in enumerate(params):
         n = param.numel()
         for p_rows, g_rows, m_rows, v_rows, s_rows in zip(
@@ -121,11 +143,15 @@ def adam8_step_(
             # does not, and the codes must not depend on the engine.
             m = decode_signed(m_rows, s_rows[:, :1])
             m = m + weight1s[i] * (grad - m)
-            v = decode_unsigned(v_rows, s_rows[:, 1:])
-            v = v + weight2s[i] * (grad.square() - v)
+            old_top = s_rows[:, 1:]
+            v = decode_unsigned(v_rows, old_top)
+            square = grad.square()
+            v = v + weight2s[i] * (square - v)
             p_rows.copy_(p.addcdiv(m, v.sqrt() * root_scales[i] + eps_scaleds[i]))
             m_codes, m_scale = encode_signed(m)
-            v_codes, v_scale = encode_unsigned(v)
+            # Note [second-moment bound]
+            bound = old_top + weight2s[i] * (square.amax(-1, keepdim=True) - old_top)
+            v_codes, v_scale = encode_unsigned_below(v, bound)
             new_scales = torch.cat([m_scale, v_scale], dim=-1)
             if skip is not None:  # bitwise unchanged (re-encoding may move a scale)
                 m_codes = torch.where(skip, m_rows, m_codes)
