@@ -70,6 +70,11 @@ WORKLOADS = {
         "benchmarks.bench_lowp_curve",
         "bf16 training curves: stochastic rounding vs round-to-nearest vs float32",
     ),
+    "quant8-train": Workload(
+        "benchmarks.train_quant8",
+        "8-bit Adam state (state_dtype=torch.int8) vs float32 state: training loss on "
+        "unit_scaling's TransformerDecoder and the demo model, quantization errors",
+    ),
     "transfer": Workload(
         "benchmarks.transfer",
         "learning-rate transfer across width: u-muP (unit_scaling's model, our AdamW) "

@@ -17,14 +17,21 @@ from torch import Tensor
 from benchmarks import timer
 
 
+def _plain(t: Tensor) -> list[Tensor]:
+    """The plain tensors holding ``t``'s data: a wrapper subclass (torchao's
+    quantized state) through ``__tensor_flatten__``."""
+    if type(t) is not Tensor and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return [x for name in names for x in _plain(getattr(t, name))]
+    return [t]
+
+
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of the tensors in ``optimizer.state`` (each storage counted once)."""
     seen: set[tuple[int, int]] = set()
     total = 0
     for state in optimizer.state.values():
-        for value in state.values():
-            if not isinstance(value, Tensor):
-                continue
+        for value in _tensors(state):
             storage = value.untyped_storage()
             key = (storage.data_ptr(), storage.nbytes())
             if key in seen:
@@ -64,7 +71,7 @@ def copy_bandwidth(
 def _tensors(value: Any) -> list[Any]:
     """Tensors in a state entry, looking into dicts, lists and tuples (HeavyBall nests)."""
     if isinstance(value, torch.Tensor):
-        return [value]
+        return _plain(value)
     if isinstance(value, dict):
         value = list(value.values())
     if isinstance(value, (list, tuple)):
@@ -76,7 +83,7 @@ def step_bytes(optimizer: torch.optim.Optimizer) -> tuple[int, int]:
     """Bytes one Adam step moves, from the contestant's real tensors and dtypes.
 
     Per parameter: read + write the parameter, read the gradient, and
-    read + write each state tensor of the parameter's shape (``exp_avg``,
+    read + write each state tensor of the parameter's size (``exp_avg``,
     ``exp_avg_sq``; scalars such as ``step`` are left out). Returns (bytes, bytes of
     the parameters): float32 Adam gives 7 x 4 = 28 B per element, bf16 parameters
     and gradients with float32 moments 2 x 2 + 2 + 2 x (4 + 4) = 22 B.
@@ -91,7 +98,7 @@ def step_bytes(optimizer: torch.optim.Optimizer) -> tuple[int, int]:
             params += p_bytes
             moved += 2 * p_bytes + grad.numel() * grad.element_size()
             for t in _tensors(optimizer.state.get(p, {})):
-                if t.shape == p.shape:
+                if t.numel() == p.numel():  # 8-bit codes too (flat or shaped)
                     moved += 2 * t.numel() * t.element_size()
     return moved, params
 

@@ -15,6 +15,7 @@ graph cache's hits and misses, then the steady step's median:
 Examples (from the repository root):
     python -m benchmarks first-step                  # 1 thread, all modes
     python -m benchmarks first-step --threads 2
+    python -m benchmarks first-step --state-dtype int8   # 8-bit moments
     python -m benchmarks first-step --smoke --out /tmp/first_step.csv
 """
 
@@ -68,6 +69,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steady-steps", type=int, default=10)
+    parser.add_argument(
+        "--state-dtype",
+        choices=["float32", "int8"],
+        default="float32",
+        help="Adam's state_dtype (int8: 8-bit moments)",
+    )
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument(
         "--out",
@@ -104,7 +111,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         blob = Path(args.artifacts).read_bytes()
         torch.compiler.load_cache_artifacts(blob)
     params = sets.build_params(_specs(args.smoke), device=torch.device("cpu"))
-    opt = Adam(params, lr=1e-3)
+    opt = Adam(params, lr=1e-3, state_dtype=getattr(torch, args.state_dtype))
     t0 = time.perf_counter()
     opt.step()
     first = time.perf_counter() - t0
@@ -135,6 +142,7 @@ def run_mode(
 ) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "benchmarks.bench_first_step", "--worker", mode]
     cmd += ["--threads", str(args.threads), "--steady-steps", str(args.steady_steps)]
+    cmd += ["--state-dtype", args.state_dtype]
     cmd += ["--artifacts", blob] + (["--smoke"] if args.smoke else [])
     env = dict(os.environ)
     env["TORCHINDUCTOR_CACHE_DIR"] = (
@@ -180,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     table = common.markdown_table(rows, COLUMNS)
     print()
     print(table)
-    name = f"{head['date']}_first_step_t{args.threads}.csv"
+    state = "" if args.state_dtype == "float32" else f"_{args.state_dtype}"
+    name = f"{head['date']}_first_step_t{args.threads}{state}.csv"
     out = args.out or common.RESULTS / head["device"] / name
     common.write_csv(out, [{**r, **head} for r in rows], COLUMNS + common.RUN_COLUMNS)
     phases = "\n".join(
@@ -189,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows
     )
     out.with_suffix(".md").write_text(
-        "# bench_first_step: the first compiled step, GPT-like set\n\n"
+        "# bench_first_step: the first compiled step, GPT-like set, "
+        f"state_dtype={args.state_dtype}\n\n"
         + "\n".join(f"- {k}: {v}" for k, v in head.items())
         + "\n- command: `python -m benchmarks first-step "
         + " ".join(sys.argv[1:] if argv is None else argv)

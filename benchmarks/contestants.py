@@ -130,7 +130,31 @@ def _heavyball_adamw() -> Builder:
     return build
 
 
+def _torchao_adamw8bit() -> Builder:
+    """torchao's AdamW8bit (a dynamic-tree map, 256-element blocks, one compiled
+    update per parameter); optional (``needs``)."""
+
+    def build(params: list[nn.Parameter]) -> Any:
+        from torchao.optim import AdamW8bit  # type: ignore[import-not-found]
+
+        return AdamW8bit(params, lr=LR, weight_decay=0.0)
+
+    return build
+
+
+def _bnb_adamw8bit() -> Builder:
+    """bitsandbytes' AdamW8bit (its CPU backend off CUDA); optional (``needs``)."""
+
+    def build(params: list[nn.Parameter]) -> Any:
+        import bitsandbytes as bnb  # type: ignore[import-not-found]
+
+        return bnb.optim.AdamW8bit(params, lr=LR, weight_decay=0.0)
+
+    return build
+
+
 BF16 = torch.bfloat16
+INT8 = torch.int8
 CONTESTANTS: dict[str, ContestantSpec] = {
     "umup-compiled": ContestantSpec(
         _umup(compile=True), "umup_compile.optim.Adam (default: compiled)"
@@ -219,6 +243,33 @@ CONTESTANTS: dict[str, ContestantSpec] = {
         needs="heavyball",
         clears_grads=True,
     ),
+    # 8-bit moments (``--dtype int8-state``): the parameters in the run's dtype.
+    "umup-int8": ContestantSpec(
+        _umup(state_dtype=INT8),
+        "umup_compile.optim.Adam(state_dtype=torch.int8): 8-bit moments, compiled",
+    ),
+    "umup-int8-eager": ContestantSpec(
+        _umup(state_dtype=INT8, compile=False),
+        "umup_compile.optim.Adam(state_dtype=torch.int8, compile=False)",
+    ),
+    "umup-bf16-int8-sr": ContestantSpec(
+        _umup(state_dtype=INT8, stochastic_rounding=True),
+        "umup_compile.optim.Adam(state_dtype=torch.int8, stochastic_rounding=True), "
+        "bf16 params, compiled",
+        dtype=BF16,
+    ),
+    "torchao-adamw8bit": ContestantSpec(
+        _torchao_adamw8bit(),
+        "torchao.optim.AdamW8bit(weight_decay=0), 1 group (optional: pip install "
+        "torchao)",
+        needs="torchao",
+    ),
+    "bnb-adamw8bit": ContestantSpec(
+        _bnb_adamw8bit(),
+        "bitsandbytes.optim.AdamW8bit(weight_decay=0), 1 group (optional: pip "
+        "install bitsandbytes)",
+        needs="bitsandbytes",
+    ),
     # The same on the run's --dtype (the default list: the GPT-like fp32 run).
     "heavyball": ContestantSpec(
         _heavyball_adamw(),
@@ -255,6 +306,21 @@ LOWP_SMOKE_CONTESTANTS = [
     "heavyball-adamw",
 ]
 LOWP_BASELINE = "torch-fused-fp32"
+# 8-bit state (``--dtype int8-state``), against torch fused on float32 state.
+INT8_CONTESTANTS = [
+    "umup-int8",
+    "umup-compiled",
+    BASELINE,
+    "torchao-adamw8bit",
+    "bnb-adamw8bit",
+    "umup-bf16-int8-sr",
+]
+INT8_SMOKE_CONTESTANTS = [
+    "umup-int8-eager",
+    BASELINE,
+    "torchao-adamw8bit",
+    "bnb-adamw8bit",
+]
 
 
 def skip_reason(name: str, device: torch.device) -> str | None:

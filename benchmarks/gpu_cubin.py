@@ -78,7 +78,8 @@ INSTRUCTIONS = (
 )
 
 
-def _import(path: Path) -> Any:
+def import_file(path: Path) -> Any:
+    """Import a generated wrapper (``triton.jit`` needs its kernels in a file)."""
     spec = importlib.util.spec_from_file_location(path.stem, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -100,7 +101,7 @@ def build(name: str, source: str, workdir: Path) -> list[Build]:
     path = workdir / f"{name}.py"
     path.write_text(source)
     try:
-        autotuner = getattr(_import(path), name)
+        autotuner = getattr(import_file(path), name)
         autotuner.precompile(warm_cache_only=True)
     except Exception as e:  # noqa: BLE001 - reported per kernel
         return [Build(name, {}, None, None, {}, f"{type(e).__name__}: {e}"[:500])]

@@ -24,10 +24,8 @@ bf16 ulps instead.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import inspect
 import math
-import sys
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +35,7 @@ import numpy as np
 import torch
 
 from benchmarks import contestants, gpu_record, sets
+from benchmarks.gpu_cubin import import_file
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -156,15 +155,6 @@ libdevice = types.SimpleNamespace(
 )
 
 
-def _import(path: Path) -> Any:
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[path.stem] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 class _KernelLoader:
     """Imports each kernel of a wrapper from its own file, interpreted."""
 
@@ -185,7 +175,7 @@ class _KernelLoader:
         source = source.replace("libdevice.", "_interp.libdevice.")
         path = self.workdir / f"interp_{name}.py"
         path.write_text(source)
-        launcher: Launcher = getattr(_import(path), name)
+        launcher: Launcher = getattr(import_file(path), name)
         return launcher
 
     def wait(self, scope: Any) -> None:

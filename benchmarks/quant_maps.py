@@ -42,7 +42,8 @@ import torch
 from torch import Tensor
 
 import umup_compile.optim as uo
-from benchmarks import common, transfer
+from benchmarks import common
+from benchmarks import transfer_model as transfer
 from umup_compile import demo
 
 TAIL = 20  # the verdict: mean loss of the last 20 steps

@@ -16,11 +16,16 @@ markdown table, a CSV, a JSON file and a PNG bar chart (``step_report``).
 float32 moments (umup compiled, with and without stochastic rounding) against torch
 fused Adam on float32 parameters (the baseline) and on bf16 parameters (bf16 state),
 plus HeavyBall's AdamW when ``heavyball`` is installed (else a row that says so).
+``--dtype int8-state`` runs the 8-bit state set: umup with ``state_dtype=torch.int8``
+(and with float32 state), torch fused Adam on float32 state (the baseline), torchao's
+and bitsandbytes' ``AdamW8bit`` when installed (else a row that says so), and bf16
+parameters with 8-bit state and stochastic rounding.
 
 Examples (from the repository root):
     python -m benchmarks gpt --threads 2 --repeats 20
     python -m benchmarks many-small --n-small 2000 --contestants umup-compiled,torch-fused
     python -m benchmarks gpt --dtype bf16-fp32state --threads 2
+    python -m benchmarks gpt --dtype int8-state --threads 1
     python -m benchmarks gpt --smoke --out /tmp/bench
 """
 
@@ -44,6 +49,8 @@ from benchmarks.contestants import (
     BASELINE,
     CONTESTANTS,
     DEFAULT_CONTESTANTS,
+    INT8_CONTESTANTS,
+    INT8_SMOKE_CONTESTANTS,
     LOWP_BASELINE,
     LOWP_CONTESTANTS,
     LOWP_SMOKE_CONTESTANTS,
@@ -64,6 +71,8 @@ GPU_ONLY = {"gpt-124m", "gpt-1.2b"}
 # The low-precision mode: not a torch dtype, a set of contestants (LOWP_CONTESTANTS),
 # each on its own parameter dtype.
 LOWP = "bf16-fp32state"
+# The 8-bit state mode: float32 parameters, INT8_CONTESTANTS.
+INT8_STATE = "int8-state"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,11 +88,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument(
         "--dtype",
-        choices=["float32", "bfloat16", "float64", LOWP],
+        choices=["float32", "bfloat16", "float64", LOWP, INT8_STATE],
         default="float32",
         help=f"parameter dtype of every contestant, or {LOWP}: bf16 params + float32 "
         "state (umup compiled, +stochastic rounding) vs torch fused on float32 and on "
-        "bf16 params, and heavyball AdamW if installed",
+        f"bf16 params, and heavyball AdamW if installed, or {INT8_STATE}: float32 "
+        "params, umup with 8-bit moments vs torch fused, torchao's and bitsandbytes' "
+        "AdamW8bit if installed",
     )
     parser.add_argument("--repeats", type=int, default=20, help="timed samples each")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps each")
@@ -166,12 +177,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.warmup = min(args.warmup, 1)
     if args.contestants is None:
         lists = {
-            (False, False): DEFAULT_CONTESTANTS,
-            (False, True): SMOKE_CONTESTANTS,
-            (True, False): LOWP_CONTESTANTS,
-            (True, True): LOWP_SMOKE_CONTESTANTS,
+            ("float", False): DEFAULT_CONTESTANTS,
+            ("float", True): SMOKE_CONTESTANTS,
+            (LOWP, False): LOWP_CONTESTANTS,
+            (LOWP, True): LOWP_SMOKE_CONTESTANTS,
+            (INT8_STATE, False): INT8_CONTESTANTS,
+            (INT8_STATE, True): INT8_SMOKE_CONTESTANTS,
         }
-        args.contestants = ",".join(lists[lowp, args.smoke])
+        mode = args.dtype if args.dtype in (LOWP, INT8_STATE) else "float"
+        args.contestants = ",".join(lists[mode, args.smoke])
     names = [n.strip() for n in args.contestants.split(",") if n.strip()]
     unknown = [n for n in names if n not in CONTESTANTS]
     if unknown:
@@ -198,9 +212,12 @@ def run(
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     # The low-precision set is bf16 unless a contestant says otherwise.
-    dtype = torch.bfloat16 if args.dtype == LOWP else getattr(torch, args.dtype)
+    modes = {LOWP: torch.bfloat16, INT8_STATE: torch.float32}
+    dtype = modes.get(args.dtype) or getattr(torch, args.dtype)
     head = common.header(device)
     specs = sets.param_specs(args.workload, args.smoke, args.n_small)
+    if args.smoke and args.dtype == INT8_STATE:  # tensors of 4096+ elements quantize
+        specs = sets.gpt_like_specs(d_model=64, n_layers=1, vocab=64)
     master = sets.build_params(specs, device=device, dtype=dtype)
     n_tensors, numel = len(master), sets.count_numel(master)
     print(

@@ -85,7 +85,7 @@ def target_lines(rows: dict[str, dict[str, Any]]) -> list[str]:
     def med(name: str) -> float | None:
         return rows[name].get("_median") if name in rows else None
 
-    checks = _lowp_lines(med)
+    checks = _lowp_lines(med) + _int8_lines(med)
     ours, fused = med("umup-compiled"), med(BASELINE)
     eager, us = med("umup-eager"), med("us-default")
     if ours is not None and fused is not None:
@@ -117,6 +117,32 @@ def _lowp_lines(med: Callable[[str], float | None]) -> list[str]:
         t = med(name)
         if t is not None and ref is not None:
             lines.append(f"- {name} / {LOWP_BASELINE} = {t / ref:.3f}x")
+    return lines
+
+
+def _int8_lines(med: Callable[[str], float | None]) -> list[str]:
+    """8-bit state (issue 26): <= 0.75x torch fused on float32 state, faster than
+    torchao's AdamW8bit; bitsandbytes' and bf16 + SR informative."""
+    ours, fused = med("umup-int8"), med(BASELINE)
+    if ours is None:
+        return []
+    lines = []
+    if fused is not None:
+        r = ours / fused
+        lines.append(
+            f"- umup-int8 / {BASELINE} = {r:.3f}x (target <= 0.75x): "
+            + ("PASS" if r <= 0.75 else "FAIL")
+        )
+    ao = med("torchao-adamw8bit")
+    if ao is not None:
+        lines.append(
+            f"- umup-int8 / torchao-adamw8bit = {ours / ao:.3f}x (target < 1x): "
+            + ("PASS" if ours < ao else "FAIL")
+        )
+    for name in ("bnb-adamw8bit", "umup-compiled", "umup-bf16-int8-sr"):
+        t = med(name)
+        if t is not None:
+            lines.append(f"- umup-int8 / {name} = {ours / t:.3f}x")
     return lines
 
 

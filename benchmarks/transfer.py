@@ -32,6 +32,7 @@ in ``transfer_summary``, the files in ``transfer_report``.
 Examples (from the repository root):
     python -m benchmarks transfer --threads 1                 # the committed CPU run
     python -m benchmarks transfer --widths 128,256,512 --steps 1000
+    python -m benchmarks transfer --state-dtype int8 --tag int8   # 8-bit moments
     python -m benchmarks transfer --smoke --out /tmp/transfer   # tiny: checks it runs
 """
 
@@ -130,6 +131,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--eager",
         action="store_true",
         help="umup_compile AdamW with compile=False (default: compile='strict')",
+    )
+    parser.add_argument(
+        "--state-dtype",
+        choices=["float32", "int8"],
+        default="float32",
+        help="umup_compile AdamW's state_dtype (int8: 8-bit moments)",
     )
     parser.add_argument("--threads", type=int, default=None)
     common.add_out_argument(parser)

@@ -122,6 +122,7 @@ def build_optimizer(
         lr=lr,
         weight_decay=args.weight_decay,
         independent_weight_decay=True,
+        state_dtype=getattr(torch, getattr(args, "state_dtype", "float32")),
         compile=False if args.eager else "strict",
     )
 

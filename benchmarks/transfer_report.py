@@ -200,7 +200,8 @@ def write(
         f"{args.steps * args.batch * args.seq:,} training bytes per run; validation: "
         f"{val_targets.numel():,} bytes ({len(val_targets)} windows of {args.seq})",
         "u-μP optimizer": "umup_compile.optim.AdamW(independent_weight_decay=True, "
-        f"weight_decay={args.weight_decay:g}), "
+        f"weight_decay={args.weight_decay:g}, "
+        f"state_dtype=torch.{getattr(args, 'state_dtype', 'float32')}), "
         + ("eager (compile=False)" if args.eager else "compiled (compile='strict')"),
         "SP optimizer": f"torch.optim.AdamW(weight_decay={args.sp_weight_decay:g}) "
         "(coupled: decay = lr x wd per step), foreach",

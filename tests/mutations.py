@@ -243,12 +243,26 @@ def assert_variants_agree(
             assert set(sv) == set(sr), (where, sorted(sv), sorted(sr))
             for key in sr:
                 a, b = torch.as_tensor(sv[key]), torch.as_tensor(sr[key])
+                if b.dtype in (torch.int8, torch.uint8):
+                    _assert_codes_close(a, b, f"{where}, state {key}")
+                    continue
                 torch.testing.assert_close(
                     a.double().cpu(),
                     b.double().cpu(),
                     **TOL,
                     msg=lambda m, key=key, where=where: f"{where}, state {key}: {m}",
                 )
+
+
+def _assert_codes_close(a: Tensor, b: Tensor, where: str) -> None:
+    """8-bit codes: the same dtype, and equal but for a neighbouring code where a
+    value rounded in the last bit (e.g. by a clip divisor computed in another
+    order) lies at a rounding boundary: at most 1 % of them."""
+    assert a.dtype == b.dtype, (where, a.dtype, b.dtype)
+    diff = (a.to(torch.int16) - b.to(torch.int16)).abs()
+    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) <= 0.01, (
+        f"{where}: {int((diff > 0).sum())} codes differ, by up to {int(diff.max())}"
+    )
 
 
 Mutation = Callable[[int, Variant], None]
@@ -360,13 +374,17 @@ def at_offset(t: Tensor) -> Tensor:
 
 @contextlib.contextmanager
 def layout(name: str) -> Iterator[None]:
-    """Layout thresholds for the toy shapes (see :data:`SHAPES`)."""
-    from umup_compile import _layout
+    """Layout thresholds for the toy shapes (see :data:`SHAPES`); 8-bit moments
+    from 60 elements."""
+    from umup_compile import _layout, _state8
 
     saved = {
         k: getattr(_layout, k)
         for k in ("PACK_MAX_NUMEL", "UNROLL_MAX", "FOLD_SMALL_MAX")
     }
+    min_numel = _state8.MIN_NUMEL
+    # 8-bit moments (state_dtype=torch.int8) for the 16x16, 12x20 and 8x8 shapes
+    _state8.MIN_NUMEL = 60
     try:
         if name in ("chunks", "unrolled"):
             _layout.PACK_MAX_NUMEL = 100
@@ -376,5 +394,6 @@ def layout(name: str) -> Iterator[None]:
             _layout.FOLD_SMALL_MAX = 0
         yield
     finally:
+        _state8.MIN_NUMEL = min_numel
         for k, value in saved.items():
             setattr(_layout, k, value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -124,6 +125,69 @@ def test_harness_smoke_bf16_fp32state_bytes_per_contestant(tmp_path: Path) -> No
         assert "skipped" in rows["heavyball-adamw"]["note"]
     csv_rows = list(csv.DictReader(next(tmp_path.glob("*.csv")).open()))
     assert [r["contestant"] for r in csv_rows] == list(rows)
+
+
+def test_harness_smoke_int8_state_rows_and_bytes(tmp_path: Path) -> None:
+    """``--dtype int8-state``: ours with 8-bit moments moves 16 B per element (4 + 4
+    param, 4 grad, 1 + 1 per code) against torch fused's 28; the peers run when
+    installed, else a row says why (torchao compiles per shape for ~45 s: run
+    here only when missing)."""
+    pytest.importorskip("matplotlib")
+    names = ["umup-int8-eager", "torch-fused", "bnb-adamw8bit"]
+    if importlib.util.find_spec("torchao") is None:
+        names.append("torchao-adamw8bit")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "gpt", "--smoke", "--dtype"]
+        + ["int8-state", "--contestants", ",".join(names)]
+        + ["--out", str(tmp_path), "--no-progress"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(next(tmp_path.glob("*_int8-state.json")).read_text())
+    numel = doc["run"]["numel"]
+    rows = {r["contestant"]: r for r in doc["contestants"]}
+    assert list(rows) == names
+    # tensors under 4096 elements (the norms) keep float32 moments: 28 B
+    from benchmarks.sets import gpt_like_specs
+
+    sizes = [math.prod(s.shape) for s in gpt_like_specs(64, 1, 64)]
+    small = sum(n for n in sizes if n < 4096)
+    assert rows["umup-int8-eager"]["bytes_per_step"] == 16 * numel + 12 * small
+    assert rows["umup-int8-eager"]["state_bytes"] <= 2.2 * numel
+    assert rows["torch-fused"]["bytes_per_step"] == 28 * numel
+    for name, package in (("bnb-adamw8bit", "bitsandbytes"), ("torchao-adamw8bit",
+                                                               "torchao")):  # fmt: skip
+        if name not in rows:
+            continue
+        if importlib.util.find_spec(package) is None:
+            assert rows[name]["median_ms"] is None
+            assert f"pip install {package}" in rows[name]["note"]
+        else:
+            assert rows[name]["median_ms"] > 0 and rows[name]["state_bytes"] > 0
+    md = next(tmp_path.glob("*_int8-state.md")).read_text()
+    assert "umup-int8" in md
+
+
+def test_int8_peers_missing_package_is_a_row_that_says_why(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from benchmarks import contestants
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        contestants.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in ("torchao", "bitsandbytes") else real(name),
+    )
+    cpu = torch.device("cpu")
+    assert "pip install torchao" in str(
+        contestants.skip_reason("torchao-adamw8bit", cpu)
+    )
+    assert "bitsandbytes" in str(contestants.skip_reason("bnb-adamw8bit", cpu))
+    assert contestants.skip_reason("umup-int8", cpu) is None
 
 
 def test_harness_refuses_gpu_workloads_on_cpu(

@@ -38,15 +38,15 @@ def test_describe_optimizer_groups_and_buckets() -> None:
     assert_expected_inline(
         opt.describe(),
         """\
-parameter  shape       mup_type  depth  fan_in  lr scale  lr         wd scale  wd  bucket
----------  ----------  --------  -----  ------  --------  ---------  --------  --  ------
-g0[0]      (32, 16)    weight    -      16      0.25      0.0025     400       0   0
-g0[1]      (16, 16)    weight    4      16      0.125     0.00125    800       0   0
-g1[0]      (2, 16, 8)  weight    4      128     0.04419   0.0004419  2263      0   1
-g1[1]      (16,)       bias      4      -       0.5       0.005      200       0   1
-g1[2]      (16,)       norm      -      -       1         0.01       100       0   2
-g1[3]      (10, 16)    output    -      -       1         0.01       100       0   1
-total: 6 tensors, 1,216 elements""",
+parameter  shape       mup_type  depth  fan_in  lr scale  lr         wd scale  wd  bucket  state B
+---------  ----------  --------  -----  ------  --------  ---------  --------  --  ------  -------
+g0[0]      (32, 16)    weight    -      16      0.25      0.0025     400       0   0       4100
+g0[1]      (16, 16)    weight    4      16      0.125     0.00125    800       0   0       2052
+g1[0]      (2, 16, 8)  weight    4      128     0.04419   0.0004419  2263      0   1       3076
+g1[1]      (16,)       bias      4      -       0.5       0.005      200       0   1       196
+g1[2]      (16,)       norm      -      -       1         0.01       100       0   2       388
+g1[3]      (10, 16)    output    -      -       1         0.01       100       0   1       1924
+total: 6 tensors, 1,216 elements, state 11,736 B (9.65 B per element)""",
     )
 
 
@@ -58,15 +58,15 @@ def test_describe_sgd_named_after_scheduler_step() -> None:
     assert_expected_inline(
         opt.describe(),
         """\
-parameter  shape     mup_type  depth  fan_in  lr scale  lr      wd scale  wd  bucket
----------  --------  --------  -----  ------  --------  ------  --------  --  ------
-embed      (32, 16)  weight    -      16      4         0.2     2.5       0   0
-bias       (16,)     bias      2      -       11.31     0.5657  0.8839    0   0
-norm       (16,)     norm      -      -       16        0.8     0.625     0   0
-head       (32, 16)  output    -      -       1         0.05    10        0   0
-blocks.0   (16, 16)  weight    2      16      2.828     0.1414  3.536     0   0
-blocks.1   (16, 16)  weight    2      16      2.828     0.1414  3.536     0   0
-total: 6 tensors, 1,568 elements""",
+parameter  shape     mup_type  depth  fan_in  lr scale  lr      wd scale  wd  bucket  state B
+---------  --------  --------  -----  ------  --------  ------  --------  --  ------  -------
+embed      (32, 16)  weight    -      16      4         0.2     2.5       0   0       0
+bias       (16,)     bias      2      -       11.31     0.5657  0.8839    0   0       0
+norm       (16,)     norm      -      -       16        0.8     0.625     0   0       0
+head       (32, 16)  output    -      -       1         0.05    10        0   0       0
+blocks.0   (16, 16)  weight    2      16      2.828     0.1414  3.536     0   0       0
+blocks.1   (16, 16)  weight    2      16      2.828     0.1414  3.536     0   0       0
+total: 6 tensors, 1,568 elements, state 0 B (0 B per element)""",
     )
 
 

@@ -280,7 +280,9 @@ def _check_power_of_two_bound(scales: Tensor, bound: Tensor) -> None:
     assert torch.all((scales == 0) == (bound == 0))
     live = bound > 0
     assert torch.all(exponent[live] == exponent[live].round())  # powers of two
-    assert torch.all(scales[live] >= torch.clamp_min(bound[live], 2.0**-95) * (1 - 1e-6))
+    assert torch.all(
+        scales[live] >= torch.clamp_min(bound[live], 2.0**-95) * (1 - 1e-6)
+    )
     tight = live & (bound >= 2.0**-95)
     assert torch.all(scales[tight] < 2 * bound[tight] * (1 + 1e-6))
 
@@ -305,7 +307,9 @@ def test_adam8_step_matches_float64_reference(shape: tuple[int, ...]) -> None:
     bound = b2 * s0[:, 1].double() + (1 - b2) * square_max
     scales_v = state["s"][0][:, 1]
     _check_power_of_two_bound(scales_v, bound)
-    assert torch.all(v.reshape(-1) <= scales_v.double().repeat_interleave(BLOCK)[: v.numel()])
+    assert torch.all(
+        v.reshape(-1) <= scales_v.double().repeat_interleave(BLOCK)[: v.numel()]
+    )
     _check_codes(state["v"][0], _log_positions(v, scales_v, BLOCK))
     assert state["step"][0].item() == 4.0
 

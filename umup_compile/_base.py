@@ -185,9 +185,15 @@ class UmupOptimizer(torch.optim.Optimizer):
 
         Returns:
             One row per parameter (named when the optimizer was given
-            ``named_parameters()``, else ``g<group>[<index>]``), with a totals line.
+            ``named_parameters()``, else ``g<group>[<index>]``), with its state's
+            bytes (``state B``: its state tensors, or those its first step will
+            make) and a totals line.
         """
-        return optimizer_table(self.param_groups, self._spec.config)
+        spec = self._spec
+        return optimizer_table(
+            self.param_groups, spec.config, self.state, spec.predict_state,
+            spec.state_config,
+        )  # fmt: skip
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step.

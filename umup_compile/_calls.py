@@ -37,9 +37,26 @@ def local_shard(t: Tensor) -> Tensor:
     lands in the DTensor. The u-μP factors come from ``p.shape``, which a DTensor
     reports globally: those of the full weight. Sharded buckets take the list path,
     rebuilt at every step, not packs: a pack rebinds the state to views of its flat
-    buffer, and the state must stay DTensors for ``state_dict``/DCP.
+    buffer, and the state must stay DTensors for ``state_dict``/DCP. A gradient can
+    be placed unlike its parameter (tensor parallel's ``RowwiseParallel`` embedding
+    gets a ``Replicate`` gradient for its ``Shard(0)`` weight): :func:`placed_like`
+    first redistributes it to the parameter's placements, as torch.optim's DTensor
+    ops would (a local slice; a ``Partial`` gradient would be reduced).
     """
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+def placed_like(params: Sequence[Tensor], grads: Sequence[Tensor]) -> list[Tensor]:
+    """``grads``, each placed as its parameter (Note [sharded parameters]); FSDP2's
+    already are."""
+    return [
+        g.redistribute(p.device_mesh, p.placements)
+        if isinstance(g, DTensor)
+        and isinstance(p, DTensor)
+        and (g.placements != p.placements or g.device_mesh != p.device_mesh)
+        else g
+        for p, g in zip(params, grads)
+    ]
 
 
 def _at_least_1d(t: Tensor) -> Tensor:
@@ -114,7 +131,13 @@ class Layouts:
             or cached.signature != _signature(bucket, keys)
         ):
             layout = build_layout(
-                bucket.params, bucket.states, keys, spec.scalar_keys, self.unrolled
+                bucket.params,
+                bucket.states,
+                keys,
+                spec.scalar_keys,
+                self.unrolled,
+                spec.block_keys,
+                spec.block,
             )
             self.builds += 1
             cached = self.cached[bucket.key] = _CachedLayout(

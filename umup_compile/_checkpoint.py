@@ -17,7 +17,18 @@ import torch
 from torch import Tensor
 
 from ._plan import describe_param
+from ._quant import num_blocks
 from ._specs import AlgorithmSpec, step_dtype
+from ._state8 import (
+    CODE_DTYPES,
+    INT8,
+    SCALES_KEY,
+    dequantize_moments,
+    float_state_dtype,
+    keeps_float,
+    place_scales,
+    quantize_moments,
+)
 
 # Group keys this package adds to torch's; kept when a checkpoint lacks them.
 UMUP_GROUP_KEYS = (
@@ -64,27 +75,60 @@ def _post_load(optimizer: torch.optim.Optimizer) -> None:
         # The state dtype is this run's memory layout, not a saved setting.
         group["state_dtype"] = keep.get("state_dtype")
         for p in group["params"]:
-            state = optimizer.state.get(p, {})
-            saved = state_dict["state"].get(saved_of[id(p)], {})
-            for k, v in state.items():
-                if not isinstance(v, Tensor):
-                    continue
-                if k == "step":
-                    state[k] = v.to(device=p.device, dtype=step_dtype())
-                elif v.is_floating_point() and p.is_floating_point():
-                    v = saved.get(k, v)
-                    dtype = group.get("state_dtype") or p.dtype
-                    if v.dtype != dtype:
-                        converted.add(f"{v.dtype} -> {dtype}")
-                    state[k] = v.to(device=p.device, dtype=dtype)
+            state = optimizer.state.get(p)
+            if state:
+                saved = state_dict["state"].get(saved_of[id(p)], {})
+                _restore(p, state, saved, group, converted)
     if converted:
         warnings.warn(
             "umup_compile: the loaded optimizer state was converted to this "
-            f"optimizer's state dtype ({', '.join(sorted(converted))}); pass "
-            "state_dtype=<the checkpoint's dtype> to keep it.",
+            f"optimizer's state dtype ({', '.join(sorted(converted))}); pass the "
+            "checkpoint's state_dtype (torch.int8 for 8-bit moments) to keep it as "
+            "saved.",
             UserWarning,
             stacklevel=3,
         )
+
+
+def _restore(
+    p: Tensor,
+    state: dict[str, Any],
+    saved: dict[str, Any],
+    group: dict[str, Any],
+    converted: set[str],
+) -> None:
+    """Put back what torch's loading changed in one parameter's ``state``: the
+    saved dtypes (torch casts floating state to the parameter's dtype), 8-bit
+    codes and scales, or their conversion to this group's state dtype (Note [8-bit
+    state])."""
+    state_dtype = group.get("state_dtype")
+    saved8 = SCALES_KEY in saved
+    want8 = state_dtype == INT8 and p.is_floating_point() and keeps_float(p) is None
+    moments = "exp_avg" in saved and "exp_avg_sq" in saved
+    if moments and saved8 and want8:
+        for key in CODE_DTYPES:
+            state[key] = saved[key].to(device=p.device).contiguous()
+        state[SCALES_KEY] = place_scales(p, saved[SCALES_KEY])
+    elif moments and saved8:
+        dtype = float_state_dtype(state_dtype, p)
+        state.pop(SCALES_KEY, None)
+        state.update(dequantize_moments(p, saved, dtype))
+        converted.add(f"8-bit -> {dtype} (dequantized)")
+    elif moments and want8:
+        state.pop("max_exp_avg_sq", None)  # 8-bit state has no amsgrad maximum
+        state.update(quantize_moments(p, saved["exp_avg"], saved["exp_avg_sq"]))
+        converted.add(f"{saved['exp_avg'].dtype} -> 8-bit (quantized)")
+    for k, v in state.items():
+        if not isinstance(v, Tensor) or k in CODE_DTYPES and (saved8 or want8):
+            continue
+        if k == "step":
+            state[k] = v.to(device=p.device, dtype=step_dtype())
+        elif k != SCALES_KEY and v.is_floating_point() and p.is_floating_point():
+            v = saved.get(k, v)
+            dtype = float_state_dtype(state_dtype, p)
+            if v.dtype != dtype:
+                converted.add(f"{v.dtype} -> {dtype}")
+            state[k] = v.to(device=p.device, dtype=dtype)
 
 
 def regroup_per_param(
@@ -140,12 +184,27 @@ def check_compatible(param_groups: list[dict[str, Any]], state_dict: StateDict) 
     flat = (p for g in param_groups for p in g["params"])
     for k, (i, p) in enumerate(zip(ids, flat)):
         for key, value in state_dict["state"].get(i, {}).items():
-            if isinstance(value, Tensor) and value.ndim and value.shape != p.shape:
+            if key == SCALES_KEY:
+                _check_scales(value, p, k)
+            elif isinstance(value, Tensor) and value.ndim and value.shape != p.shape:
                 raise ValueError(
                     f"loaded state dict's {key!r} for parameter {k} has shape "
                     f"{tuple(value.shape)}, but the parameter has shape "
                     f"{tuple(p.shape)}; the checkpoint is from another model."
                 )
+
+
+def _check_scales(value: Any, p: Tensor, k: int) -> None:
+    """8-bit moments' scales: two per block of the parameter (any leading shape:
+    ``(blocks, 2)``, or FSDP2's ``(rows, blocks per row, 2)``)."""
+    blocks = num_blocks(p.numel())
+    if not isinstance(value, Tensor) or value.numel() != 2 * blocks:
+        raise ValueError(
+            f"loaded state dict's {SCALES_KEY!r} for parameter {k} has shape "
+            f"{tuple(getattr(value, 'shape', ()))}, but a parameter of shape "
+            f"{tuple(p.shape)} has {blocks} blocks of 8-bit moments ({blocks}, 2); "
+            "the checkpoint is from another model."
+        )
 
 
 def check_state_keys(

@@ -9,8 +9,9 @@ GradScaler's divisor: the update divides each gradient by ``scale / coefficient`
 which it does anyway, so no pass rewrites the gradients. Everything stays on the
 device: no host sync. The norm is of the unscaled gradients (a GradScaler's scale is
 divided out), and a step the scaler skips stays skipped (its mask does not depend on
-the divisor). Sharded gradients (FSDP2) contribute their local squares, summed over
-the mesh dimensions they are sharded on; DDP's gradients are already all-reduced.
+the divisor). Sharded gradients (FSDP2, tensor parallel) contribute their local
+squares, summed over the mesh dimensions they are sharded on (replicated ones count
+once); DDP's gradients are already all-reduced.
 With the compiled engine on one device, everything after the per-tensor norms is one
 compiled call (:func:`coefficient_into`): GPT-like set, 1 thread, the clipped step went
 from 0.85x to 0.83x of ``clip_grad_norm_`` + torch fused. The norm's read itself runs
@@ -109,16 +110,30 @@ def coefficient_into(
     divisor.copy_(_divisor(coefficient, grad_scale_t))
 
 
-def reduce_sharded(squares: Tensor, like: Any) -> Tensor:
-    """Sum a DTensor gradient's local ``squares`` over the mesh dimensions its
-    placements shard (a collective on the device, no host sync)."""
+def sharded_squared_norm(grads: Sequence[Tensor], params: Sequence[Any]) -> Tensor:
+    """The sum of the squares of the whole gradients whose local shards are ``grads``,
+    placed as ``params``: each placement's local squares summed over the mesh
+    dimensions it shards, and counted once over those it replicates (tensor
+    parallel mixes sharded, replicated and plain parameters in a bucket). FSDP2 over
+    a tensor-parallel mesh shards with ``_StridedShard``, which is no ``Shard``
+    (``is_shard()`` is false): a parameter's placement shards unless it replicates.
+    Collectives on the device, no host sync; every rank issues the same ones in the
+    same order, as the parameters are the same on every rank."""
     import torch.distributed as dist
 
-    mesh = like.device_mesh
-    for dim, placement in enumerate(like.placements):
-        if placement.is_shard():
+    subsets: dict[tuple[int, tuple[int, ...]], tuple[Any, list[Tensor]]] = {}
+    for g, p in zip(grads, params):
+        mesh = getattr(p, "device_mesh", None)
+        placements = () if mesh is None else p.placements
+        dims = tuple(d for d, pl in enumerate(placements) if not pl.is_replicate())
+        subsets.setdefault((id(mesh), dims), (mesh, []))[1].append(g)
+    total = []
+    for (_, dims), (mesh, subset) in subsets.items():
+        squares = squared_norm(subset)
+        for dim in dims:
             dist.all_reduce(squares, group=mesh.get_group(dim))
-    return squares
+        total.append(squares)
+    return torch.stack(total).sum()
 
 
 def clip_divisors(

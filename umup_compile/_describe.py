@@ -33,13 +33,18 @@ def _fan_in_or_dash(p: Tensor) -> int | None:
         return None
 
 
-def render(rows: Sequence[Sequence[Any]], numel: int) -> str:
-    """Render rows under :data:`COLUMNS` as an aligned text table with a totals line."""
-    cells = [list(COLUMNS)] + [[_fmt(v) for v in row] for row in rows]
-    widths = [max(len(r[c]) for r in cells) for c in range(len(COLUMNS))]
+def render(
+    rows: Sequence[Sequence[Any]],
+    numel: int,
+    columns: Sequence[str] = COLUMNS,
+    total_extra: str = "",
+) -> str:
+    """Render rows under ``columns`` as an aligned text table with a totals line."""
+    cells = [list(columns)] + [[_fmt(v) for v in row] for row in rows]
+    widths = [max(len(r[c]) for r in cells) for c in range(len(columns))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append(f"total: {len(rows)} tensors, {numel:,} elements")
+    lines.append(f"total: {len(rows)} tensors, {numel:,} elements{total_extra}")
     return "\n".join(lines)
 
 
@@ -139,34 +144,56 @@ def describe(
 
 
 def optimizer_table(
-    groups: Sequence[dict[str, Any]], config: Callable[[dict[str, Any]], Hashable]
+    groups: Sequence[dict[str, Any]],
+    config: Callable[[dict[str, Any]], Hashable],
+    state: dict[Tensor, dict[str, Any]],
+    predict: Callable[[Tensor, dict[str, Any]], dict[str, Any] | None],
+    state_config: Callable[[Any, dict[str, Any]], Hashable],
 ) -> str:
-    """The table of an optimizer's parameters: factors, effective values, bucket.
+    """The table of an optimizer's parameters: factors, effective values, bucket
+    and state bytes.
 
     Buckets are numbered as the optimizer forms them: by (device, dtype, static
-    config from ``config``, state dtype).
+    config from ``config`` refined by ``state_config``, state dtypes). A parameter
+    without state yet shows the state ``predict`` says its first step makes
+    (``None``: unknown, ``-``).
     """
     buckets: dict[tuple[Any, ...], int] = {}
     rows = []
+    total = 0
     for g, group in enumerate(groups):
         group_config = config(group)
         names = group.get("param_names")
         lr = as_float(group["lr"], "lr")
         weight_decay = as_float(group["weight_decay"], "weight_decay")
         for i, p in enumerate(group["params"]):
-            bucket = buckets.setdefault(
-                (p.device, p.dtype, group_config, group.get("state_dtype")),
-                len(buckets),
+            own = state.get(p) or predict(p, group)
+            nbytes = None if own is None else _nbytes(own)
+            total += nbytes or 0
+            dtypes = tuple(
+                (k, t.dtype) for k, t in sorted((own or {}).items()) if k != "step"
             )
-            rows.append(
-                param_row(
-                    p,
-                    names[i] if names else f"g{g}[{i}]",
-                    lr_scale=group["lr_scales"][i],
-                    lr=lr,
-                    wd_scale=group["wd_scales"][i],
-                    weight_decay=weight_decay,
-                    bucket=bucket,
-                )
+            key = (p.device, p.dtype, state_config(group_config, own or {}), dtypes)
+            bucket = buckets.setdefault(key, len(buckets))
+            row = param_row(
+                p,
+                names[i] if names else f"g{g}[{i}]",
+                lr_scale=group["lr_scales"][i],
+                lr=lr,
+                wd_scale=group["wd_scales"][i],
+                weight_decay=weight_decay,
+                bucket=bucket,
             )
-    return render(rows, sum(p.numel() for g in groups for p in g["params"]))
+            rows.append([*row, nbytes])
+    numel = sum(p.numel() for g in groups for p in g["params"])
+    extra = f", state {total:,} B ({total / max(numel, 1):.3g} B per element)"
+    return render(rows, numel, (*COLUMNS, "state B"), extra)
+
+
+def _nbytes(state: dict[str, Any]) -> int:
+    """The bytes of a parameter's state tensors (a ``DTensor``: its local shard)."""
+    return sum(
+        (t.to_local() if hasattr(t, "to_local") else t).numel() * t.element_size()
+        for t in state.values()
+        if isinstance(t, Tensor)
+    )

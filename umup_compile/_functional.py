@@ -49,12 +49,17 @@ WeightDecayMode = Literal["none", "l2", "decoupled"]
 
 @dataclass(frozen=True)
 class AdamConfig:
-    """Static structure of an Adam bucket; changing it recompiles on purpose."""
+    """Static structure of an Adam bucket; changing it recompiles on purpose.
+
+    ``int8_state``: the moments are 8-bit codes with block scales (the update is
+    ``_quant_step.adam8_step_``; :func:`adam_step_` never sees such a bucket).
+    """
 
     amsgrad: bool = False
     maximize: bool = False
     weight_decay: WeightDecayMode = "none"
     stochastic_rounding: bool = False
+    int8_state: bool = False
 
 
 @dataclass(frozen=True)

@@ -142,11 +142,12 @@ def gather(
     for p, grad, group, config, position in checked:
         s = state[p]
         fresh = spec.init_state(p, grad, s, group)
-        state_dtypes = tuple(s[k].dtype for k in spec.active_keys(config))
-        key = (p.device, p.dtype, config, state_dtypes, grad.dtype)
+        own = spec.state_config(config, s)  # e.g. 8-bit moments (Note [8-bit state])
+        state_dtypes = tuple(s[k].dtype for k in spec.active_keys(own))
+        key = (p.device, p.dtype, own, state_dtypes, grad.dtype)
         bucket = buckets.get(key)
         if bucket is None:
-            bucket = buckets[key] = Bucket(key, config)
+            bucket = buckets[key] = Bucket(key, own)
         bucket.has_scalars |= p.ndim == 0
         bucket.sharded |= isinstance(p, DTensor)
         bucket.params.append(p)
@@ -241,6 +242,7 @@ def _check_state(
         )
     if not s:
         return
+    spec.check_state(p, s, label)
     for key in spec.state_slots:
         t = s.get(key)
         if not isinstance(t, Tensor):
@@ -253,8 +255,8 @@ def _check_state(
                 "inference mode from the start, or clear the parameter's state "
                 "(optimizer.state[p].clear()) to start it again."
             )
-        if key in spec.scalar_keys:
-            continue
+        if key in spec.scalar_keys or key in spec.block_keys:
+            continue  # their shapes are the spec's to check
         if t.shape != p.shape or t.device != p.device:
             raise ValueError(
                 f"state[{key!r}] of {label} has shape {tuple(t.shape)} on "

@@ -17,6 +17,7 @@ from torch import Tensor
 from ._plan import as_float, describe_param, group_scales
 from ._rules import LrScaleFunc
 from ._specs import AlgorithmSpec
+from ._state8 import PARAM_DTYPES
 
 Group = dict[str, Any]
 
@@ -148,11 +149,13 @@ def _check_low_precision(
     """Validate ``state_dtype`` and ``stochastic_rounding`` (Note [low precision])."""
     dtype = group.get("state_dtype")
     if dtype is not None and not (
-        isinstance(dtype, torch.dtype) and dtype.is_floating_point
+        isinstance(dtype, torch.dtype)
+        and (dtype.is_floating_point or dtype == torch.int8)
     ):
         raise TypeError(
-            f"state_dtype must be None (the parameter's dtype) or a floating dtype such "
-            f"as torch.float32, got {dtype!r} (param group {g})."
+            f"state_dtype must be None (the parameter's dtype), a floating dtype such "
+            f"as torch.float32, or torch.int8 (8-bit Adam moments), got {dtype!r} "
+            f"(param group {g})."
         )
     rounding = group.get("stochastic_rounding", False)
     if not isinstance(rounding, bool):
@@ -160,6 +163,12 @@ def _check_low_precision(
             f"stochastic_rounding must be a bool, got {rounding!r} (param group {g})."
         )
     for i, p in enumerate(params):
+        if dtype == torch.int8 and p.dtype not in PARAM_DTYPES:
+            raise ValueError(
+                f"state_dtype=torch.int8 quantizes the moments of float32, bfloat16 "
+                f"and float16 parameters, but {describe_param(p, names[i], g, i)} is "
+                f"{p.dtype}; put it in a param group with state_dtype=None."
+            )
         if rounding and p.dtype == torch.float16:
             raise ValueError(
                 f"stochastic_rounding=True rounds bfloat16 parameters, but "

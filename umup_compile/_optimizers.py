@@ -51,6 +51,9 @@ class Adam(UmupOptimizer, torch.optim.Adam):
         foreach, fused: accepted for compatibility; the engine decides.
         state_dtype: dtype of the moments (``None``: the parameter's), e.g.
             ``torch.float32`` for bf16 parameters; the update is computed in float32.
+            ``torch.int8``: 8-bit moments, int8/uint8 codes with float32 scales per
+            block of 128 elements (``exp_avg_scales``); parameters under 4096
+            elements keep float32 moments (see the low-precision guide).
         stochastic_rounding: round bf16 parameters stochastically on write-back
             (unbiased); the streams are seeded from ``torch.initial_seed()`` at
             construction (group key ``sr_seed``, saved in checkpoints).

@@ -26,12 +26,15 @@ shape of a size.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from ._aliases import flat_alias as _flat
+from ._aliases import rows_alias as _rows_alias
+from ._aliases import same as _same
 from ._layout import (
     PACK_KIND,
     STRIDED_KIND,
@@ -63,6 +66,9 @@ class Unit:
     members: list[int]
     kind: UnitKind
     state_lists: list[list[Tensor]]
+    # How a step passes the members' parameters and gradients (None: as they are
+    # for ``kind.as_is``, else flat aliases); see Note [block rows].
+    alias: Callable[[Tensor], Tensor] | None = None
 
 
 @dataclass
@@ -95,6 +101,8 @@ def build_layout(
     keys: Sequence[str],
     scalar_keys: frozenset[str],
     unrolled: UnrolledKinds,
+    block_keys: frozenset[str] = frozenset(),
+    block: int = 0,
 ) -> Layout:
     """Lay out one bucket, moving its small parameters' state into flat buffers.
 
@@ -103,7 +111,11 @@ def build_layout(
         keys: the state keys the update reads, in the functional's order.
         scalar_keys: keys holding one 0-d tensor per parameter (e.g. ``step``).
         unrolled: the unrolled kinds this optimizer compiled (see ``plan_units``).
+        block_keys: keys holding one row per block of ``block`` elements (8-bit
+            moments' scales); when ``keys`` has one, the layout keeps blocks whole
+            (Note [block rows]).
     """
+    block = block if block_keys & set(keys) else 0
     # A parameter with its negative bit set (a lazy negation, e.g. ``z.conj().imag``)
     # joins the pack, whose copies read and write through the bit: compiled graphs
     # ignore it (Note [what a graph reads]).
@@ -118,7 +130,11 @@ def build_layout(
     planned = plan_units(large, params, unrolled, small)
     placed = {k for members, _ in planned for k in members}
     small = [k for k in small if k not in placed] + sorted(lazy)
-    pack = _build_pack(small, params, states, keys, scalar_keys) if small else None
+    pack = (
+        _build_pack(small, params, states, keys, scalar_keys, block_keys, block)
+        if small
+        else None
+    )
     if strided:
         planned.append((strided, STRIDED_KIND))
     for members, _ in planned:
@@ -127,9 +143,13 @@ def build_layout(
                 states[k][key] = _unit_state(states[k][key], k in large_set)
     units = []
     for members, kind in planned:
-        alias = (lambda t: t) if kind.as_is else _flat
-        lists = [[alias(states[k][key]) for k in members] for key in keys]
-        units.append(Unit(members, kind, lists))
+        rows = _rows_alias(kind, block) if block else None
+        alias = rows or ((lambda t: t) if kind.as_is else _flat)
+        lists = [
+            [(_same if key in block_keys else alias)(states[k][key]) for k in members]
+            for key in keys
+        ]
+        units.append(Unit(members, kind, lists, rows))
     return Layout(pack, units)
 
 
@@ -148,19 +168,6 @@ def _unit_state(t: Tensor, large: bool) -> Tensor:
     return t
 
 
-def _flat(t: Tensor) -> Tensor:
-    """A 1-D alias of contiguous ``t`` that is not a view (0-d: one element).
-
-    Dynamo guards on a view's base (its sizes and strides), so flat views of
-    differently shaped parameters would recompile; an alias made with ``set_`` shares
-    the storage without a base. It also never is 0-d (see ``_runner``).
-    """
-    flat = t.new_empty(0)
-    return flat.set_(
-        t.untyped_storage(), t.storage_offset(), (max(t.numel(), 1),), (1,)
-    )
-
-
 def _row_width(numels: Sequence[int]) -> int:
     """The widest row that at least 3/4 of the members fill without padding."""
     for width in ROW_WIDTHS:
@@ -175,14 +182,17 @@ def _build_pack(
     bucket_states: Sequence[State],
     keys: Sequence[str],
     scalar_keys: frozenset[str],
+    block_keys: frozenset[str],
+    block: int,
 ) -> Pack:
     """Small parameters in rows, each starting a row (see Note [pack copies]).
 
     Rows let the kernel gather coefficients once per row (see ``_coefficients`` in
     ``_functional``); the padding (less than a row per parameter) stays zero in
-    gradients and parameters and is never read back.
+    gradients and parameters and is never read back. With 8-bit moments (``block``)
+    a row is one block: the rows of a block key's buffer are the members' own.
     """
-    width = _row_width([bucket_params[k].numel() for k in members])
+    width = block or _row_width([bucket_params[k].numel() for k in members])
 
     by_shape: dict[tuple[int, ...], list[int]] = {}  # equal shapes side by side
     for k in members:
@@ -215,6 +225,13 @@ def _build_pack(
         if key in scalar_keys:
             flat = torch.stack([s[key].reshape(()) for s in states])
             views = list(flat.unbind())
+        elif key in block_keys:
+            tail = states[0][key].shape[1:]
+            flat = torch.zeros(rows, *tail, dtype=states[0][key].dtype, device=device)
+            views = [flat[a : a + n] for a, n in zip(firsts, row_counts)]
+            torch._foreach_copy_(
+                views, [s[key].reshape(v.shape) for s, v in zip(states, views)]
+            )
         else:
             flat = torch.zeros(rows, width, dtype=states[0][key].dtype, device=device)
             views = _views(flat, offsets, params)
@@ -324,6 +341,13 @@ def unit_lists(unit: Unit, params: list[Tensor], grads: list[Tensor]) -> TensorL
     torch.autograd.graph.increment_version(params)
     # A gradient's negative bit (a lazy negation) is resolved: graphs ignore it.
     grads = list(map(_RESOLVE_NEG, grads))
+    alias = unit.alias
+    if alias is not None:  # Note [block rows]
+        return (
+            list(map(alias, params)),
+            [alias(g.contiguous()) for g in grads],
+            *unit.state_lists,
+        )
     if unit.kind.as_is:
         return (list(params), list(map(_CONTIGUOUS, grads)), *unit.state_lists)
     return (

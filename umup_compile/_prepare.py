@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._calls import BucketPlan, Call, bucket_call, list_view
+from ._calls import BucketPlan, Call, bucket_call, list_view, placed_like
 from ._gather import Bucket
 from ._pack import pack_in, unit_lists
 from ._specs import AlgorithmSpec
@@ -32,7 +32,7 @@ class Work:
     kwargs: dict[str, Any]
     device: torch.device
     call: Call | None  # None: run the update eagerly (not through the engine)
-    sharded: Any = None  # a DTensor gradient of a sharded bucket (its placements)
+    sharded: Any = None  # a sharded bucket's parameters (their placements)
 
     @property
     def grads(self) -> Sequence[Tensor]:
@@ -92,6 +92,8 @@ def call_args(
     elif call.unit is not None:
         lists = unit_lists(call.unit, call.params, grads)
     else:
+        if plan.bucket.sharded:  # Note [sharded parameters]
+            grads = placed_like(plan.bucket.params, grads)
         lists = (call.params, list_view(plan.bucket, grads), *call.state_lists)
     by_key = dict(zip(plan.keys, lists[2:]))
     f = call.factors
@@ -122,8 +124,9 @@ def call_kwargs(
 
 
 def sharded(bucket: Bucket, grads: Sequence[Tensor]) -> Any:
-    """A DTensor gradient of a sharded bucket (for its placements), else None."""
-    return grads[0] if bucket.sharded and grads else None
+    """A sharded bucket's parameters, whose placements its gradients take (for
+    clipping's reductions), else None."""
+    return bucket.params if bucket.sharded and grads else None
 
 
 def amp_kwargs(

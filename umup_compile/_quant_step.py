@@ -33,8 +33,14 @@ value), not the exact max of the new values. Every new value ``v + (1 - beta2) *
 - v)`` is below it, so the block's first inner loop reduces ``g**2`` (one load, one
 multiply) instead of decoding and updating ``v`` a second time, and its codes need no
 division (``_quant.encode_unsigned_below``). The log code's relative precision does not
-depend on the scale; a looser scale only moves the 32 octaves the codes span up by
-the bound's slack (``benchmarks/quant8_train.py`` measures both on real training). The
+depend on the scale (each value within 1/16 of itself); a looser scale only moves the
+32 octaves the codes span up by the bound's slack, and the block's largest value no
+longer encodes exactly (its error is up to 1/16 of it, 1/32 with the exact max). The
+scale never comes down: once ``max(g**2)`` falls below it, the bound lies between
+``beta2 * s`` and ``s``, which rounds up to ``s`` again. Values more than 32 octaves
+below the largest bound a block has seen store as 0 (``v`` only: the step then divides
+by ``eps``). ``python -m benchmarks quant8-train --exact-v-scale`` trains with both
+scales and reports the slack in octaves and the fraction of ``v`` stored as 0. The
 first moment keeps its exact absmax: its codes are linear, and a looser scale would
 cost them bits.
 """
@@ -46,7 +52,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._functional import AdamConfig, _unscale, adam_prologue
+from ._functional import AdamConfig, _noise, _store, _unscale, adam_prologue
 from ._quant import (
     BLOCK,
     block_rows,
@@ -73,6 +79,8 @@ def adam8_step_(
     config: AdamConfig,
     block: int = BLOCK,
     segment_t: Tensor | None = None,
+    local_index_t: Tensor | None = None,
+    sr_seeds_t: Tensor | None = None,
     grad_scale_t: Tensor | None = None,
     found_inf_t: Tensor | None = None,
 ) -> None:
@@ -89,23 +97,26 @@ def adam8_step_(
             bound]).
         steps, hyper_t, group_index_t, lr_scales_t, wd_scales_t, grad_scale_t,
             found_inf_t: as for :func:`~umup_compile._functional.adam_step_`.
-        config: static structure (``amsgrad`` and ``stochastic_rounding`` are not
-            supported with 8-bit moments).
+        config: static structure (``amsgrad`` is not supported with 8-bit
+            moments; ``stochastic_rounding`` rounds bf16 parameters, the codes
+            round to nearest).
         block: elements per block: consecutive elements of the flattened tensor.
         segment_t: for a pack, as for ``adam_step_``: ``block`` must then be the
             pack's row width, so that each row is one block.
+        local_index_t, sr_seeds_t: as for ``adam_step_`` (stochastic rounding of
+            bf16 parameters, the same streams as with float32 state).
 
     Raises:
-        ValueError: for ``amsgrad`` or ``stochastic_rounding``.
+        ValueError: for ``amsgrad``.
     """
-    if config.amsgrad or config.stochastic_rounding:
+    if config.amsgrad:
         raise ValueError(
-            "8-bit moments support neither amsgrad nor stochastic_rounding: keep "
-            "float32 state for them (state_dtype=torch.float32)"
+            "8-bit moments do not support amsgrad: keep float32 state for it "
+            "(state_dtype=torch.float32)"
         )
     if not params:
         return
-    skip, _, _, coefficients = adam_prologue(
+    skip, step, _, coefficients = adam_prologue(
         params[0].dtype,
         torch.float32,
         steps,
@@ -122,14 +133,20 @@ def adam8_step_(
     weight1s, weight2s, root_scales, eps_scaleds, l2s, decays = (
         tuple(row.unbind()) for row in table
     )
+    noise = _noise(sr_seeds_t, step, segment_t, local_index_t, params)
     for i, param in enumerate(params):
         n = param.numel()
-        for p_rows, g_rows, m_rows, v_rows, s_rows in zip(
+        keys = noise[i][1:] if noise else ()
+        index_rows: list[Tensor | None] = (
+            list(block_rows(noise[i][0], block)) if noise else [None] * 2
+        )
+        for p_rows, g_rows, m_rows, v_rows, s_rows, i_rows in zip(
             block_rows(param, block),
             block_rows(grads[i], block),
             block_rows(exp_avgs[i], block),
             block_rows(exp_avg_sqs[i], block),
             scale_rows(scales[i], n, block),
+            index_rows,
         ):
             grad = _unscale(g_rows.to(torch.float32), grad_scale_t, config.maximize)
             p = p_rows.to(torch.float32)
@@ -147,7 +164,8 @@ def adam8_step_(
             v = decode_unsigned(v_rows, old_top)
             square = grad.square()
             v = v + weight2s[i] * (square - v)
-            p_rows.copy_(p.addcdiv(m, v.sqrt() * root_scales[i] + eps_scaleds[i]))
+            p = p.addcdiv(m, v.sqrt() * root_scales[i] + eps_scaleds[i])
+            _store(p_rows, p, None if i_rows is None else (i_rows, *keys))
             m_codes, m_scale = encode_signed(m)
             # Note [second-moment bound]
             bound = old_top + weight2s[i] * (square.amax(-1, keepdim=True) - old_top)

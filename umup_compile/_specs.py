@@ -10,6 +10,7 @@ subclass. Adding an algorithm means one spec and one functional update.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
@@ -23,10 +24,18 @@ from ._functional import (
     AdamConfig,
     SGDConfig,
     WeightDecayMode,
-    adam_step_,
     sgd_step_,
 )
 from ._plan import as_float, check_tensor_scalar
+from ._quant import BLOCK
+from ._state8 import (
+    INT8,
+    SCALES_KEY,
+    adam_update_,
+    check_state8,
+    float_state_dtype,
+    init_state8_,
+)
 
 Group = dict[str, Any]
 State = dict[str, Any]
@@ -64,6 +73,13 @@ class AlgorithmSpec:
         fresh_matters: whether, for a config, a step that creates state must tell
             the update which state is new (SGD's first momentum step, run eagerly).
         rounds: whether a config rounds bf16 parameters stochastically.
+        state_config: a parameter's config, given its group's and its state (8-bit
+            moments, Note [8-bit state], are a parameter's own structure).
+        check_state: raise ``ValueError`` for existing state the update cannot
+            follow, beyond the shapes the gatherer checks (``label`` names it).
+        block_keys: state keys holding one row per block of :attr:`block` elements
+            (not shaped like the parameter).
+        block: the elements per block of :attr:`block_keys` (0: none).
     """
 
     name: str
@@ -82,6 +98,21 @@ class AlgorithmSpec:
     check_group: Callable[[Group, str], None]
     fresh_matters: Callable[[Any], bool]
     rounds: Callable[[Any], bool]
+    state_config: Callable[[Any, State], Hashable] = lambda config, state: config
+    check_state: Callable[[Tensor, State, str], None] = lambda p, state, label: None
+    block_keys: frozenset[str] = frozenset()
+    block: int = 0
+
+    def predict_state(self, p: Tensor, group: Group) -> State | None:
+        """The state a first step makes for ``p`` (tensors on the meta device, the
+        step counter's on the CPU): its dtypes and sizes. None for a sharded
+        parameter (``describe`` shows its state once it exists)."""
+        if hasattr(p, "device_mesh"):
+            return None
+        meta = torch.empty_like(p, device="meta")
+        state: State = {}
+        self.init_state(meta, meta, state, group)
+        return state
 
 
 def step_dtype() -> torch.dtype:
@@ -92,8 +123,8 @@ def step_dtype() -> torch.dtype:
 
 
 def _zeros_state(p: Tensor, group: Group) -> Tensor:
-    """A zero state tensor like ``p``, in the group's ``state_dtype``."""
-    dtype = group.get("state_dtype") or p.dtype
+    """A zero state tensor like ``p``, in the group's (floating) ``state_dtype``."""
+    dtype = float_state_dtype(group.get("state_dtype"), p)
     return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
 
@@ -145,6 +176,19 @@ def _adam_check(group: Group, where: str) -> None:
                 f"({where}); betas must lie in [0, 1)."
             )
     _check_exclusive_flags(group, where)
+    if group.get("state_dtype") == INT8:
+        if group["amsgrad"]:
+            raise ValueError(
+                f"amsgrad=True keeps the running maximum of the second moment, which "
+                f"state_dtype=torch.int8 cannot hold ({where}); pass amsgrad=False, or "
+                "state_dtype=torch.float32 (or None) for amsgrad."
+            )
+        if group.get("differentiable"):
+            raise ValueError(
+                f"differentiable=True cannot differentiate through 8-bit codes "
+                f"({where}); pass state_dtype=None (or a floating dtype) with "
+                "differentiable=True."
+            )
 
 
 def _adam_config(group: Group) -> AdamConfig:
@@ -185,15 +229,25 @@ def _adam_init(p: Tensor, grad: Tensor, state: State, group: Group) -> bool:
     created = "step" not in state
     if created:
         state["step"] = torch.zeros((), dtype=step_dtype(), device=_step_device(p))
-        state["exp_avg"] = _zeros_state(p, group)
-        state["exp_avg_sq"] = _zeros_state(p, group)
+        if group.get("state_dtype") != INT8 or not init_state8_(p, state):
+            state["exp_avg"] = _zeros_state(p, group)
+            state["exp_avg_sq"] = _zeros_state(p, group)
     if group["amsgrad"] and "max_exp_avg_sq" not in state:
         state["max_exp_avg_sq"] = _zeros_state(p, group)
         created = True
     return created
 
 
+def _adam_state_config(config: AdamConfig, state: State) -> AdamConfig:
+    """8-bit moments (Note [8-bit state]) where the state has scales."""
+    if SCALES_KEY in state:
+        return dataclasses.replace(config, int8_state=True)
+    return config
+
+
 def _adam_keys(config: AdamConfig) -> tuple[str, ...]:
+    if config.int8_state:
+        return ("exp_avg", "exp_avg_sq", SCALES_KEY, "step")
     if config.amsgrad:
         return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step")
     return ("exp_avg", "exp_avg_sq", "step")
@@ -201,7 +255,7 @@ def _adam_keys(config: AdamConfig) -> tuple[str, ...]:
 
 ADAM = AlgorithmSpec(
     name="Adam",
-    update=adam_step_,
+    update=adam_update_,
     hyper_names=ADAM_HYPERS,
     hyper_columns=(
         ("lr", None),
@@ -219,7 +273,7 @@ ADAM = AlgorithmSpec(
     ),
     config=_adam_config,
     traced_config=_adam_traced_config,
-    state_slots=("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "step"),
+    state_slots=("exp_avg", "exp_avg_sq", "max_exp_avg_sq", SCALES_KEY, "step"),
     active_keys=_adam_keys,
     scalar_keys=frozenset({"step"}),
     init_state=_adam_init,
@@ -228,6 +282,10 @@ ADAM = AlgorithmSpec(
     check_group=_adam_check,
     fresh_matters=lambda config: False,
     rounds=lambda config: bool(config.stochastic_rounding),
+    state_config=_adam_state_config,
+    check_state=check_state8,
+    block_keys=frozenset({SCALES_KEY}),
+    block=BLOCK,
 )
 
 
@@ -246,6 +304,12 @@ def _sgd_check(group: Group, where: str) -> None:
             f"Nesterov momentum requires a momentum and zero dampening ({where})."
         )
     _check_exclusive_flags(group, where)
+    if group.get("state_dtype") == INT8:
+        raise ValueError(
+            f"state_dtype=torch.int8 (8-bit moments) is supported by Adam and AdamW, "
+            f"not by SGD ({where}); pass state_dtype=None or a floating dtype such as "
+            "torch.bfloat16 for SGD's momentum buffer."
+        )
 
 
 def _sgd_config(group: Group) -> SGDConfig:
@@ -278,12 +342,15 @@ def _sgd_init(p: Tensor, grad: Tensor, state: State, group: Group) -> bool:
     # where it creates a buffer.
     if state.get("momentum_buffer") is None and group["momentum"] != 0:
         # torch starts the buffer as a clone of the (weight-decayed) gradient: its
-        # layout, and the dtype of ``grad + weight_decay * p``.
+        # layout, and the dtype of ``grad + weight_decay * p``. A DTensor gradient
+        # placed unlike its parameter (tensor parallel) gives the parameter's
+        # placements: the update runs on local shards (Note [sharded parameters]).
         dtype = grad.dtype
         if group["weight_decay"] != 0:
             dtype = torch.promote_types(dtype, p.dtype)
+        placed = getattr(grad, "placements", None) == getattr(p, "placements", None)
         state["momentum_buffer"] = torch.zeros_like(
-            grad,
+            grad if placed else p,
             dtype=group.get("state_dtype") or dtype,
             memory_format=torch.preserve_format,
         )

@@ -18,7 +18,7 @@ from torch import Tensor
 from ._clip import (
     clip_divisors,
     coefficient_into,
-    reduce_sharded,
+    sharded_squared_norm,
     squared_norm,
     tensor_norms,
 )
@@ -66,10 +66,10 @@ class StepClip:
             return
         squares = []
         for work in works:
-            sq = squared_norm(work.grads)
             if work.sharded is not None:
-                sq = reduce_sharded(sq, work.sharded)
-            squares.append(sq)
+                squares.append(sharded_squared_norm(work.grads, work.sharded))
+            else:
+                squares.append(squared_norm(work.grads))
         scales = {d: kw.get("grad_scale_t") for d, kw in amp.items()}
         divisors, self.last_grad_norm = clip_divisors(
             squares, self.max_grad_norm, scales

@@ -10,7 +10,9 @@ step (``_steady``).
 Internals read: Dynamo's ``torch._C._dynamo.guards.TensorGuards`` (the check behind
 Dynamo's tensor guards; its ``check(*tensors)`` loops in C++). A self-test on import
 confirms it reports each change this module relies on; where it is missing or
-reports otherwise, the same checks run as Python ``map``\\ s (slower, same answers).
+reports otherwise, or while the thread's dispatch state differs from the one the
+reference was taken under (a dispatch mode, autocast), the same checks run in Python
+(slower, same answers).
 """
 
 from __future__ import annotations
@@ -57,20 +59,28 @@ class TensorsLike:
     ) -> None:
         self._n = len(tensors)
         self._sizes, self._strides = sizes, strides
-        self._guards = None
-        if _USE_GUARDS:
-            self._guards = _guards(tensors, sizes, strides)
-        if self._guards is None:
-            self._meta = [_python_meta(t, sizes, strides) for t in tensors]
+        self._guards = _guards(tensors, sizes, strides) if _USE_GUARDS else None
+        # Dynamo's check compares dispatch keys under the thread's dispatch state:
+        # under another one (a dispatch mode, autocast) the Python checks answer.
+        self._tls = _tls()
+        self._meta = [_python_meta(t, sizes, strides) for t in tensors]
 
     def matches(self, tensors: Sequence[Tensor]) -> bool:
         """Whether ``tensors`` (as many, in the same order) match the reference."""
         if len(tensors) != self._n:
             return False
-        if self._guards is not None:
+        if self._guards is not None and _tls() == self._tls:
             return bool(self._guards.check(*tensors))
         sizes, strides = self._sizes, self._strides
         return [_python_meta(t, sizes, strides) for t in tensors] == self._meta
+
+
+def _tls() -> tuple[Any, Any]:
+    """The thread's dispatch keys included and excluded (modes, autocast)."""
+    return (
+        torch._C._dispatch_tls_local_include_set(),
+        torch._C._dispatch_tls_local_exclude_set(),
+    )
 
 
 def _guards(tensors: Sequence[Tensor], sizes: bool, strides: bool) -> Any:

@@ -1,4 +1,5 @@
-"""examples/distributed_train.py runs under torchrun with 2 CPU processes."""
+"""examples/distributed_train.py runs under torchrun with 2 CPU processes (4 for
+``--mode fsdp-tp``: 2 data-parallel groups of 2 tensor-parallel ranks)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,17 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # slow: under a full pytest run, torchrun once left rank 0 waiting for a rank 1 that
 # never appeared (120 s timeout; alone it passes in ~10 s). The same training runs in
-# every default run through tests/distributed/test_ddp.py and test_fsdp2*.py.
+# every default run through tests/distributed/test_ddp.py, test_fsdp2*.py and
+# test_tensor_parallel.py.
+MODES = [("ddp", 2), ("fsdp2", 2), ("tp", 2), ("fsdp-tp", 4)]  # (mode, processes)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
-def test_example_distributed_train_runs(mode: str) -> None:
+@pytest.mark.parametrize("mode,procs", MODES, ids=[mode for mode, _ in MODES])
+def test_example_distributed_train_runs(mode: str, procs: int) -> None:
     cmd = [
         *(sys.executable, "-m", "torch.distributed.run"),
-        *("--standalone", "--nproc-per-node", "2"),  # --standalone: a free port
+        *("--standalone", "--nproc-per-node", str(procs)),  # --standalone: a free port
         *("examples/distributed_train.py", "--mode", mode, "--steps", "3"),
         "--no-compile",
     ]
