@@ -75,6 +75,19 @@ WORKLOADS = {
         "8-bit Adam state (state_dtype=torch.int8) vs float32 state: training loss on "
         "unit_scaling's TransformerDecoder and the demo model, quantization errors",
     ),
+    "quant8-kernel": Workload(
+        "benchmarks.bench_quant8",
+        "the 8-bit Adam update alone on the GPT-like set (one static graph) vs torch "
+        "fused on float32 state, torchao's and bitsandbytes' AdamW8bit",
+    ),
+    "quant-maps": Workload(
+        "benchmarks.quant_maps",
+        "8-bit code maps for Adam's moments, emulated: training loss and errors per map",
+    ),
+    "sr-shapes": Workload(
+        "benchmarks.bench_sr_shapes",
+        "stochastic rounding's cost on two GPT-like shapes (bf16 params, float32 state)",
+    ),
     "transfer": Workload(
         "benchmarks.transfer",
         "learning-rate transfer across width: u-muP (unit_scaling's model, our AdamW) "

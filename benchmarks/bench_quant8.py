@@ -27,10 +27,10 @@ caches off so that no variant reuses another's kernels):
 - ``none of them``: all three undone (the coefficient table stays).
 
 Examples:
-    python -m benchmarks.bench_quant8 --threads 1
-    python -m benchmarks.bench_quant8 --threads 2 --no-peers
-    python -m benchmarks.bench_quant8 --threads 1 --no-peers --ablate
-    python -m benchmarks.bench_quant8 --smoke --out /tmp/q8
+    python -m benchmarks quant8-kernel --threads 1
+    python -m benchmarks quant8-kernel --threads 2 --no-peers
+    python -m benchmarks quant8-kernel --threads 1 --no-peers --ablate
+    python -m benchmarks quant8-kernel --smoke --out /tmp/q8
 """
 
 from __future__ import annotations
@@ -256,9 +256,9 @@ def _paired(t: timer.Timing, base: timer.Timing) -> float:
     return statistics.median(a / b for a, b in zip(t.samples, base.samples))
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.bench_quant8",
+        prog="python -m benchmarks quant8-kernel",
         description=(__doc__ or "").split("\n\n")[0],
     )
     parser.add_argument("--threads", type=int, default=1)
@@ -275,6 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.smoke:
         args.repeats, args.warmup, args.peers = 2, 1, False
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     head = common.header(torch.device("cpu"))
     built = build(args)
@@ -345,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- 8-bit graph: {nests} outer loop nests over blocks in the generated C++ "
         f"for {len(adam8.params)} tensors (one per tensor: a single pass), "
         f"{prefetches} prefetch lines (Note [row prefetch])\n"
-        f"- command: `python -m benchmarks.bench_quant8 {command}`\n\n"
+        f"- command: `python -m benchmarks quant8-kernel {command}`\n\n"
         + common.markdown_table(rows, COLUMNS)
         + "\n"
     )

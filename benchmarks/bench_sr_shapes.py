@@ -7,8 +7,8 @@ tensors). Each step is timed by wall clock and by the thread's CPU time (on a ma
 shared with other jobs, CPU time is the steadier of the two), interleaved, medians.
 
 Examples:
-    python -m benchmarks.bench_sr_shapes --threads 1 --repeats 21
-    python -m benchmarks.bench_sr_shapes --smoke --out /tmp/sr
+    python -m benchmarks sr-shapes --threads 1 --repeats 21
+    python -m benchmarks sr-shapes --smoke --out /tmp/sr
 """
 
 from __future__ import annotations
@@ -49,16 +49,20 @@ def _optimizer(d: int, layers: int, vocab: int, sr: bool) -> torch.optim.Optimiz
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.bench_sr_shapes",
+        prog="python -m benchmarks sr-shapes",
         description=(__doc__ or "").split("\n\n")[0],
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--smoke", action="store_true", help="tiny sets, 2 repeats")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     sets = {k: (64, 1, 256) for k in SETS} if args.smoke else SETS
     repeats = 2 if args.smoke else args.repeats
@@ -109,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         "# Stochastic rounding: SR step / non-SR step per parameter set\n\n"
         + "\n".join(f"- {k}: {x}" for k, x in head.items())
         + f"\n- {repeats} interleaved steps each, medians\n"
-        + f"- command: `python -m benchmarks.bench_sr_shapes {command}`\n\n"
+        + f"- command: `python -m benchmarks sr-shapes {command}`\n\n"
         + table
         + "\n"
     )

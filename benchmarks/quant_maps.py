@@ -18,8 +18,8 @@ unbiased in value. Zero encodes to code 0, which decodes to 0; nothing decodes b
 
 Writes ``<date>_quant_maps_t<threads>[_TAG].{md,csv}`` and ``..._errors.csv`` (per
 step) under ``--out`` (default ``benchmarks/results/<device>/``). Examples:
-    python -m benchmarks.quant_maps --threads 1
-    python -m benchmarks.quant_maps --smoke --out /tmp/qm
+    python -m benchmarks quant-maps --threads 1
+    python -m benchmarks quant-maps --smoke --out /tmp/qm
 """
 
 from __future__ import annotations
@@ -263,7 +263,7 @@ def demo_run(
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.quant_maps",
+        prog="python -m benchmarks quant-maps",
         description=(__doc__ or "").split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         f"each step; ok: mean loss of the last {TAIL} steps <= {LIMIT} % above fp32's",
         "errors: |dequantized - exact| / block absmax; max over the steps, mean rms",
         f"load average at end: {os.getloadavg()}; wall {time.perf_counter() - t0:.0f} s",
-        f"command: `python -m benchmarks.quant_maps {command}`",
+        f"command: `python -m benchmarks quant-maps {command}`",
     ]
     md = "# benchmarks.quant_maps: 8-bit Adam moments, which code map trains\n\n"
     md += "(smoke sizes: the numbers mean nothing)\n\n" if args.smoke else ""
