@@ -20,11 +20,9 @@ and windows (each its own copy of ``adam8_step_`` and its own compile, Inductor'
 caches off so that no variant reuses another's kernels):
 
 - ``no prefetch``: compiled without Note [row prefetch]'s prefetches;
-- ``exact v scale``: the second moment's scale the block's exact max (``encode_unsigned``),
-  not Note [second-moment bound]'s power of two;
 - ``plain codes``: ``round``/``clamp`` and ``torch.where`` (the first formulation) in
   place of Note [cheap codes];
-- ``none of them``: all three undone (the coefficient table stays).
+- ``none of them``: both undone (the coefficient table stays).
 
 Examples:
     python -m benchmarks quant8-kernel --threads 1
@@ -83,15 +81,10 @@ def _plain_decode_unsigned(codes: Tensor, top: Tensor) -> Tensor:
     return torch.where(c == 0, 0.0, u) * top
 
 
-def _exact_v_scale(v: Tensor, bound: Tensor) -> tuple[Tensor, Tensor]:
-    return _quant.encode_unsigned(v)
-
-
 # variant -> (prefetch, replaced globals of adam8_step_)
 VARIANTS: dict[str, tuple[bool, dict[str, Any]]] = {
     "umup 8-bit": (True, {}),
     "umup 8-bit no prefetch": (False, {}),
-    "umup 8-bit exact v scale": (True, {"encode_unsigned_below": _exact_v_scale}),
     "umup 8-bit plain codes": (
         True,
         {
@@ -102,7 +95,6 @@ VARIANTS: dict[str, tuple[bool, dict[str, Any]]] = {
     "umup 8-bit none of them": (
         False,
         {
-            "encode_unsigned_below": _exact_v_scale,
             "encode_signed": _plain_encode_signed,
             "decode_unsigned": _plain_decode_unsigned,
         },

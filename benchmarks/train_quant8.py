@@ -17,10 +17,8 @@ codes are decoded; the error is ``|decoded - exact| / the block's absmax`` (of t
 exact moment), max and RMS over every 8-bit element, and ``v_zeroed`` the fraction of
 non-zero exact ``v`` stored as code 0. After training, ``v_slack_oct``: how many
 octaves each block's second-moment scale lies above its largest decoded value (median
-and max over the blocks): Note [second-moment bound]'s scale is a power of two that
-never comes down, and the codes span 32 octaves below it. ``--exact-v-scale`` also
-trains 8-bit state with the second moment's scale the block's exact max (the first
-formulation, ``_quant.encode_unsigned``). The compiled engine by default (``--eager``:
+and max over the blocks; 0 while the scale is the exact max, Note [second-moment
+scale]: the codes span 32 octaves below it). The compiled engine by default (``--eager``:
 the eager engine, the same codes).
 
 Writes ``<date>_quant8_train_t<threads>[_TAG].{md,csv}`` and ``..._errors.csv`` (per
@@ -39,8 +37,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -52,28 +49,16 @@ import umup_compile.optim as uo
 from benchmarks import common
 from benchmarks import transfer_model as transfer
 from benchmarks.quant_maps import LIMIT, TAIL, demo_loss
-from umup_compile import _quant_step, demo
-from umup_compile._quant import BLOCK, dequantize, encode_unsigned
+from umup_compile import demo
+from umup_compile._quant import BLOCK, dequantize
 
-STATES = {"float32": torch.float32, "int8": torch.int8, "int8 exact-v": torch.int8}
+STATES = {"float32": torch.float32, "int8": torch.int8}
 COLUMNS = (
     "model state tail_loss vs_fp32_pct ok m_err_max m_err_rms v_err_max v_err_rms "
     "v_zeroed_max v_slack_oct state_B_per_param run_s"
 ).split() + common.RUN_COLUMNS
 ERROR_COLUMNS = "model state step loss m_max m_rms v_max v_rms v_zeroed".split()
 Errors = tuple[float, float, float, float, float]
-
-
-@contextmanager
-def _exact_v_scale() -> Iterator[None]:
-    """The update with the second moment's scale its block's exact max (the first
-    formulation) instead of Note [second-moment bound]'s power of two."""
-    original = _quant_step.encode_unsigned_below
-    _quant_step.encode_unsigned_below = lambda v, bound: encode_unsigned(v)  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        _quant_step.encode_unsigned_below = original
 
 
 def _decode(state: dict[str, Any]) -> tuple[Tensor, Tensor]:
@@ -241,11 +226,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--demo-depth", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--eager", action="store_true", help="the eager engine")
-    parser.add_argument(
-        "--exact-v-scale",
-        action="store_true",
-        help="also 8-bit state with the second moment's exact block max as its scale",
-    )
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--tag", default="")
     parser.add_argument(
@@ -304,11 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     for model_name, run in models:
         base = None
         for state in STATES:
-            if state == "int8 exact-v" and not args.exact_v_scale:
-                continue
             t1 = time.perf_counter()
-            with _exact_v_scale() if state == "int8 exact-v" else nullcontext():
-                losses, errs, slack, opt = run(state)
+            losses, errs, slack, opt = run(state)
             row = summarize(model_name, state, losses, errs, base)
             row["v_slack_oct"] = slack
             row["state_B_per_param"] = f"{_state_bytes_per_param(opt):.3f}"
@@ -350,13 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         f"demo: TinyUmupLM(256, {args.demo_width}, {args.demo_depth}), "
         f"{args.demo_steps} steps x 4 x 24 bytes, lr 0.2, wd 1e-4, the demo's schedule",
         f"optimizer: umup_compile.optim.AdamW, {engine} engine, state_dtype "
-        f"torch.int8 vs torch.float32"
-        + (
-            " (int8 exact-v: v's scale the exact block max)"
-            if args.exact_v_scale
-            else ""
-        )
-        + f"; ok: mean loss of the last {TAIL} steps <= "
+        f"torch.int8 vs torch.float32; ok: mean loss of the last {TAIL} steps <= "
         f"{LIMIT} % above float32 state's",
         "errors: |decoded - exact| / block absmax of each 8-bit moment after each "
         "step; max over the steps, mean of the per-step rms; v_zeroed: the largest "

@@ -21,11 +21,8 @@ results in ``benchmarks/results/<device>/*_quant_maps_*``):
   is integer adds and shifts on the bit pattern: no table, no search, and no square
   root beyond the update's own (a ``v^(1/4)`` map trains as well but needs a second one
   per element, and the update is compute-bound on CPU). Its error is at most 1/16 of
-  the value (half a step). The scale is any float32 at least the block's largest
-  value: :func:`quantize_` stores the exact max; the update stores a power of two
-  above a bound it knows before the block's values (Note [second-moment bound]). A
-  log code's relative precision does not depend on the scale, only where its 32
-  octaves start.
+  the value (half a step); scale = the block's max (Note [second-moment scale] in
+  ``_quant_step``).
 
 A zero moment encodes to code 0, which decodes to 0; no code decodes below 0. Scales
 get :data:`SCALE_FLOOR` added before their reciprocal is taken (which changes no scale
@@ -67,12 +64,6 @@ LOG_BIAS = 761  # code c >= 1 is the float32 with bits (c + LOG_BIAS) << 20
 MANTISSA_SHIFT = 20  # keeps the exponent and 3 mantissa bits
 ROUNDER = 12582912.0  # 1.5 * 2**23: adding it rounds |x| < 2**22 to an integer
 ROUNDER_BITS = 0x4B400000  # ... which its bits' low 23 bits then hold
-# A power of two scale P gives a second-moment code without a division:
-# code = (bits(v) - bits(P) + bits(1.0) + 2**19 - (LOG_BIAS << 20)) >> 20.
-CODE_OFFSET = 0x3F800000 + (1 << (MANTISSA_SHIFT - 1)) - (LOG_BIAS << MANTISSA_SHIFT)
-EXPONENT_BITS = 0x7F800000
-MANTISSA_BITS = 0x007FFFFF
-POW2_FLOOR_BITS = 0x10000000  # 2**-95: below it, v = 0's bits would not encode to 0
 SIGNED_DTYPE = torch.int8
 UNSIGNED_DTYPE = torch.uint8
 
@@ -145,24 +136,6 @@ def encode_unsigned(v: Tensor) -> tuple[Tensor, Tensor]:
     position = (bits + (1 << (MANTISSA_SHIFT - 1))) >> MANTISSA_SHIFT
     codes = (position - LOG_BIAS).clamp(0, UNSIGNED_TOP).to(UNSIGNED_DTYPE)
     return codes, top
-
-
-def encode_unsigned_below(v: Tensor, bound: Tensor) -> tuple[Tensor, Tensor]:
-    """uint8 log codes of non-negative float32 rows ``v`` against a power of two
-    ``P >= bound`` (each row's ``(rows, 1)`` bound on its values), and ``P`` as the
-    rows' scales (0 where the bound is 0, at least ``2**-95`` elsewhere).
-
-    ``v / P`` is exact, so its code is integer ops on ``v``'s bits (CODE_OFFSET):
-    no reciprocal, no multiply. Values below ``2**-126`` (subnormal) encode coarsely
-    (their bits are not logarithmic); blocks that small hold nothing an update uses.
-    """
-    # Rounds up to a power of two (a bound of 0 gives 0, +inf stays +inf).
-    p_bits = (bound.view(torch.int32) + MANTISSA_BITS) & EXPONENT_BITS
-    p_bits = p_bits.clamp_min(POW2_FLOOR_BITS)
-    # v >= +0, so its bits are >= 0 and the sum cannot wrap; v <= P keeps it <= 255.
-    position = (v.view(torch.int32) + (CODE_OFFSET - p_bits)) >> MANTISSA_SHIFT
-    codes = position.clamp_min(0).to(UNSIGNED_DTYPE)
-    return codes, torch.where(bound > 0, p_bits.view(torch.float32), 0.0)
 
 
 def quantize_(

@@ -27,22 +27,17 @@ The loop is compute-bound on CPU, not bound by its bytes: every vector instructi
 counts (Note [cheap codes]), and the compiled engine's hints prefetch the next blocks'
 rows (Note [row prefetch] in ``_codegen_hints``). Measured (``benchmarks/bench_quant8``).
 
-Note [second-moment bound]: the second moment's new scale is a power of two at least
-``beta2 * s + (1 - beta2) * max(g**2)`` (``s`` the old scale, which bounds every old
-value), not the exact max of the new values. Every new value ``v + (1 - beta2) * (g**2
-- v)`` is below it, so the block's first inner loop reduces ``g**2`` (one load, one
-multiply) instead of decoding and updating ``v`` a second time, and its codes need no
-division (``_quant.encode_unsigned_below``). The log code's relative precision does not
-depend on the scale (each value within 1/16 of itself); a looser scale only moves the
-32 octaves the codes span up by the bound's slack, and the block's largest value no
-longer encodes exactly (its error is up to 1/16 of it, 1/32 with the exact max). The
-scale never comes down: once ``max(g**2)`` falls below it, the bound lies between
-``beta2 * s`` and ``s``, which rounds up to ``s`` again. Values more than 32 octaves
-below the largest bound a block has seen store as 0 (``v`` only: the step then divides
-by ``eps``). ``python -m benchmarks quant8-train --exact-v-scale`` trains with both
-scales and reports the slack in octaves and the fraction of ``v`` stored as 0. The
-first moment keeps its exact absmax: its codes are linear, and a looser scale would
-cost them bits.
+Note [second-moment scale]: the second moment's scale is the exact max of the block's
+new values (one more row reduction in the first inner loop, beside the first moment's
+absmax). A bound known before the values was tried and measured
+(``benchmarks/bench_quant8`` results of 2026-12-07): a power of two above ``beta2 * s +
+(1 - beta2) * max(g**2)``, ``s`` the old scale, made the update 0.77x torch fused
+instead of 0.83x, but that scale never comes down (``beta2 * s`` rounds up to ``s``
+again), so after a gradient spike a block's later values fall below the codes' 32
+octaves and store as 0, and the step divides by ``eps``; bounding by the block's
+largest old value instead needs a third reduction, which splits Inductor's loop nest
+(one pass became four loops per tensor). A test (``test_quant``: the scale follows
+the values down after a spike) holds any future bound to not ratcheting.
 """
 
 from __future__ import annotations
@@ -59,7 +54,7 @@ from ._quant import (
     decode_signed,
     decode_unsigned,
     encode_signed,
-    encode_unsigned_below,
+    encode_unsigned,
     scale_rows,
 )
 
@@ -92,9 +87,7 @@ def adam8_step_(
         exp_avgs: int8 codes of the first moments, shaped like the parameters.
         exp_avg_sqs: uint8 log codes of the second moments, likewise.
         scales: per parameter, ``(num_blocks(numel, block), 2)`` float32: each
-            block's first-moment absmax and a second-moment bound (any value at least
-            the block's largest; written as a power of two, Note [second-moment
-            bound]).
+            block's first-moment absmax and second-moment max.
         steps, hyper_t, group_index_t, lr_scales_t, wd_scales_t, grad_scale_t,
             found_inf_t: as for :func:`~umup_compile._functional.adam_step_`.
         config: static structure (``amsgrad`` is not supported with 8-bit
@@ -160,16 +153,12 @@ def adam8_step_(
             # does not, and the codes must not depend on the engine.
             m = decode_signed(m_rows, s_rows[:, :1])
             m = m + weight1s[i] * (grad - m)
-            old_top = s_rows[:, 1:]
-            v = decode_unsigned(v_rows, old_top)
-            square = grad.square()
-            v = v + weight2s[i] * (square - v)
+            v = decode_unsigned(v_rows, s_rows[:, 1:])
+            v = v + weight2s[i] * (grad.square() - v)
             p = p.addcdiv(m, v.sqrt() * root_scales[i] + eps_scaleds[i])
             _store(p_rows, p, None if i_rows is None else (i_rows, *keys))
             m_codes, m_scale = encode_signed(m)
-            # Note [second-moment bound]
-            bound = old_top + weight2s[i] * (square.amax(-1, keepdim=True) - old_top)
-            v_codes, v_scale = encode_unsigned_below(v, bound)
+            v_codes, v_scale = encode_unsigned(v)  # Note [second-moment scale]
             new_scales = torch.cat([m_scale, v_scale], dim=-1)
             if skip is not None:  # bitwise unchanged (re-encoding may move a scale)
                 m_codes = torch.where(skip, m_rows, m_codes)
