@@ -14,8 +14,12 @@ quantization error: before the step the optimizer's codes are decoded (``m0``,
 ``v0``), the step's exact moments are ``m0 + (1 - beta1) (g - m0)`` and ``v0 + (1 -
 beta2) (g^2 - v0)`` (float64, from the gradient the step reads), and after it the new
 codes are decoded; the error is ``|decoded - exact| / the block's absmax`` (of the
-exact moment), max and RMS over every 8-bit element. The compiled engine by default
-(``--eager``: the eager engine, the same codes).
+exact moment), max and RMS over every 8-bit element, and ``v_zeroed`` the fraction of
+non-zero exact ``v`` stored as code 0. After training, ``v_slack_oct``: how many
+octaves each block's second-moment scale lies above its largest decoded value (median
+and max over the blocks; 0 while the scale is the exact max, Note [second-moment
+scale]: the codes span 32 octaves below it). The compiled engine by default (``--eager``:
+the eager engine, the same codes).
 
 Writes ``<date>_quant8_train_t<threads>[_TAG].{md,csv}`` and ``..._errors.csv`` (per
 step) under ``--out`` (default ``benchmarks/results/<device>/``). Examples:
@@ -51,10 +55,10 @@ from umup_compile._quant import BLOCK, dequantize
 STATES = {"float32": torch.float32, "int8": torch.int8}
 COLUMNS = (
     "model state tail_loss vs_fp32_pct ok m_err_max m_err_rms v_err_max v_err_rms "
-    "state_B_per_param run_s"
+    "v_zeroed_max v_slack_oct state_B_per_param run_s"
 ).split() + common.RUN_COLUMNS
-ERROR_COLUMNS = ["model", "state", "step", "loss", "m_max", "m_rms", "v_max", "v_rms"]
-Errors = tuple[float, float, float, float]
+ERROR_COLUMNS = "model state step loss m_max m_rms v_max v_rms v_zeroed".split()
+Errors = tuple[float, float, float, float, float]
 
 
 def _decode(state: dict[str, Any]) -> tuple[Tensor, Tensor]:
@@ -86,6 +90,7 @@ class ErrorMeter:
     def finish(self) -> Errors | None:
         b1, b2 = self.opt.param_groups[0]["betas"]
         stats: dict[str, list[Tensor]] = {"m": [], "v": []}
+        zeroed, live = 0, 0
         for p in self.quantized():
             g = p.grad.double().reshape(-1)  # type: ignore[union-attr]
             m0, v0 = self.before.get(p, (torch.zeros_like(g), torch.zeros_like(g)))
@@ -97,13 +102,32 @@ class ErrorMeter:
                 scale = _block_max(exact)
                 err = ((got - exact).abs() / scale).where(scale > 0, 0.0)
                 stats[key].append(err)
+            exact_v = v0 + (1 - b2) * (g * g - v0)
+            zeroed += int(((got_v == 0) & (exact_v > 0)).sum())
+            live += int((exact_v > 0).sum())
         if not stats["m"]:
             return None
         out: list[float] = []
         for key in ("m", "v"):
             err = torch.cat(stats[key])
             out += [err.max().item(), err.square().mean().sqrt().item()]
-        return out[0], out[1], out[2], out[3]
+        return out[0], out[1], out[2], out[3], zeroed / max(live, 1)
+
+    def v_slack(self) -> str:
+        """Octaves of each block's second-moment scale above its largest decoded
+        value: median / max over the blocks holding a non-zero value."""
+        slack: list[Tensor] = []
+        for p in self.quantized():
+            scale = self.opt.state[p]["exp_avg_scales"].reshape(-1, 2)[:, 1]
+            _, v = _decode(self.opt.state[p])
+            top = torch.nn.functional.pad(v, (0, -v.numel() % BLOCK))
+            top = top.view(-1, BLOCK).amax(1)
+            live = top > 0
+            slack.append(torch.log2(scale.double()[live] / top[live]))
+        if not slack:
+            return "-"
+        octaves = torch.cat(slack)
+        return f"{octaves.median().item():.2f} / {octaves.max().item():.2f}"
 
 
 def train(
@@ -112,8 +136,9 @@ def train(
     loss_fn: Callable[[torch.nn.Module, Tensor], Tensor],
     opt: torch.optim.Optimizer,
     lr_lambda: Callable[[int], float],
-) -> tuple[list[float], list[Errors]]:
-    """Per step: the loss, and the quantization errors (8-bit state only)."""
+) -> tuple[list[float], list[Errors], str]:
+    """Per step: the loss, and the quantization errors (8-bit state only); the
+    second moment's scale slack at the end."""
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
     meter = ErrorMeter(opt)
     losses: list[float] = []
@@ -131,7 +156,7 @@ def train(
         losses.append(loss.item())
         if not math.isfinite(losses[-1]):
             break
-    return losses, errors
+    return losses, errors, meter.v_slack()
 
 
 def _adamw(params: Any, state: str, args: argparse.Namespace, **kw: Any) -> Any:
@@ -145,7 +170,7 @@ def _adamw(params: Any, state: str, args: argparse.Namespace, **kw: Any) -> Any:
 
 def transformer_run(
     state: str, args: argparse.Namespace, corpus: transfer.Corpus
-) -> tuple[list[float], list[Errors], torch.optim.Optimizer]:
+) -> tuple[list[float], list[Errors], str, torch.optim.Optimizer]:
     torch.manual_seed(args.seed)
     model = transfer.build_model(transfer.UMUP, args.width, args)
     opt = _adamw(
@@ -163,7 +188,7 @@ def transformer_run(
 
 def demo_run(
     state: str, args: argparse.Namespace, text: Tensor
-) -> tuple[list[float], list[Errors], torch.optim.Optimizer]:
+) -> tuple[list[float], list[Errors], str, torch.optim.Optimizer]:
     torch.manual_seed(0)
     model = demo.TinyUmupLM(256, args.demo_width, args.demo_depth)
     data = demo.text_batches(text, 24, 4, args.demo_steps, seed=1)
@@ -231,7 +256,8 @@ def summarize(
         "vs_fp32_pct": f"{pct:+.2f}" if finite else "diverged",
         "ok": finite and pct <= LIMIT,
     }
-    for k, col in enumerate(("m_err_max", "m_err_rms", "v_err_max", "v_err_rms")):
+    cols = ("m_err_max", "m_err_rms", "v_err_max", "v_err_rms", "v_zeroed_max")
+    for k, col in enumerate(cols):
         vals = [e[k] for e in errs]  # max over the steps, mean of the rms
         agg = (max if col.endswith("max") else statistics.fmean)(vals) if vals else 0
         row[col] = f"{agg:.2e}" if vals else "-"
@@ -259,22 +285,24 @@ def main(argv: list[str] | None = None) -> int:
         base = None
         for state in STATES:
             t1 = time.perf_counter()
-            losses, errs, opt = run(state)
+            losses, errs, slack, opt = run(state)
             row = summarize(model_name, state, losses, errs, base)
+            row["v_slack_oct"] = slack
             row["state_B_per_param"] = f"{_state_bytes_per_param(opt):.3f}"
             row["run_s"] = f"{time.perf_counter() - t1:.1f}"
             if base is None:
                 base = statistics.fmean(losses[-TAIL:])
             rows.append(row | {c: head.get(c, "") for c in common.RUN_COLUMNS})
             for i, loss in enumerate(losses):
-                e = errs[i] if i < len(errs) else ("",) * 4
+                e = errs[i] if i < len(errs) else ("",) * 5
                 error_rows.append(
                     dict(zip(ERROR_COLUMNS, (model_name, state, i + 1, loss, *e)))
                 )
             print(
                 f"{model_name:18s} {state:8s} tail {row['tail_loss']:>8s} "
                 f"({row['vs_fp32_pct']}%) m err {row['m_err_max']}/{row['m_err_rms']}"
-                f" v err {row['v_err_max']}/{row['v_err_rms']} "
+                f" v err {row['v_err_max']}/{row['v_err_rms']} zeroed "
+                f"{row['v_zeroed_max']} slack {row['v_slack_oct']} "
                 f"{row['state_B_per_param']} B/param {row['run_s']} s",
                 flush=True,
             )
@@ -302,14 +330,17 @@ def main(argv: list[str] | None = None) -> int:
         f"torch.int8 vs torch.float32; ok: mean loss of the last {TAIL} steps <= "
         f"{LIMIT} % above float32 state's",
         "errors: |decoded - exact| / block absmax of each 8-bit moment after each "
-        "step; max over the steps, mean of the per-step rms",
+        "step; max over the steps, mean of the per-step rms; v_zeroed: the largest "
+        "per-step fraction of non-zero v stored as code 0; v_slack_oct: octaves of "
+        "v's block scale above the block's largest decoded v at the end (median / "
+        "max over the blocks)",
         f"load average at end: {os.getloadavg()}; wall {time.perf_counter() - t0:.0f} s",
         f"command: `python -m benchmarks quant8-train {command}`",
     ]
     md = "# quant8-train: AdamW with 8-bit state vs float32 state, integrated\n\n"
     md += "(smoke sizes: the numbers mean nothing)\n\n" if args.smoke else ""
     md += "\n".join(f"- {x}" for x in [*(f"{k}: {x}" for k, x in head.items()), *setup])
-    md += "\n\n" + common.markdown_table(rows, COLUMNS[:11]) + "\n"
+    md += "\n\n" + common.markdown_table(rows, COLUMNS[:13]) + "\n"
     (out / f"{stem}.md").write_text(md)
     print(f"wrote {out / stem}.{{md,csv}} and {stem}_errors.csv")
     return 0

@@ -1,5 +1,6 @@
-"""Inductor CPU code hints (Note [bf16 tiling], Note [vector bitcast]): the generated
-C++ changes, the values do not, and only the engine's own compiles are affected."""
+"""Inductor CPU code hints (Note [bf16 tiling], Note [vector bitcast], Note [row
+prefetch]): the generated C++ changes, the values do not, and only the engine's own
+compiles are affected."""
 
 from __future__ import annotations
 
@@ -203,3 +204,124 @@ def test_persistent_block_reductions_are_scoped() -> None:
     ):
         with codegen_hints:
             assert wrapped(Features(), False) is True
+
+
+# Note [row prefetch]: a block loop as Inductor writes it for the 8-bit update (float
+# rows of 128 and int8 code rows of 128, stepping x1 by 16 lanes).
+_LOOP = "for(int64_t x0=static_cast<int64_t>(0L); x0<static_cast<int64_t>(1024L); x0+=static_cast<int64_t>(1L))"  # noqa: E501
+_INNER = "for(int64_t x1=static_cast<int64_t>(0L); x1<static_cast<int64_t>(128L); x1+=static_cast<int64_t>(16L))"  # noqa: E501
+
+
+def _kernel(code_type: str) -> str:
+    return "\n".join(
+        [
+            f'extern "C" void kernel(const float* in_ptr0, const {code_type}* in_ptr1,',
+            "                       float* out_ptr0)",
+            "{",
+            "    {",
+            "        #pragma GCC ivdep",
+            f"        {_LOOP}",
+            "        {",
+            f"            {_INNER}",
+            "            {",
+            "                auto tmp0 = at::vec::Vectorized<float>::loadu(in_ptr0 + "
+            "static_cast<int64_t>(x1 + 128L*x0), static_cast<int64_t>(16));",
+            f"                auto tmp1 = at::vec::Vectorized<{code_type}>::loadu("
+            "in_ptr1 + static_cast<int64_t>(x1 + 128L*x0), static_cast<int64_t>(16));",
+            "                tmp0.store(out_ptr0 + static_cast<int64_t>(x1 + 128L*x0));",
+            "            }",
+            "        }",
+            "    }",
+            "}",
+        ]
+    )
+
+
+def test_prefetch_rows_prefetches_each_row_of_an_8bit_block_loop() -> None:
+    source = _kernel("int8_t")
+    got = _codegen_hints.prefetch_rows(source).split("\n")
+    lines = source.split("\n")
+    start = lines.index(f"        {_LOOP}") + 2  # after the loop's "{"
+    assert got[:start] == lines[:start] and got[start + 10 :] == lines[start:]
+    # The widest row is 128 floats (512 B): 2048 B ahead is 4 blocks; one prefetch
+    # per 64-byte line of each row the loop loads (8 for the floats, 2 for the codes).
+    ahead = _codegen_hints.PREFETCH_BYTES // 512
+    want = [f"in_ptr0 + 128L*(x0 + {ahead}) + {k}" for k in range(0, 128, 16)]
+    want += [f"in_ptr1 + 128L*(x0 + {ahead}) + {k}" for k in (0, 64)]
+    assert got[start : start + 10] == [
+        f"            __builtin_prefetch({w});" for w in want
+    ]
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        _kernel("float"),  # no 8-bit row: not the 8-bit update's loop
+        _kernel("mystery_t"),  # a row of unknown size: leave the loop alone
+        _kernel("int8_t").replace(
+            "x0+=static_cast<int64_t>(1L)", "x0+=static_cast<int64_t>(16L)"
+        ),  # noqa: E501
+        "void kernel(float* out_ptr0) { out_ptr0[0] = 1.0f; }",
+        "",
+    ],
+    ids=["float-rows", "unknown-type", "vector-outer-loop", "other", "empty"],
+)
+def test_prefetch_rows_leaves_other_kernels_unchanged(source: str) -> None:
+    assert _codegen_hints.prefetch_rows(source) == source
+
+
+def _adam8_run(mode: str, monkeypatch: pytest.MonkeyPatch) -> tuple[list[Tensor], str]:
+    """3 steps of the 8-bit update from a random state, called as the engine calls
+    it (``(blocks, 128)`` rows): ``eager``, or compiled under the hints with
+    (``prefetch``) or without (``plain``) Note [row prefetch]'s prefetches."""
+    from umup_compile._functional import ADAM_HYPERS, AdamConfig
+    from umup_compile._quant import quantize_
+    from umup_compile._quant_step import adam8_step_
+
+    g = torch.Generator().manual_seed(2)
+    params = [torch.randn(rows, 128, generator=g) for rows in (6, 3)]
+    grads = [torch.randn(p.shape, generator=g) * 0.1 for p in params]
+    m = [torch.empty_like(p, dtype=torch.int8) for p in params]
+    v = [torch.empty_like(p, dtype=torch.uint8) for p in params]
+    s = [torch.empty(p.shape[0], 2) for p in params]
+    for k, p in enumerate(params):
+        quantize_(torch.randn(p.shape, generator=g) * 1e-2, m[k], s[k][:, :1],
+                  signed=True)  # fmt: skip
+        quantize_(torch.rand(p.shape, generator=g) * 1e-4, v[k], s[k][:, 1:],
+                  signed=False)  # fmt: skip
+    hypers = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
+    hyper_t = torch.tensor([[hypers.get(k, 0.01) for k in ADAM_HYPERS]]).double()
+    n = len(params)
+    args = (params, grads, m, v, s, [torch.full((1,), 3.0) for _ in params], hyper_t,
+            torch.zeros(n, dtype=torch.int64), torch.ones(n).double(),
+            torch.ones(n).double())  # fmt: skip
+    config = AdamConfig(weight_decay="decoupled")
+    state = [*params, *m, *v, *s]
+    if mode == "eager":
+        for _ in range(3):
+            adam8_step_(*args, config=config)
+        return state, ""
+    if mode == "plain":
+        monkeypatch.setattr(_codegen_hints, "prefetch_rows", lambda source: source)
+    fresh = _fresh(adam8_step_)
+    fresh.__kwdefaults__ = adam8_step_.__kwdefaults__
+    fn = torch.compile(fresh, backend="inductor", fullgraph=True)
+    with inductor_config.patch(force_disable_caches=True), codegen_hints:
+        _, code = run_and_get_code(fn, *args, config=config)
+        for _ in range(2):
+            fn(*args, config=config)
+    return state, "\n".join(code)
+
+
+def test_prefetch_changes_no_value_of_the_8bit_update(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Compiled with the prefetches, without them, and eager: the same bits
+    (parameters, codes, scales), and only the hinted kernels prefetch."""
+    eager, _ = _adam8_run("eager", monkeypatch)
+    hinted, code = _adam8_run("prefetch", monkeypatch)
+    plain, plain_code = _adam8_run("plain", monkeypatch)
+    assert "__builtin_prefetch(" in code
+    assert "__builtin_prefetch(" not in plain_code
+    for a, b, c in zip(eager, hinted, plain):
+        assert torch.equal(a, b) and torch.equal(a, c)

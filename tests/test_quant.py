@@ -64,8 +64,7 @@ def _reference_codes(x: Tensor, signed: bool, block: int) -> tuple[Tensor, Tenso
     positions, scales = [], []
     for r in rows:
         scale = r.abs().amax(-1, keepdim=True)
-        safe = scale.clamp_min(SCALE_FLOOR)
-        u = r / safe
+        u = r / (scale + SCALE_FLOOR)  # the floor only keeps a zero block's codes 0
         pos = 127 * u if signed else _log_position(u.clamp(0, 1).reshape(-1))
         positions.append(pos.reshape(-1))
         scales.append(scale.reshape(-1))
@@ -243,12 +242,29 @@ def test_adam8_step_matches_float64_reference(shape: tuple[int, ...]) -> None:
     new, m, v = _reference_step(p0, grads[0], m0, v0, s0, 4.0, BLOCK)
     torch.testing.assert_close(params[0].double(), new, rtol=1e-5, atol=1e-6)
     position_m, scales_m = _reference_codes(m.float(), True, BLOCK)
-    position_v, scales_v = _reference_codes(v.float(), False, BLOCK)
     _check_codes(state["m"][0], position_m)
-    _check_codes(state["v"][0], position_v)
     torch.testing.assert_close(state["s"][0][:, 0].double(), scales_m)
+    position_v, scales_v = _reference_codes(v.float(), False, BLOCK)
+    _check_codes(state["v"][0], position_v)
     torch.testing.assert_close(state["s"][0][:, 1].double(), scales_v)
     assert state["step"][0].item() == 4.0
+
+
+def test_adam8_second_moment_scale_follows_values_down_after_a_spike() -> None:
+    """Note [second-moment scale]: after a gradient spike the v scale comes down with
+    the values (a scale 2**31 above them falls to their max in one step), and every
+    value keeps a non-zero code over 50 quiet steps."""
+    params, grads = [torch.zeros(256)], [torch.full((256,), 2.0**-10)]
+    state = _state(params, BLOCK)
+    state["v"][0].fill_(255 - 8 * 31)  # u = 2**-31 of the scale: 8 codes per octave
+    state["s"][0][:, 1] = 2.0**11  # values: 2**-20, the scale 2**31 above them
+    v_small = torch.full((256,), 2.0**-20)
+    back = dequantize(state["v"][0], state["s"][0][:, 1:], signed=False, block=BLOCK)
+    assert torch.equal(back, v_small)
+    for _ in range(50):
+        _call(params, grads, state)
+        assert torch.all(state["v"][0] > 0)
+        assert torch.all(state["s"][0][:, 1] <= 2.0**-19)
 
 
 @pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])

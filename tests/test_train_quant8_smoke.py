@@ -36,8 +36,11 @@ def test_quant8_train_smoke_writes_rows_and_errors(tmp_path: Path) -> None:
         if row["state"] == "int8":
             assert float(row["state_B_per_param"]) <= 2.2
             # half a code step of the block absmax: 1/254; v: 1/32 of it at most
+            # (the max itself encodes exactly: Note [second-moment scale])
             assert 0 < float(row["m_err_max"]) <= 1 / 254 * 1.01
             assert 0 < float(row["v_err_max"]) <= 1 / 32 * 1.01
+            assert 0 <= float(row["v_zeroed_max"]) < 0.01
+            assert row["v_slack_oct"] == "0.00 / 0.00"
         else:
             assert row["m_err_max"] == "-" and float(row["state_B_per_param"]) == 8
     (errors,) = tmp_path.glob("*_errors.csv")

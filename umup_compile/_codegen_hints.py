@@ -1,5 +1,5 @@
-"""Fixes to Inductor's code for the kernels of low-precision updates: two in its CPU
-code, one in its Triton (GPU) code.
+"""Fixes to Inductor's code for the kernels of low-precision updates: three in its
+CPU code, one in its Triton (GPU) code.
 
 Each changes the generated code (speed), never a value: every lane computes what it
 computed before. They act only while ``codegen_hints`` is entered; the compiled engine
@@ -42,10 +42,25 @@ state) moved 1.26x the 8-bit ideal bytes; with persistent rows, 1.01x. Under the
 hints, a Triton reduction of at most :data:`PERSISTENT_MAX` elements is persistent
 (``InductorChoices.should_use_persistent_reduction``); Inductor's own choice
 otherwise, and always outside the hints.
+
+Note [row prefetch]: the 8-bit update (``_quant_step``, Note [one pass]) walks each
+tensor's blocks in one outer loop whose inner loops stream the block's rows: the
+parameter, the gradient and both codes (4 streams of 2 sizes). The CPU's own
+prefetchers do not keep those ahead: on this project's 2-core Xeon (33.6M elements,
+1 thread) the loop stalled on memory, at 0.93x torch fused for a hand-written C++ loop
+and 1.0x for Inductor's, where the same loops prefetching the rows 2 KiB ahead took
+0.66x and 0.77x. Under the hints, every such block loop (an outer loop over ``x0`` with
+step 1 whose inner loops load ``ptr + (x1 + width * x0)`` rows, one of them of 8-bit
+codes) starts each block by prefetching the rows :data:`PREFETCH_BYTES` ahead
+(``__builtin_prefetch``: a hint, it never faults, not even past the end). The text of
+the kernel is edited where Inductor hands it to its compiler (``define_kernel``); a
+kernel whose text does not match is left as it is.
 """
 
 from __future__ import annotations
 
+import re
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -58,6 +73,18 @@ _installed: bool | None = None  # None: not tried yet
 _BITCASTABLE = {torch.float32, torch.int32, torch.float64, torch.int64}
 # Note [persistent block reductions]: _quant.BLOCK (tests/test_codegen_hints.py ties them)
 PERSISTENT_MAX = 128
+PREFETCH_BYTES = 2048  # how far ahead a block loop prefetches (widest row's bytes)
+_CACHE_LINE = 64
+_ITEMSIZE = {"int8_t": 1, "uint8_t": 1, "bool": 1, "at::BFloat16": 2, "at::Half": 2}
+_ITEMSIZE |= {"float": 4, "int32_t": 4, "double": 8, "int64_t": 8}
+_POINTER = re.compile(r"(?:const )?([\w:]+)\* ((?:in|out)_ptr\d+)[,)]")
+_BLOCK_LOOP = re.compile(
+    r"^(\s*)for\(int64_t x0=static_cast<int64_t>\(0L\); "
+    r"x0<static_cast<int64_t>\(\d+L\); x0\+=static_cast<int64_t>\(1L\)\)$"
+)
+_ROW_LOAD = re.compile(
+    r"loadu\(((?:in|out)_ptr\d+) \+ static_cast<int64_t>\(x1 \+ (\d+)L\*x0\)"
+)
 
 
 def _cpp_backend() -> Any | None:
@@ -181,6 +208,55 @@ def _install_persistent() -> None:
     )
 
 
+def prefetch_rows(source: str) -> str:
+    """``source`` (a C++ kernel) with prefetches in its 8-bit block loops; see Note
+    [row prefetch]."""
+    types = dict((name, kind) for kind, name in _POINTER.findall(source))
+    lines = source.split("\n")
+    out: list[str] = []
+    k = 0
+    while k < len(lines):
+        loop = _BLOCK_LOOP.match(lines[k])
+        if not (loop and k + 1 < len(lines) and lines[k + 1].strip() == "{"):
+            out.append(lines[k])
+            k += 1
+            continue
+        end, depth = k + 1, 0
+        while end < len(lines):
+            depth += lines[end].count("{") - lines[end].count("}")
+            if depth <= 0:
+                break
+            end += 1
+        rows = dict.fromkeys(_ROW_LOAD.findall("\n".join(lines[k + 1 : end + 1])))
+        sizes = {ptr: _ITEMSIZE.get(types.get(ptr, ""), 0) for ptr, _ in rows}
+        out += lines[k : k + 2]
+        if rows and 1 in sizes.values() and all(sizes.values()):
+            widest = max(int(width) * sizes[ptr] for ptr, width in rows)
+            ahead = max(1, PREFETCH_BYTES // widest)
+            for ptr, width in rows:
+                step = _CACHE_LINE // sizes[ptr]
+                for offset in range(0, int(width), step):
+                    out.append(
+                        f"{loop.group(1)}    __builtin_prefetch({ptr} + "
+                        f"{width}L*(x0 + {ahead}) + {offset});"
+                    )
+        k += 2
+    return "\n".join(out)
+
+
+def _install_prefetch(cpp: Any) -> None:
+    """Wrap ``CppScheduling.define_kernel``; see Note [row prefetch]."""
+    original: Callable[..., Any] = cpp.CppScheduling.define_kernel
+
+    def define_kernel(self: Any, src_code: str, *args: Any, **kwargs: Any) -> Any:
+        if _depth and isinstance(src_code, str):
+            src_code = prefetch_rows(src_code)
+        return original(self, src_code, *args, **kwargs)
+
+    define_kernel.__wrapped__ = original  # type: ignore[attr-defined]
+    cpp.CppScheduling.define_kernel = define_kernel
+
+
 class _CodegenHints:
     """See :data:`codegen_hints`; a class, not a generator: entered at every step."""
 
@@ -192,6 +268,10 @@ class _CodegenHints:
             if cpp is not None:
                 _install_tiling(cpp)
                 _install_bitcast(cpp)
+                # GCC and Clang only (MSVC has no __builtin_prefetch).
+                scheduling = getattr(cpp, "CppScheduling", None)
+                if sys.platform != "win32" and hasattr(scheduling, "define_kernel"):
+                    _install_prefetch(cpp)
             _install_persistent()
         _depth += 1
 
@@ -202,9 +282,10 @@ class _CodegenHints:
 
 codegen_hints = _CodegenHints()
 """While ``with codegen_hints:`` is open, CPU kernels compiled in this thread get full
-low-precision vectors (Note [bf16 tiling]) and register bitcasts (Note [vector
-bitcast]), and Triton reductions of block rows are persistent (Note [persistent block
-reductions]). Reentrant; a no-op where Inductor lacks the hooks."""
+low-precision vectors (Note [bf16 tiling]), register bitcasts (Note [vector bitcast])
+and, in 8-bit block loops, row prefetches (Note [row prefetch]); Triton reductions of
+block rows are persistent (Note [persistent block reductions]). Reentrant; a no-op
+where Inductor lacks the hooks."""
 
 
 def active() -> bool:

@@ -12,26 +12,43 @@ results in ``benchmarks/results/<device>/*_quant_maps_*``):
 
 - first moment: signed linear codes, ``round(127 m / absmax)`` in ``[-127, 127]``
   (int8), scale = the block's absmax;
-- second moment: a logarithmic code (uint8) of ``u = v / max``: code ``c >= 1`` is the
-  float32 whose bits are ``(c + 761) << 20``, i.e. an exponent and 3 mantissa bits (8
-  codes per octave, code 255 = 1.0, code 1 = ``1.25 * 2**-32``), code 0 is 0 (``u``
-  below ``1.1875 * 2**-32``: nearer the pattern of code 0); scale = the block's max. Encoding rounds ``u``'s bits to the nearest code (add ``2**19``,
-  shift by 20). A log map keeps Adam's small ``v`` (a linear map rounds them to 0 and
-  diverged; sqrt trained worse), and this one is integer adds and shifts on the bit
-  pattern: no table, no search, and no square root beyond the update's own (a
-  ``v^(1/4)`` map trains as well but needs a second one per element, and the update
-  is compute-bound on CPU). Its error is at most 1/16 of the value (half a step).
+- second moment: a logarithmic code (uint8) of ``u = v / scale``: code ``c >= 1`` is
+  the float32 whose bits are ``(c + 761) << 20``, i.e. an exponent and 3 mantissa bits
+  (8 codes per octave, code 255 = 1.0, code 1 = ``1.25 * 2**-32``), code 0 is 0 (``u``
+  below ``1.1875 * 2**-32``: nearer the pattern of code 0). Encoding rounds ``u``'s
+  bits to the nearest code (add ``2**19``, shift by 20). A log map keeps Adam's small
+  ``v`` (a linear map rounds them to 0 and diverged; sqrt trained worse), and this one
+  is integer adds and shifts on the bit pattern: no table, no search, and no square
+  root beyond the update's own (a ``v^(1/4)`` map trains as well but needs a second one
+  per element, and the update is compute-bound on CPU). Its error is at most 1/16 of
+  the value (half a step); scale = the block's max (Note [second-moment scale] in
+  ``_quant_step``).
 
 A zero moment encodes to code 0, which decodes to 0; no code decodes below 0. Scales
-below :data:`SCALE_FLOOR` are used as that floor to form the reciprocal (so that it
-stays finite): such a block's elements, all below ``2**-120``, encode to 0.
+get :data:`SCALE_FLOOR` added before their reciprocal is taken (which changes no scale
+above ``2**-96`` and keeps the reciprocal finite): a block whose elements are all below
+``2**-120`` encodes to 0.
 
 Every function is a chain of elementwise ops and one row reduction, with no ``.item()``
 and no branch on values, so Inductor fuses a whole update into one loop nest per row
 block (``_quant_step``). Reciprocals are written out (``reciprocal() * k`` rather than
-``k / x``) so that eager and compiled code round the same way. The bit casts
-(``Tensor.view(torch.int32)``) are vectorised under ``_codegen_hints`` (Note [vector
-bitcast]), which the compiled engine enters.
+``k / x``) so that eager and compiled code round the same way; so is rounding to the
+nearest integer (Note [cheap codes]). The bit casts (``Tensor.view(torch.int32)``) are
+vectorised under ``_codegen_hints`` (Note [vector bitcast]), which the compiled engine
+enters.
+
+Note [cheap codes]: the update is compute-bound on CPU (``benchmarks/bench_quant8.py``),
+so each code costs as few vector instructions as its definition allows, all of them
+plain IEEE float or integer ops (the same bits in eager and Inductor code):
+
+- ``round`` then ``to(int8)`` is written as adding ``1.5 * 2**23`` (the float adder
+  rounds to the nearest integer, ties to even, as ``round`` does) and subtracting that
+  constant's bits: no clamp, since ``|127 m / absmax| <= 127`` when the scale is the
+  exact absmax (the int32 to int8 conversion would wrap, never saturate). Inductor's
+  float to int8 conversion and its NaN-propagating clamps cost 14 instructions per
+  vector; these cost 3.
+- Code 0 decodes to 0 through an AND with ``(-c) >> 31`` (all ones for ``c >= 1``):
+  three integer ops where ``torch.where`` costs five (Inductor converts its mask).
 """
 
 from __future__ import annotations
@@ -45,6 +62,8 @@ UNSIGNED_TOP = 255
 SCALE_FLOOR = 2.0**-120  # 127 / SCALE_FLOOR is finite in float32
 LOG_BIAS = 761  # code c >= 1 is the float32 with bits (c + LOG_BIAS) << 20
 MANTISSA_SHIFT = 20  # keeps the exponent and 3 mantissa bits
+ROUNDER = 12582912.0  # 1.5 * 2**23: adding it rounds |x| < 2**22 to an integer
+ROUNDER_BITS = 0x4B400000  # ... which its bits' low 23 bits then hold
 SIGNED_DTYPE = torch.int8
 UNSIGNED_DTYPE = torch.uint8
 
@@ -88,14 +107,15 @@ def decode_signed(codes: Tensor, absmax: Tensor) -> Tensor:
 
 
 def decode_unsigned(codes: Tensor, top: Tensor) -> Tensor:
-    """float32 values of uint8 log ``codes`` with their ``(rows, 1)`` max."""
+    """float32 values of uint8 log ``codes`` with their ``(rows, 1)`` scale."""
     c = codes.to(torch.int32)
-    u = ((c + LOG_BIAS) << MANTISSA_SHIFT).view(torch.float32)
-    return torch.where(c == 0, 0.0, u) * top
+    # Note [cheap codes]: (-c) >> 31 is all ones for c >= 1, zero for code 0.
+    bits = ((c + LOG_BIAS) << MANTISSA_SHIFT) & ((-c) >> 31)
+    return bits.view(torch.float32) * top
 
 
 def _inverse(scale: Tensor) -> Tensor:
-    return scale.clamp_min(SCALE_FLOOR).reciprocal()
+    return (scale + SCALE_FLOOR).reciprocal()
 
 
 def encode_signed(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -103,7 +123,8 @@ def encode_signed(x: Tensor) -> tuple[Tensor, Tensor]:
     ``(rows, 1)``."""
     absmax = x.abs().amax(-1, keepdim=True)
     position = x * (_inverse(absmax) * SIGNED_TOP)
-    codes = position.round().clamp(-SIGNED_TOP, SIGNED_TOP).to(SIGNED_DTYPE)
+    # Note [cheap codes]: round to nearest (ties to even) in the float adder.
+    codes = ((position + ROUNDER).view(torch.int32) - ROUNDER_BITS).to(SIGNED_DTYPE)
     return codes, absmax
 
 

@@ -4,15 +4,15 @@ Same arithmetic as ``_functional.adam_step_`` (its prologue, Note [skipped steps
 Note [realized coefficients]), with each moment held as codes and block scales
 (``_quant``, Note [8-bit moments]): per block of :data:`~umup_compile._quant.BLOCK`
 elements, decode the old moments, update them and the parameter in float32, then
-encode the new moments with their new block maxima. The parameter update uses the
-new float32 moments, not their codes, as bitsandbytes' and torchao's 8-bit Adam do.
+encode the new moments. The parameter update uses the new float32 moments, not their
+codes, as bitsandbytes' and torchao's 8-bit Adam do.
 
 Note [one pass]: compiled, each tensor's update is one loop nest over its blocks:
-per block, a first inner loop reads the gradient and codes and reduces the block
-maxima, a second recomputes the moments (from the same cache lines), stores the
-parameter and the codes; no staging buffer. Per element that moves 4 B of parameter
-read and written, 4 B of gradient and 1 + 1 B of codes read and written (28 B for
-float32 state). Two layout rules make Inductor generate it:
+per block, a first inner loop reads the gradient and the first moment's codes and
+reduces the block's two maxima, a second recomputes the moments (from the same cache
+lines), stores the parameter and the codes; no staging buffer. Per element that moves
+4 B of parameter read and written, 4 B of gradient and 1 + 1 B of codes read and
+written (28 B for float32 state). Two layout rules make Inductor generate it:
 
 - the tensors reach the graph as ``(blocks, block)`` rows (a chunk's or the unrolled
   unit's aliases, a pack's rows): a parameter of another shape is viewed as rows
@@ -26,6 +26,22 @@ float32 state). Two layout rules make Inductor generate it:
 On CUDA the block stays in registers instead (a Triton persistent reduction: Note
 [persistent block reductions] in ``_codegen_hints``): one read of every input, no
 staging buffer.
+
+The loop is compute-bound on CPU, not bound by its bytes: every vector instruction
+counts (Note [cheap codes]), and the compiled engine's hints prefetch the next blocks'
+rows (Note [row prefetch] in ``_codegen_hints``). Measured (``benchmarks/bench_quant8``).
+
+Note [second-moment scale]: the second moment's scale is the exact max of the block's
+new values (one more row reduction in the first inner loop, beside the first moment's
+absmax). A bound known before the values was tried and measured
+(``benchmarks/bench_quant8`` results of 2026-12-07): a power of two above ``beta2 * s +
+(1 - beta2) * max(g**2)``, ``s`` the old scale, made the update 0.77x torch fused
+instead of 0.83x, but that scale never comes down (``beta2 * s`` rounds up to ``s``
+again), so after a gradient spike a block's later values fall below the codes' 32
+octaves and store as 0, and the step divides by ``eps``; bounding by the block's
+largest old value instead needs a third reduction, which splits Inductor's loop nest
+(one pass became four loops per tensor). A test (``test_quant``: the scale follows
+the values down after a spike) holds any future bound to not ratcheting.
 """
 
 from __future__ import annotations
@@ -108,7 +124,12 @@ def adam8_step_(
         segment_t=segment_t,
         found_inf_t=found_inf_t,
     )
-    weight1s, weight2s, root_scales, eps_scaleds, l2s, decays = coefficients
+    # One float32 table, realized once: the loops then load each coefficient, where
+    # the prologue's float64 table would be converted in every vector iteration.
+    table = torch.stack([torch.stack(list(c)) for c in coefficients])
+    weight1s, weight2s, root_scales, eps_scaleds, l2s, decays = (
+        tuple(row.unbind()) for row in table
+    )
     noise = _noise(sr_seeds_t, step, segment_t, local_index_t, params)
     for i, param in enumerate(params):
         n = param.numel()
@@ -141,7 +162,7 @@ def adam8_step_(
             p = p.addcdiv(m, v.sqrt() * root_scales[i] + eps_scaleds[i])
             _store(p_rows, p, None if i_rows is None else (i_rows, *keys))
             m_codes, m_scale = encode_signed(m)
-            v_codes, v_scale = encode_unsigned(v)
+            v_codes, v_scale = encode_unsigned(v)  # Note [second-moment scale]
             new_scales = torch.cat([m_scale, v_scale], dim=-1)
             if skip is not None:  # bitwise unchanged (re-encoding may move a scale)
                 m_codes = torch.where(skip, m_rows, m_codes)
