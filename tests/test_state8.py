@@ -185,7 +185,6 @@ def test_int8_optimizer_matches_float64_oracle_every_step(cls: type) -> None:
             assert torch.all(got_v >= 0)
 
 
-@pytest.mark.slow
 def test_int8_compiled_codes_equal_eager_after_20_steps_of_training(
     small_min: None,
 ) -> None:
