@@ -140,6 +140,50 @@ def test_engine_compiles_under_the_hints(monkeypatch: pytest.MonkeyPatch) -> Non
     assert not _codegen_hints.active()
 
 
+def test_hints_are_in_the_fx_graph_cache_key() -> None:
+    """Note [hints in the cache key]: the engine's Inductor options carry a pass whose
+    uuid is the hints' source, and another uuid misses the FX graph cache."""
+    import hashlib
+    from pathlib import Path
+
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import fresh_inductor_cache
+
+    from umup_compile import _engine
+
+    key = _codegen_hints.cache_key_pass()
+    source = Path(_codegen_hints.__file__).read_bytes()
+    assert key is not None and key.uuid() == hashlib.sha256(source).hexdigest()
+    backend = _engine._backend("inductor", dynamic=False)
+    assert backend.config["post_grad_custom_post_pass"] is key
+
+    other = type(key)()
+    other.uuid = lambda: "another version of the hints"  # type: ignore[method-assign]
+
+    def compile_once(pass_: object) -> dict[str, int]:
+        fn = torch.compile(
+            _fresh(lambda x: x * 2 + 1),
+            backend="inductor",
+            options={"post_grad_custom_post_pass": pass_},
+        )
+        counters.clear()
+        fn(torch.ones(8))
+        return dict(counters["inductor"])
+
+    with fresh_inductor_cache(), inductor_config.patch(fx_graph_cache=True):
+        assert compile_once(key).get("fxgraph_cache_miss") == 1
+        assert compile_once(key).get("fxgraph_cache_hit") == 1
+        assert compile_once(other).get("fxgraph_cache_miss") == 1
+
+
+def test_a_users_own_post_grad_pass_is_kept() -> None:
+    from umup_compile import _engine
+
+    with inductor_config.patch(post_grad_custom_post_pass=lambda graph: None):
+        options = _engine._backend("inductor", False).config
+    assert "post_grad_custom_post_pass" not in options
+
+
 def test_optimizer_compiles_its_kernels_with_the_hints() -> None:
     """bf16 parameters, float32 state, stochastic rounding, compile='strict' (a C++
     error would raise, not fall back): the step's kernels carry both hints and give
@@ -270,17 +314,20 @@ def test_prefetch_rows_leaves_other_kernels_unchanged(source: str) -> None:
     assert _codegen_hints.prefetch_rows(source) == source
 
 
-def _adam8_run(mode: str, monkeypatch: pytest.MonkeyPatch) -> tuple[list[Tensor], str]:
+def _adam8_run(
+    mode: str, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype = torch.float32
+) -> tuple[list[Tensor], str]:
     """3 steps of the 8-bit update from a random state, called as the engine calls
-    it (``(blocks, 128)`` rows): ``eager``, or compiled under the hints with
-    (``prefetch``) or without (``plain``) Note [row prefetch]'s prefetches."""
+    it (``(blocks, 128)`` rows), parameters and gradients in ``dtype``: ``eager``,
+    or compiled under the hints with (``prefetch``) or without (``plain``) Note [row
+    prefetch]'s prefetches."""
     from umup_compile._functional import ADAM_HYPERS, AdamConfig
     from umup_compile._quant import quantize_
     from umup_compile._quant_step import adam8_step_
 
     g = torch.Generator().manual_seed(2)
-    params = [torch.randn(rows, 128, generator=g) for rows in (6, 3)]
-    grads = [torch.randn(p.shape, generator=g) * 0.1 for p in params]
+    params = [torch.randn(rows, 128, generator=g).to(dtype) for rows in (6, 3)]
+    grads = [(torch.randn(p.shape, generator=g) * 0.1).to(dtype) for p in params]
     m = [torch.empty_like(p, dtype=torch.int8) for p in params]
     v = [torch.empty_like(p, dtype=torch.uint8) for p in params]
     s = [torch.empty(p.shape[0], 2) for p in params]
@@ -325,3 +372,18 @@ def test_prefetch_changes_no_value_of_the_8bit_update(
     assert "__builtin_prefetch(" not in plain_code
     for a, b, c in zip(eager, hinted, plain):
         assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_8bit_kernels_keep_float32_lanes_with_bf16_parameters(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Note [bf16 tiling]: the 8-bit update of bf16 parameters is not tiled for bf16
+    (its code conversions would leave the registers), and its values are eager's."""
+    fp32, bf16 = _lanes(torch.float32), _lanes(torch.bfloat16)
+    eager, _ = _adam8_run("eager", monkeypatch, torch.bfloat16)
+    hinted, code = _adam8_run("prefetch", monkeypatch, torch.bfloat16)
+    assert "__builtin_prefetch(" in code  # the block loops are there
+    assert f"x1+=static_cast<int64_t>({fp32}L)" in code
+    assert f"x1+=static_cast<int64_t>({bf16}L)" not in code
+    for a, b in zip(eager, hinted):
+        assert a.dtype == b.dtype and torch.equal(a, b)

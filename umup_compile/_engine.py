@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import torch
 import torch.fx.experimental._config as fx_config
 
-from ._codegen_hints import codegen_hints
+from ._codegen_hints import cache_key_pass, codegen_hints
 from ._direct import Capture, Site
 
 StepFn = Callable[..., None]
@@ -117,8 +117,20 @@ def _backend(backend: Any, dynamic: bool) -> Any:
     wrapper = getattr(torch, "_TorchCompileInductorWrapper", None)
     if wrapper is None:  # pragma: no cover - every supported torch has it
         return torch._dynamo.lookup_backend(backend)
-    options = {"size_asserts": False, **_combo_kernels()}
+    options = {"size_asserts": False, **_combo_kernels(), **_hints_key()}
     return wrapper(None, options, None if dynamic else False)
+
+
+def _hints_key() -> dict[str, Any]:
+    """Note [hints in the cache key] (``_codegen_hints``), unless the user set a
+    post-grad pass of their own (which then keys the cache)."""
+    import torch._inductor.config as inductor_config
+
+    found = getattr(inductor_config, "post_grad_custom_post_pass", False)
+    key = cache_key_pass()
+    if found is not None or key is None:
+        return {}
+    return {"post_grad_custom_post_pass": key}
 
 
 def _compile(
