@@ -298,7 +298,7 @@ def cache_key_pass() -> Any | None:
         return None
     key = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 
-    class HintsKey(CustomGraphPass):  # type: ignore[misc]
+    class HintsKey(CustomGraphPass):
         def __call__(self, graph: Any) -> None:
             pass
 
