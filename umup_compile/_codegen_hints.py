@@ -52,6 +52,14 @@ hints, a Triton reduction of at most :data:`PERSISTENT_MAX` elements is persiste
 (``InductorChoices.should_use_persistent_reduction``); Inductor's own choice
 otherwise, and always outside the hints.
 
+Note [loop split guard]: torch 2.6's ``CppScheduling.try_loop_split`` (a split of a
+loop whose index divides by a constant) recomputes every node of a kernel for the
+split, and asserts when the nodes iterate over different numbers of dimensions: the
+8-bit update's kernels (block rows beside their ``(blocks, 2)`` scales) failed to
+compile there, and the engine fell back to eager. Later torch checks for this and
+keeps the loop as it is; under the hints, such a kernel is left unsplit on every
+version (the same decision, taken before any node changes; a split changes no value).
+
 Note [row prefetch]: the 8-bit update (``_quant_step``, Note [one pass]) walks each
 tensor's blocks in one outer loop whose inner loops stream the block's rows: the
 parameter, the gradient and both codes (4 streams of 2 sizes). The CPU's own
@@ -270,6 +278,24 @@ def prefetch_rows(source: str) -> str:
     return "\n".join(out)
 
 
+def _install_loop_split_guard(cpp: Any) -> None:
+    """Wrap ``CppScheduling.try_loop_split``; see Note [loop split guard]."""
+    original: Callable[..., Any] = cpp.CppScheduling.try_loop_split
+
+    def try_loop_split(self: Any, nodes: list[Any]) -> Any:
+        if _depth:
+            try:
+                dims = {len(n.node.get_default_sizes_body()[0][0]) for n in nodes}
+            except (AttributeError, TypeError, IndexError):  # another layout
+                dims = set()
+            if len(dims) > 1:
+                return nodes
+        return original(self, nodes)
+
+    try_loop_split.__wrapped__ = original  # type: ignore[attr-defined]
+    cpp.CppScheduling.try_loop_split = try_loop_split
+
+
 def _install_prefetch(cpp: Any) -> None:
     """Wrap ``CppScheduling.define_kernel``; see Note [row prefetch]."""
     original: Callable[..., Any] = cpp.CppScheduling.define_kernel
@@ -321,6 +347,8 @@ class _CodegenHints:
                 _install_bitcast(cpp)
                 # GCC and Clang only (MSVC has no __builtin_prefetch).
                 scheduling = getattr(cpp, "CppScheduling", None)
+                if hasattr(scheduling, "try_loop_split"):
+                    _install_loop_split_guard(cpp)
                 if sys.platform != "win32" and hasattr(scheduling, "define_kernel"):
                     _install_prefetch(cpp)
             _install_persistent()

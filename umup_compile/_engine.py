@@ -11,6 +11,7 @@ in one place, :func:`choose_engine`, and announced once.
 from __future__ import annotations
 
 import functools
+import inspect
 import types
 import warnings
 from collections.abc import Callable, Hashable, Iterable
@@ -91,8 +92,13 @@ def _combo_kernels() -> dict[str, Any]:
     in one launch (a range of program ids per member): 6 launches, the same bytes
     (lowered for sm_90 without a GPU by ``benchmarks/gpu_codegen.py``, their numbers
     checked against eager in Triton's interpreter). Inductor groups GPU nodes only, so
-    CPU code is unchanged. Options this torch lacks are left out."""
+    CPU code is unchanged. Options this torch lacks are left out, and all of them
+    where Inductor would group CPU nodes too (torch 2.6: its C++ backend then asserts,
+    and the 8-bit update's graphs fell back to eager)."""
     import torch._inductor.config as inductor_config
+
+    if not _combo_skips_cpu():
+        return {}
 
     wanted: dict[str, Any] = {
         "combo_kernels": True,
@@ -101,6 +107,19 @@ def _combo_kernels() -> dict[str, Any]:
         "combo_kernel_peak_memory_pct_threshold": None,  # in place: no peak to guard
     }
     return {k: v for k, v in wanted.items() if hasattr(inductor_config, k)}
+
+
+def _combo_skips_cpu() -> bool:
+    """Whether Inductor leaves CPU nodes out of combo kernels (read from its grouping
+    function's source: no flag says so)."""
+    try:
+        from torch._inductor.scheduler import ForeachKernelSchedulerNode
+
+        group = ForeachKernelSchedulerNode._default_group_nodes_for_combo_kernels
+        source = inspect.getsource(group)
+    except (ImportError, AttributeError, OSError, TypeError):
+        return False
+    return '"cpu"' in source
 
 
 def _backend(backend: Any, dynamic: bool) -> Any:
