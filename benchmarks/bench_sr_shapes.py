@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 import umup_compile.optim as uo
-from benchmarks import common
+from benchmarks import common, sets
 
 SETS = {"13.6M": (384, 4, 8192), "33.6M": (512, 8, 8192)}
 COLUMNS = "set tensors elements clock no_sr_ms sr_ms ratio".split()
@@ -35,7 +35,7 @@ COLUMNS = "set tensors elements clock no_sr_ms sr_ms ratio".split()
 def _optimizer(d: int, layers: int, vocab: int, sr: bool) -> torch.optim.Optimizer:
     gen = torch.Generator().manual_seed(0)
     params = []
-    for spec in common.gpt_like_specs(d_model=d, n_layers=layers, vocab=vocab):
+    for spec in sets.gpt_like_specs(d_model=d, n_layers=layers, vocab=vocab):
         p = nn.Parameter(torch.randn(spec.shape, generator=gen).bfloat16())
         p.grad = torch.randn(spec.shape, generator=gen).bfloat16()
         params.append(p)
@@ -64,12 +64,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    sets = {k: (64, 1, 256) for k in SETS} if args.smoke else SETS
+    shapes = {k: (64, 1, 256) for k in SETS} if args.smoke else SETS
     repeats = 2 if args.smoke else args.repeats
     head = common.header(torch.device("cpu"))
     steps: dict[tuple[str, bool], Callable[[], Any]] = {}
     sizes: dict[str, tuple[int, int]] = {}
-    for name, shape in sets.items():
+    for name, shape in shapes.items():
         for sr in (False, True):
             opt = _optimizer(*shape, sr)
             opt.step()  # compiles
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             steps[key]()
             samples[key].append((time.perf_counter() - w0, time.thread_time() - c0))
     rows = []
-    for name in sets:
+    for name in shapes:
         for k, clock in enumerate(("wall", "thread cpu")):
             a, b = (
                 statistics.median(s[k] for s in samples[(name, sr)]) for sr in (0, 1)

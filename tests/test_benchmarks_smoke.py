@@ -117,3 +117,36 @@ def test_committed_result_names_a_command_that_parses(md: Path, command: str) ->
     else:  # a workload's module run directly: python -m benchmarks.<module>
         module, argv = words[2], words[3:]
     assert importlib.import_module(module).parse_args(argv) is not None
+
+
+def test_benchmark_modules_use_only_names_their_sibling_modules_have() -> None:
+    """``module.name`` in each benchmark script names something that module has:
+    a helper moved between ``common`` and ``sets`` once broke ``sr-shapes`` at its
+    first line, and only a run of that workload would have shown it."""
+    import ast
+    import importlib
+
+    root = Path(common.__file__).parent
+    missing = []
+    for path in sorted(root.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        siblings = {
+            alias.asname or alias.name: alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module == "benchmarks"
+            for alias in node.names
+        }
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in siblings
+            ):
+                module = importlib.import_module(
+                    f"benchmarks.{siblings[node.value.id]}"
+                )
+                if not hasattr(module, node.attr):
+                    missing.append(
+                        f"{path.name}:{node.lineno} {node.value.id}.{node.attr}"
+                    )
+    assert not missing, missing
