@@ -8,6 +8,7 @@ command each one names (the newest, where a file names two) still parses.
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import re
 import shlex
@@ -123,9 +124,6 @@ def test_benchmark_modules_use_only_names_their_sibling_modules_have() -> None:
     """``module.name`` in each benchmark script names something that module has:
     a helper moved between ``common`` and ``sets`` once broke ``sr-shapes`` at its
     first line, and only a run of that workload would have shown it."""
-    import ast
-    import importlib
-
     root = Path(common.__file__).parent
     missing = []
     for path in sorted(root.glob("*.py")):

@@ -125,14 +125,13 @@ def _cpp_backend() -> Any | None:
     return cpp
 
 
-def _holds_8bit(cpp: Any, body: Any) -> bool:
-    """Whether a loop body computes with 8-bit integers (Note [bf16 tiling])."""
-    key = getattr(getattr(cpp, "OptimizationContext", None), "key", None)
-    blocks = [body.root_block, *body.subblocks.values()]
-    for block in blocks:
+def _holds_8bit(key: str, body: Any) -> bool:
+    """Whether a loop body computes with 8-bit integers (Note [bf16 tiling]);
+    ``key``: where Inductor keeps each node's dtype in its ``meta``."""
+    for block in (body.root_block, *body.subblocks.values()):
         for node in block.graph.nodes:
-            context = node.meta.get(key) if key else None
-            if getattr(context, "dtype", None) in (torch.int8, torch.uint8):
+            dtype = getattr(node.meta.get(key), "dtype", None)
+            if dtype in (torch.int8, torch.uint8):
                 return True
     return False
 
@@ -143,6 +142,7 @@ def _install_tiling(cpp: Any) -> None:
     lowp_of: Callable[[Any], tuple[torch.dtype | None, bool]] = (
         cpp.get_loop_body_lowp_fp
     )
+    meta_key = getattr(getattr(cpp, "OptimizationContext", None), "key", None)
 
     def select_tiling(self: Any, fn_list: Any, var_sizes_list: Any) -> Any:
         if _depth == 0:
@@ -153,7 +153,8 @@ def _install_tiling(cpp: Any) -> None:
         if len(found) != 1:  # none, or bf16 mixed with fp16: Inductor decides
             return original(self, fn_list, var_sizes_list)
         # 8-bit codes: float32 lanes, even where every body holds bf16.
-        dtype = None if any(_holds_8bit(cpp, body) for body in bodies) else found.pop()
+        codes = meta_key is not None and any(_holds_8bit(meta_key, b) for b in bodies)
+        dtype = None if codes else found.pop()
 
         def agreeing(body: Any) -> tuple[torch.dtype | None, bool]:
             lowp, needs_fp32 = lowp_of(body)
