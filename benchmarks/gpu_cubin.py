@@ -104,7 +104,7 @@ def build(name: str, source: str, workdir: Path) -> list[Build]:
         autotuner = getattr(import_file(path), name)
         autotuner.precompile(warm_cache_only=True)
     except Exception as e:  # noqa: BLE001 - reported per kernel
-        return [Build(name, {}, None, None, {}, f"{type(e).__name__}: {e}"[:500])]
+        return [Build(name, {}, None, None, {}, _brief(f"{type(e).__name__}: {e}"))]
     builds = []
     for result in autotuner.compile_results:
         binary = result.kernel
@@ -125,6 +125,12 @@ def build(name: str, source: str, workdir: Path) -> list[Build]:
             )
         )
     return builds
+
+
+def _brief(message: str) -> str:
+    """The head and the tail of an error: Triton's start with the kernel's long
+    signature and end with the cause."""
+    return message if len(message) <= 800 else f"{message[:200]} ... {message[-600:]}"
 
 
 def build_dir(config_dir: Path) -> list[Build]:
@@ -164,15 +170,53 @@ def summary(builds: list[Build]) -> dict[str, Any]:
     }
 
 
+def dispatch_check(members: int, workdir: Path) -> str | None:
+    """Build, for sm_90, a kernel that dispatches ``members`` branches by an if/elif
+    chain on the program id, as Inductor's combo kernels do (Note [combo kernel
+    arguments] in ``umup_compile/_engine.py``: Triton walks the chain recursively);
+    return the error, None when it builds."""
+    gpu_standins.install()
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    ptrs = ", ".join(f"p{i}" for i in range(members))
+    lines = ["import triton", "", "", "@triton.jit", f"def combo(src, {ptrs}):"]
+    lines.append("    pid = triton.language.program_id(0)")
+    for i in range(members):
+        lines.append(f"    {'elif' if i else 'if'} pid % {members} == {i}:")
+        lines.append(
+            f"        triton.language.store(p{i}, triton.language.load(src + {i}))"
+        )
+    path = workdir / f"combo{members}.py"
+    path.write_text("\n".join(lines) + "\n")
+    signature = {"src": "*fp32", **{f"p{i}": "*fp32" for i in range(members)}}
+    try:
+        source = ASTSource(import_file(path).combo, signature)
+        triton.compile(source, target=GPUTarget("cuda", gpu_standins.ARCH, 32))
+    except Exception as e:  # noqa: BLE001 - the error is the answer
+        return f"{type(e).__name__}: {e}"[-300:]
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m benchmarks.gpu_cubin CONFIG_DIR... --json FILE``."""
+    """``python -m benchmarks.gpu_cubin CONFIG_DIR... --json FILE``, or
+    ``--dispatch N`` (:func:`dispatch_check`: prints ``ok`` or the error)."""
     import argparse
     import json
 
     parser = argparse.ArgumentParser(description="Build written kernels to cubin.")
-    parser.add_argument("dirs", nargs="+", type=Path)
-    parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("dirs", nargs="*", type=Path)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--dispatch", type=int, metavar="N")
     args = parser.parse_args(argv)
+    if args.dispatch is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            error = dispatch_check(args.dispatch, Path(tmp))
+        print(error or "ok")
+        return 0 if error is None else 1
+    if not args.dirs or args.json is None:
+        parser.error("give kernel folders and --json, or --dispatch N")
     out = {d.name: summary(build_dir(d)) for d in args.dirs}
     args.json.write_text(json.dumps(out, indent=1))
     return 0

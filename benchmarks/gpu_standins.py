@@ -25,6 +25,8 @@ instead of guessing):
   on the CPU instead (none of them matches an optimizer step). Likewise
   ``joint_graph.UniformValueConstantFolder.run`` evaluates constants on the CPU.
 - Triton's active driver: a stand-in whose target is ``GPUTarget("cuda", 90, 32)``.
+- ``umup_compile._engine.cuda_driver_version``: :data:`DRIVER`, a driver with 32 KB
+  kernel arguments (as the torch fused launches counted beside ours assume).
 - ``PyCodeCache.load_by_key_path`` (the generated module is recorded, not imported)
   and ``output_code.cudagraph_post_compile`` / ``cudagraph_partition_post_compile``
   (recorded, not run: see :class:`Lowered`).
@@ -63,6 +65,7 @@ H100 = types.SimpleNamespace(
     is_integrated=False,
 )
 ARCH = 90
+DRIVER = 12080  # CUDA 12.8's driver API version (r570): 32 KB kernel arguments
 
 
 class StandInError(RuntimeError):
@@ -335,6 +338,14 @@ def _cudagraph_post_compile() -> None:
         setattr(output_code, name, _cudagraph_record)
 
 
+def _cuda_driver() -> None:
+    from umup_compile import _engine
+
+    _require(_engine, "cuda_driver_version")
+    _engine.cuda_driver_version = lambda: DRIVER  # type: ignore[assignment]
+    _require(_engine, "_combo_kernels").cache_clear()
+
+
 def _inductor_config() -> None:
     import torch._inductor.config as config
 
@@ -353,6 +364,7 @@ STAND_INS: tuple[tuple[str, Callable[[], None], bool], ...] = (
     ("Tensor bindings", _bindings, True),
     ("pattern inits", _pattern_inits, True),
     ("triton driver", _triton_driver, True),
+    ("cuda driver version", _cuda_driver, True),
     ("module load", _module_load, False),
     ("cudagraph post-compile", _cudagraph_post_compile, False),
     ("inductor config", _inductor_config, False),

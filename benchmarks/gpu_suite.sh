@@ -47,7 +47,8 @@ if ls wheels/*.whl > /dev/null 2>&1; then
 fi
 step install 45 $PY -m pip install --no-deps -e .
 step env 15 sh -c "nvidia-smi; $PY -c 'import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())'"
-step gpu-tests 85 $PY -m pytest -q -m gpu tests/gpu --junitxml="$OUT/gpu-tests.xml"
+# -o addopts: one process (the device machine has no pytest-xdist)
+step gpu-tests 85 $PY -m pytest -o addopts=-ra -q -m gpu tests/gpu --junitxml="$OUT/gpu-tests.xml"
 step measure 80 $PY -m benchmarks.gpu_measure --device cuda \
     --workload "$(echo $WORKLOADS | tr ' ' ',')" --json "$OUT/measured.json"
 for w in $WORKLOADS; do

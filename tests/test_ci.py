@@ -57,3 +57,19 @@ def test_ci_runs_the_readme_commands_in_a_fresh_venv() -> None:
     # Nothing installed beside the README's own commands.
     installs = [line for line in code if re.search(r"\bpip\b|install", line)]
     assert installs == [], "install steps belong in the README's commands"
+
+
+def test_the_suite_runs_across_workers_file_by_file() -> None:
+    """The README's ``python -m pytest -q`` runs on the machine's cores through
+    pytest-xdist (a test extra); ``--dist loadfile`` keeps a file on one worker, so
+    its module fixtures (the sm_90 lowering, ~25-40 s) are built once."""
+    import tomllib
+
+    with (ROOT / "pyproject.toml").open("rb") as f:
+        project = tomllib.load(f)
+    extras = project["project"]["optional-dependencies"]["test"]
+    assert any(req.startswith("pytest-xdist") for req in extras), extras
+    opts = shlex.split(project["tool"]["pytest"]["ini_options"]["addopts"])
+    assert opts[opts.index("-n") + 1] == "auto", opts
+    assert opts[opts.index("--dist") + 1] == "loadfile", opts
+    assert any(o.startswith("--maxprocesses=") for o in opts), opts

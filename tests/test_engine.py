@@ -152,3 +152,29 @@ def test_engine_inlines_inside_outer_compile() -> None:
 def test_choose_engine_rejects_unknown_compile_value() -> None:
     with pytest.raises(ValueError, match="compile=2 is not supported"):
         choose_engine(2, env=None, differentiable=False)  # type: ignore[arg-type]
+
+
+def test_combo_kernel_arguments_follow_the_cuda_driver(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Note [combo kernel arguments]: 1024 buffer arguments where the driver takes
+    32 KB of kernel parameters (12.1 on), Inductor's 250 below and without one."""
+    from umup_compile import _engine
+
+    version = _engine.cuda_driver_version()
+    assert isinstance(version, int) and version >= 0
+    if torch.version.cuda is not None and torch.cuda.is_available():
+        assert version > 0
+    if not _engine._combo_skips_cpu():
+        pytest.skip("this torch groups CPU nodes too: the engine sets no combo options")
+    wanted = {11080: None, 12000: None, 12010: 1024, 12080: 1024, 13000: 1024}
+    try:
+        for driver, args in wanted.items():
+            monkeypatch.setattr(_engine, "cuda_driver_version", lambda d=driver: d)
+            _engine._combo_kernels.cache_clear()
+            options = _engine._combo_kernels()
+            assert options["combo_kernels"] is True
+            assert options.get("combo_kernel_max_num_args") == args, driver
+    finally:
+        monkeypatch.undo()
+        _engine._combo_kernels.cache_clear()

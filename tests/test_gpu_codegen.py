@@ -58,10 +58,10 @@ SKIP_REASON = _skip_reason()
 pytestmark = pytest.mark.skipif(SKIP_REASON is not None, reason=str(SKIP_REASON))
 
 
-def run_tool(tmp: Path, *argv: str) -> dict[str, Any]:
-    out = tmp / "result.json"
+def run_module(module: str, *argv: str) -> str:
+    """``python -m <module> <argv>`` from the repository root; its stdout."""
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.gpu_codegen", *argv, "--json", str(out)],
+        [sys.executable, "-m", module, *argv],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         capture_output=True,
@@ -69,6 +69,12 @@ def run_tool(tmp: Path, *argv: str) -> dict[str, Any]:
         timeout=900,
     )
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    return done.stdout
+
+
+def run_tool(tmp: Path, *argv: str) -> dict[str, Any]:
+    out = tmp / "result.json"
+    run_module("benchmarks.gpu_codegen", *argv, "--json", str(out))
     return json.loads(out.read_text())  # type: ignore[no-any-return]
 
 
@@ -115,7 +121,7 @@ def test_counts_are_pinned(small: dict[str, Any]) -> None:
         table(small["results"]),
         """\
 config                                               graphs    calls    kernels    launches    eager    fused    bytes/ideal
-gpt-mini-fp32-capturable                                  1        1          4           4        3        2         1.0051
+gpt-mini-fp32-capturable                                  1        1          2           2        3        2         1.0051
 many-small-mini-bf16-fp32state-sr-capturable-clip         2        2          3           3        9        2         1.6471""",
     )
 
@@ -131,6 +137,9 @@ def test_goals_hold(small: dict[str, Any]) -> None:
         assert goals["interpreter_ok"], (r["name"], r["interpreter"])
     unrolled = small["results"][0]  # no clip: every byte is the update's
     assert unrolled["goals"]["bytes_ok"], unrolled["goals"]
+    # Notes [stacked counters] and [combo kernel arguments]: its graph launches no
+    # more kernels than torch fused (its hyper-parameter refresh is eager)
+    assert unrolled["launches"] <= unrolled["torch_fused_launches"], unrolled["name"]
 
 
 def test_interpreter_matches_eager(small: dict[str, Any]) -> None:
@@ -165,3 +174,17 @@ def test_gpt_fp32_meets_the_byte_goal(tmp_path: Path) -> None:
     result = run_tool(tmp_path, "--config", "gpt:fp32", "--no-cubin")["results"][0]
     assert result["goals"]["bytes_ok"], result["goals"]
     assert result["goals"]["no_fallbacks"] and result["goals"]["cudagraphs_ok"]
+
+
+def test_combo_kernels_stay_within_tritons_dispatch_depth() -> None:
+    """Note [combo kernel arguments]: Triton walks a combo kernel's if/elif dispatch
+    recursively (160 members exceeded Python's recursion limit, and the compile fell
+    back to eager). Twice the engine's cap builds for sm_90: a margin for the deeper
+    stack Inductor compiles from."""
+    from umup_compile import _engine
+
+    cap = _engine.COMBO_MAX_NODES
+    options = _engine._combo_kernels()
+    assert options.get("combo_kernel_max_num_nodes", cap) == cap, options
+    out = run_module("benchmarks.gpu_cubin", "--dispatch", str(2 * cap))
+    assert out.strip().endswith("ok"), out[-500:]

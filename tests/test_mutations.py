@@ -164,6 +164,14 @@ def _state_entry_replaced(s: int, v: Variant) -> None:
     state["exp_avg_sq"] = state["exp_avg_sq"].clone()
 
 
+def _steps_edited(s: int, v: Variant) -> None:
+    """Note [stacked counters]: a unit's steps are views of one vector; an edit in
+    place reaches its graph, a replaced entry sends the step to a rebuild."""
+    state = v.opt.state
+    state[v.params[0]]["step"].add_(3)
+    state[v.params[2]]["step"] = state[v.params[2]]["step"] + 5
+
+
 def _no_grad_for(k: int) -> Callable[[int, Variant], None]:
     def mutate(s: int, v: Variant) -> None:
         v.params[k].grad = None
@@ -461,6 +469,8 @@ SCENARIOS: list[tuple[str, Scenario]] = [
     ),
     ("state_cleared", Scenario(mutate=at(3, _state_cleared))),
     ("state_entry_replaced", Scenario(mutate=at(3, _state_entry_replaced))),
+    ("steps_edited_chunk", Scenario(mutate=at(2, _steps_edited))),
+    ("steps_edited_unrolled", Scenario(mutate=at(3, _steps_edited), layout="unrolled")),
     ("grad_none_some_steps", Scenario(mutate=at((2, 3), _no_grad_for(1)))),
     ("inference_mode_steps", Scenario(step=_under(torch.inference_mode, (2, 3)))),
     ("no_grad_steps", Scenario(step=_under(torch.no_grad, (1, 2, 3)))),

@@ -84,6 +84,26 @@ def test_layout_matches_eager(cls, kwargs, threshold: str) -> None:  # noqa: ANN
         for key, value in opt.state_dict()["state"][i].items():
             if key != "step":
                 assert value.shape == p.shape, (i, key)
+    # Note [stacked counters]: each unit's steps are 0-d views of its one vector
+    steps = [opt.state[p]["step"] for p in params if "step" in opt.state[p]]
+    assert all(t.ndim == 0 for t in steps)
+    for unit in layout.units + ([layout.pack.unit] if layout.pack else []):
+        if "step" in unit.stacked:
+            (vector,) = unit.state_lists[-1]  # Adam's keys end with "step"
+            ptr = vector.untyped_storage().data_ptr()
+            on = [t for t in steps if t.untyped_storage().data_ptr() == ptr]
+            assert len(on) == len(unit.members) == vector.numel()
+    assert sum("step" in u.stacked for u in layout.units) == (
+        len(layout.units) if steps else 0
+    )
+    # ... which a checkpoint saves and loads as torch's (0-d, the same values)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    for i, state in opt.state_dict()["state"].items():
+        for key, value in state.items():
+            torch.testing.assert_close(loaded["state"][i][key], value, rtol=0, atol=0)
 
 
 def test_rebuilds_and_graphs_are_bounded(threshold: str) -> None:

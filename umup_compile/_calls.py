@@ -243,10 +243,14 @@ def watch_of(plans: Sequence[BucketPlan]) -> Watch:
                 watch.listed += [(s, key) for s in states for key in plan.keys]
                 continue
             members = [states[k] for k in call.unit.members]
+            stacked = call.unit.stacked
             pairs = [(s, key) for s in members for key in plan.keys]
             if call.pack is not None:
                 watch.views += pairs
             else:
-                watch.graph_states += pairs
+                watch.views += [(s, key) for s, key in pairs if key in stacked]
+                watch.graph_states += [
+                    (s, key) for s, key in pairs if key not in stacked
+                ]
                 watch.graph_params += call.params
     return watch

@@ -89,9 +89,10 @@ def _combo_kernels() -> dict[str, Any]:
     """Note [combo kernels]: on a GPU, Inductor writes one Triton kernel per parameter
     of a unit (their shapes differ), each its own launch: the GPT-like set's unrolled
     unit made 53 launches a step, torch's fused Adam 2. Combo kernels put many of them
-    in one launch (a range of program ids per member): 6 launches, the same bytes
-    (lowered for sm_90 without a GPU by ``benchmarks/gpu_codegen.py``, their numbers
-    checked against eager in Triton's interpreter). Inductor groups GPU nodes only, so
+    in one launch (a range of program ids per member): 6 launches, the same bytes, and
+    2 with Notes [combo kernel arguments] and [stacked counters] (lowered for sm_90
+    without a GPU by ``benchmarks/gpu_codegen.py``, their numbers checked against
+    eager in Triton's interpreter). Inductor groups GPU nodes only, so
     CPU code is unchanged. Options this torch lacks are left out, and all of them
     where Inductor would group CPU nodes too (torch 2.6: its C++ backend then asserts,
     and the 8-bit update's graphs fell back to eager)."""
@@ -103,10 +104,47 @@ def _combo_kernels() -> dict[str, Any]:
     wanted: dict[str, Any] = {
         "combo_kernels": True,
         "combo_kernel_allow_mixed_sizes": 2,  # members of any size together
-        "combo_kernel_max_num_nodes": 1024,  # as many as the argument limit allows
+        "combo_kernel_max_num_nodes": COMBO_MAX_NODES,
         "combo_kernel_peak_memory_pct_threshold": None,  # in place: no peak to guard
     }
+    if cuda_driver_version() >= WIDE_ARGS_DRIVER:
+        wanted["combo_kernel_max_num_args"] = WIDE_COMBO_ARGS
     return {k: v for k, v in wanted.items() if hasattr(inductor_config, k)}
+
+
+# Note [combo kernel arguments]: Inductor caps a combo kernel at 250 buffer arguments
+# (2 KB of pointers), within the 4 KB of parameters any CUDA driver takes; the
+# GPT-like set's update then took 4 combo kernels. A driver from CUDA 12.1 on (530)
+# takes 32 KB on Volta and later, which torch's multi-tensor apply uses when the
+# driver says so, at run time; so do we: 1024 buffers (8 KB), the GPT-like set's
+# update in one kernel, and a step of 2 launches as torch fused's (lowered for sm_90
+# without a GPU, ``benchmarks/gpu_codegen.py``). Triton launches through the driver,
+# so its version decides, not the CUDA runtime torch was built with.
+# A combo kernel dispatches its members by an if/elif chain on the program id, which
+# Triton's code generator walks recursively: 160 members exceeded Python's recursion
+# limit (Triton 3.9, sm_90; 128 built), and the compile fell back. Hence at most 64
+# members a kernel (the unrolled unit's most, UNROLL_WITH_SMALL_MAX).
+WIDE_ARGS_DRIVER = 12010
+WIDE_COMBO_ARGS = 1024
+COMBO_MAX_NODES = 64
+
+
+@functools.cache
+def cuda_driver_version() -> int:
+    """The CUDA driver's version (12010 for 12.1); 0 without one (and on ROCm)."""
+    if torch.version.hip is not None:
+        return 0
+    import ctypes
+
+    for name in ("libcuda.so.1", "nvcuda.dll"):
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        version = ctypes.c_int(0)
+        if lib.cuDriverGetVersion(ctypes.byref(version)) == 0:
+            return int(version.value)
+    return 0
 
 
 def _combo_skips_cpu() -> bool:

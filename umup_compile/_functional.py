@@ -240,7 +240,9 @@ def adam_step_(
     Args:
         params, grads, exp_avgs, exp_avg_sqs: aligned lists, one entry per parameter.
         max_exp_avg_sqs: aligned list when ``config.amsgrad``, else empty.
-        steps: 0-d step counters, incremented here.
+        steps: the step counters, incremented here: one 0-d tensor per parameter
+            (the list path) or one ``(n,)`` vector (a layout's unit: Note [stacked
+            counters] in ``_pack``).
         hyper_t: ``(groups, 5)`` tensor with columns :data:`ADAM_HYPERS`.
         group_index_t: ``(n,)`` int64, each parameter's row in ``hyper_t``.
         lr_scales_t, wd_scales_t: ``(n,)`` u-μP factors; effective lr is
@@ -248,7 +250,7 @@ def adam_step_(
         config: static structure.
         segment_t: for a pack (see ``_pack``): the lists hold one ``(rows, width)``
             tensor each, holding ``n`` parameters; row ``r`` belongs to parameter
-            ``segment_t[r]``, and ``steps`` holds one ``(n,)`` vector.
+            ``segment_t[r]``.
         local_index_t: for a pack, the index within its parameter of each row's
             first element.
         sr_seeds_t: ``(n,)`` int64 seeds: round bf16 parameters stochastically

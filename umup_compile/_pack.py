@@ -20,7 +20,8 @@ safetensors refuses shared storage.
 
 The other **units** pass their members' tensors to the engine: as they are (the
 unrolled and strided units) or as flat aliases (chunks), so one graph serves every
-shape of a size.
+shape of a size; their step counters, like the pack's, as one vector whose 0-d views
+are the members' ``state["step"]`` (Note [stacked counters]).
 """
 
 from __future__ import annotations
@@ -69,6 +70,9 @@ class Unit:
     # How a step passes the members' parameters and gradients (None: as they are
     # for ``kind.as_is``, else flat aliases); see Note [block rows].
     alias: Callable[[Tensor], Tensor] | None = None
+    # Keys whose list is one vector the members' state views (Note [stacked
+    # counters]); a steady step checks those views' storage.
+    stacked: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -137,20 +141,39 @@ def build_layout(
     )
     if strided:
         planned.append((strided, STRIDED_KIND))
+    stacked = scalar_keys & set(keys)
     for members, _ in planned:
         for k in members:
             for key in keys:
-                states[k][key] = _unit_state(states[k][key], k in large_set)
+                if key not in stacked:
+                    states[k][key] = _unit_state(states[k][key], k in large_set)
     units = []
     for members, kind in planned:
         rows = _rows_alias(kind, block) if block else None
         alias = rows or ((lambda t: t) if kind.as_is else _flat)
         lists = [
-            [(_same if key in block_keys else alias)(states[k][key]) for k in members]
+            [stack_scalars([states[k] for k in members], key)]
+            if key in stacked
+            else [
+                (_same if key in block_keys else alias)(states[k][key]) for k in members
+            ]
             for key in keys
         ]
-        units.append(Unit(members, kind, lists, rows))
+        units.append(Unit(members, kind, lists, rows, frozenset(stacked)))
     return Layout(pack, units)
+
+
+def stack_scalars(states: Sequence[State], key: str) -> Tensor:
+    """Note [stacked counters]: the members' 0-d ``key`` state (``step``) as one
+    vector, each member's state rebound to its 0-d view (``state_dict`` keeps torch's
+    per-parameter tensors). A graph then counts a unit's steps and computes its
+    coefficients in one kernel: as 0-d tensors they took a ``foreach`` kernel of
+    their own, a launch per graph call on a GPU (lowered for sm_90 on a CPU:
+    ``benchmarks/gpu_codegen.py``)."""
+    flat = torch.stack([s[key].reshape(()) for s in states])
+    for s, view in zip(states, flat.unbind()):
+        s[key] = view
+    return flat
 
 
 def _unit_state(t: Tensor, large: bool) -> Tensor:
@@ -223,9 +246,10 @@ def _build_pack(
     flat_state: list[list[Tensor]] = []
     for key in keys:
         if key in scalar_keys:
-            flat = torch.stack([s[key].reshape(()) for s in states])
-            views = list(flat.unbind())
-        elif key in block_keys:
+            flat = stack_scalars(states, key)
+            flat_state.append([flat])
+            continue
+        if key in block_keys:
             tail = states[0][key].shape[1:]
             flat = torch.zeros(rows, *tail, dtype=states[0][key].dtype, device=device)
             views = [flat[a : a + n] for a, n in zip(firsts, row_counts)]
@@ -241,7 +265,9 @@ def _build_pack(
         flat_state.append([flat])
     runs, loose = _runs(params, offsets, width, flat_param, flat_grad)
     return Pack(
-        unit=Unit(members, PACK_KIND, flat_state),
+        unit=Unit(
+            members, PACK_KIND, flat_state, stacked=scalar_keys & frozenset(keys)
+        ),
         params=params,
         runs=runs,
         loose=loose,

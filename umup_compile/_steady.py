@@ -17,9 +17,11 @@ here, by how it reaches the graph:
   through ``.data`` (another dtype, other strides, or a copy a flat alias does not
   follow) sends the step to a gather, where the layout is rebuilt from what the
   tensors are now.
-- *views* of a pack's buffers (the pack's members' state): their storage. A view
-  rebound through ``.data`` no longer shows what the pack updates, so the pack is
-  rebuilt (from the rebound values) rather than left updating buffers no one sees.
+- *views* of a pack's buffers (the pack's members' state) and of a unit's step
+  vector (Note [stacked counters] in ``_pack``): their storage. A view rebound
+  through ``.data`` (or replaced) no longer shows what the graph updates, so the
+  layout is rebuilt (from the rebound values) rather than left updating buffers no
+  one sees.
 - the *list path*'s state (eager engine, sharded buckets): identity and dtype. Its
   calls pass the state tensors themselves, whatever storage they were rebound to, but
   a bucket's state of one dtype is updated as such (a rebound dtype means another
