@@ -15,9 +15,10 @@ ALLOWED: dict[str, set[str]] = {
     "_rules": {"parameter"},
     "_plan": {"_rules", "parameter"},
     "_rounding": set(),
-    "_functional": {"_rounding"},
+    "_prologue": set(),
+    "_functional": {"_prologue", "_rounding"},
     "_quant": set(),
-    "_quant_step": {"_functional", "_quant"},
+    "_quant_step": {"_functional", "_prologue", "_quant"},
     "_state8": {"_functional", "_quant", "_quant_step"},
     "_specs": {"_functional", "_plan", "_quant", "_state8"},
     "_groups": {"_plan", "_rules", "_specs", "_state8"},
@@ -108,7 +109,7 @@ def test_layering_imports_go_one_way(module: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "module", ["_functional", "_quant", "_quant_step", "_rounding"]
+    "module", ["_functional", "_prologue", "_quant", "_quant_step", "_rounding"]
 )
 def test_layering_core_imports_torch_only(module: str) -> None:
     _, external = _imports(PACKAGE / f"{module}.py")

@@ -5,7 +5,8 @@ fused kernels. Every value a scheduler may change arrives as a tensor (``hyper_t
 row per param group), so a new lr never recompiles; structure (amsgrad, maximize, ...)
 arrives as a frozen config, so changing it does. The only effects are in-place updates
 of the tensors passed in: no ``.item()``, no branching on tensor values, no allocation
-of persistent state.
+of persistent state. What they compute first (the step count, the skip mask, the
+per-parameter coefficients) is ``_prologue``'s.
 
 Note [skipped steps]: under a GradScaler, ``found_inf_t`` (a device tensor) marks a
 step to skip. The core cannot branch on it without a host sync, so it masks instead:
@@ -20,17 +21,10 @@ writes the storage dtypes, so bf16 parameters with float32 moments move 20 bytes
 element instead of fp32 Adam's 28. With ``stochastic_rounding`` the parameter store
 rounds bf16 stochastically (``_rounding``), keyed by each parameter's seed and step.
 float32/float64 training keeps the in-place loop below (no temporaries when eager).
-
-Note [realized coefficients]: per-parameter scalars (effective lr, bias corrections)
-are computed as short vectors and stacked into one ``(k, n)`` tensor before the
-per-parameter loop. Inductor materialises a stack as a buffer, so the elementwise
-kernels load each coefficient once; left as loose pointwise expressions, Inductor inlines
-them into every vector iteration (a double ``pow`` per 8 elements: 10x slower on CPU).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -38,6 +32,13 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ._prologue import (
+    _coefficients,
+    _per_param,
+    _skip_mask,
+    adam_prologue,
+    compute_dtype,
+)
 from ._rounding import bits16, round_bf16_with_bits, stream_keys
 
 # Columns of ``hyper_t`` (one row per param group).
@@ -72,42 +73,11 @@ class SGDConfig:
     weight_decay: bool = False
 
 
-def _per_param(hyper_t: Tensor, group_index_t: Tensor) -> tuple[Tensor, ...]:
-    """Expand group rows to one row per parameter, then split the columns."""
-    return hyper_t.index_select(0, group_index_t).unbind(1)
-
-
-def _coefficients(
-    dtype: torch.dtype, segment_t: Tensor | None, *vectors: Tensor
-) -> list[tuple[Tensor, ...]]:
-    """Stack ``(n,)`` coefficient vectors, then split them per parameter.
-
-    The values are computed in the hyper-parameters' (float64) precision and rounded
-    once to the parameters' dtype, as a kernel rounds a Python scalar; a float64 0-d
-    coefficient would otherwise promote a 0-d parameter's arithmetic to float64. See
-    Note [realized coefficients]. For a pack (``segment_t`` given) each coefficient
-    becomes one ``(rows, 1)`` column, gathered by the rows' parameter index, which
-    broadcasts over the pack's ``(rows, PACK_ROW)`` tensors: one gather per row, not
-    per element (measured: 12 ms instead of 42 ms for 2000 x 4096 elements, 1 thread).
-    """
-    table = torch.stack(vectors).to(dtype)
-    if segment_t is not None:
-        return [(row,) for row in table.index_select(1, segment_t).unsqueeze(-1)]
-    return [row.unbind() for row in table]
-
-
 def _unscale(grad: Tensor, grad_scale_t: Tensor | None, maximize: bool) -> Tensor:
     """Undo the GradScaler's scale (as torch's fused kernels do), then negate."""
     if grad_scale_t is not None:
         grad = grad / grad_scale_t
     return -grad if maximize else grad
-
-
-def compute_dtype(param_dtype: torch.dtype, state_dtype: torch.dtype) -> torch.dtype:
-    """The update's arithmetic dtype: float32 at least (torch's "opmath")."""
-    return torch.promote_types(
-        torch.promote_types(param_dtype, state_dtype), torch.float32
-    )
 
 
 def _noise(
@@ -155,65 +125,6 @@ def _store(
     if noise is not None and param.dtype == torch.bfloat16:
         value = round_bf16_with_bits(value.float(), bits16(*noise))
     param.copy_(value)
-
-
-def _skip_mask(found_inf_t: Tensor | None) -> Tensor | None:
-    """A 0-d bool tensor that is True when the step must be skipped."""
-    return None if found_inf_t is None else found_inf_t.reshape(()) > 0
-
-
-def adam_prologue(
-    param_dtype: torch.dtype,
-    state_dtype: torch.dtype,
-    steps: list[Tensor],
-    hyper_t: Tensor,
-    group_index_t: Tensor,
-    lr_scales_t: Tensor,
-    wd_scales_t: Tensor,
-    *,
-    segment_t: Tensor | None = None,
-    found_inf_t: Tensor | None = None,
-) -> tuple[Tensor | None, Tensor, torch.dtype, list[tuple[Tensor, ...]]]:
-    """Count the step; return the skip mask, the step vector, the compute dtype and
-    the coefficients ``1 - beta1``, ``1 - beta2``, root scale, scaled eps, L2 factor
-    and decoupled decay (each per parameter). Shared with ``_quant_step``."""
-    skip = _skip_mask(found_inf_t)
-    if skip is None:
-        torch._foreach_add_(steps, 1)
-    else:
-        # A list of tensors, not one tensor "scalar": CPU's foreach reads that on the
-        # host (``.item()``); elementwise adds stay on the device.
-        increment = (~skip).to(steps[0].dtype)
-        torch._foreach_add_(steps, [increment] * len(steps))
-    lr, beta1, beta2, eps, weight_decay = _per_param(hyper_t, group_index_t)
-    lrs = lr * lr_scales_t
-    # reshape: 0-d parameters arrive as 1-element views (see UmupOptimizer._run_bucket).
-    # (``to``: a meta dry run counts steps on the CPU.)
-    step = torch.stack(steps).to(hyper_t.device, hyper_t.dtype).reshape(-1)
-    bias_correction1 = 1 - beta1.pow(step)
-    bias_correction2_sqrt = (1 - beta2.pow(step)).sqrt()
-    wds = weight_decay * wd_scales_t
-    weight1, weight2 = 1 - beta1, 1 - beta2
-    # The step size -lr / bc1 is folded into the denominator, as torch's capturable
-    # path does: update = m / (sqrt(v) * root_scale + eps_scaled), one addcdiv_.
-    neg_inv_step = -bias_correction1 / lrs
-    root_scale = neg_inv_step / bias_correction2_sqrt
-    eps_scaled = eps * neg_inv_step
-    decay = 1 - lrs * wds
-    # No update (lr 0, e.g. warm-up, or a skipped step): a denominator of -inf makes
-    # the update +-0 even where sqrt(v) is 0, where -inf * 0 would give nan.
-    frozen = lrs == 0
-    if skip is not None:
-        frozen = frozen | skip
-        weight1, weight2 = weight1.where(~skip, 0.0), weight2.where(~skip, 0.0)
-        decay = decay.where(~skip, 1.0)
-    root_scale = root_scale.where(~frozen, 0.0)
-    eps_scaled = eps_scaled.where(~frozen, -math.inf)
-    cdt = compute_dtype(param_dtype, state_dtype)
-    coefficients = _coefficients(
-        cdt, segment_t, weight1, weight2, root_scale, eps_scaled, wds, decay
-    )
-    return skip, step, cdt, coefficients
 
 
 def adam_step_(
@@ -369,6 +280,7 @@ def sgd_step_(
         momentum,
         buffer_decay,
         grad_weight,
+        in_dtype=False,
     )
 
     if cdt != params[0].dtype or cdt != state_dtype:  # Note [low precision]

@@ -211,7 +211,7 @@ def _build_pack(
     """Small parameters in rows, each starting a row (see Note [pack copies]).
 
     Rows let the kernel gather coefficients once per row (see ``_coefficients`` in
-    ``_functional``); the padding (less than a row per parameter) stays zero in
+    ``_prologue``); the padding (less than a row per parameter) stays zero in
     gradients and parameters and is never read back. With 8-bit moments (``block``)
     a row is one block: the rows of a block key's buffer are the members' own.
     """

@@ -1,8 +1,8 @@
 """The core's Adam/AdamW update with 8-bit moments, one fused pass per tensor.
 
-Same arithmetic as ``_functional.adam_step_`` (its prologue, Note [skipped steps],
-Note [realized coefficients]), with each moment held as codes and block scales
-(``_quant``, Note [8-bit moments]): per block of :data:`~umup_compile._quant.BLOCK`
+Same arithmetic as ``_functional.adam_step_`` (``_prologue.adam_prologue``, Note
+[skipped steps], Note [realized coefficients]), with each moment held as codes and
+block scales (``_quant``, Note [8-bit moments]): per block of :data:`~umup_compile._quant.BLOCK`
 elements, decode the old moments, update them and the parameter in float32, then
 encode the new moments. The parameter update uses the new float32 moments, not their
 codes, as bitsandbytes' and torchao's 8-bit Adam do.
@@ -51,7 +51,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._functional import AdamConfig, _noise, _store, _unscale, adam_prologue
+from ._functional import AdamConfig, _noise, _store, _unscale
+from ._prologue import adam_prologue
 from ._quant import (
     BLOCK,
     block_rows,
@@ -123,13 +124,10 @@ def adam8_step_(
         wd_scales_t,
         segment_t=segment_t,
         found_inf_t=found_inf_t,
+        in_dtype=True,
     )
-    # One float32 table, realized once: the loops then load each coefficient, where
-    # the prologue's float64 table would be converted in every vector iteration.
-    table = torch.stack([torch.stack(list(c)) for c in coefficients])
-    weight1s, weight2s, root_scales, eps_scaleds, l2s, decays = (
-        tuple(row.unbind()) for row in table
-    )
+    # Views of one float32 table the prologue realized (Note [realized coefficients])
+    weight1s, weight2s, root_scales, eps_scaleds, l2s, decays = coefficients
     noise = _noise(sr_seeds_t, step, segment_t, local_index_t, params)
     for i, param in enumerate(params):
         n = param.numel()
