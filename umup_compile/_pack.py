@@ -70,8 +70,8 @@ class Unit:
     # How a step passes the members' parameters and gradients (None: as they are
     # for ``kind.as_is``, else flat aliases); see Note [block rows].
     alias: Callable[[Tensor], Tensor] | None = None
-    # Keys whose list is one vector the members' state views (Note [stacked
-    # counters]); a steady step checks those views' storage.
+    # Keys whose list holds one vector, the members' state being 0-d views of it
+    # (Note [stacked counters]); a steady step checks those views' storage.
     stacked: frozenset[str] = frozenset()
 
 
