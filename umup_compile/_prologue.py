@@ -33,9 +33,10 @@ def _coefficients(
     becomes one ``(rows, 1)`` column, gathered by the rows' parameter index, which
     broadcasts over the pack's ``(rows, PACK_ROW)`` tensors: one gather per row, not
     per element (measured: 12 ms instead of 42 ms for 2000 x 4096 elements, 1 thread).
-    ``in_dtype`` realizes the table in ``dtype`` (the 8-bit update's loops then load
-    each coefficient as is); otherwise it is realized in float64 and converted where
-    loaded, which sm_90 lowers to one kernel less (``benchmarks/gpu_codegen.py``).
+    ``in_dtype`` realizes the table in ``dtype`` (the 8-bit update's CPU loops then
+    load each coefficient as is); otherwise it is realized in float64 and converted
+    where loaded, which Inductor writes in the step count's kernel (on sm_90, realized
+    in ``dtype`` it took a kernel of its own: ``benchmarks/gpu_codegen.py``).
     """
     if in_dtype:  # realized in ``dtype``: kernels load it without converting
         table = torch.stack([v.to(dtype) for v in vectors])

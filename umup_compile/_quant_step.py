@@ -124,9 +124,12 @@ def adam8_step_(
         wd_scales_t,
         segment_t=segment_t,
         found_inf_t=found_inf_t,
-        in_dtype=True,
+        # float32 on the CPU, whose vector loops would convert a float64 coefficient
+        # at every iteration; a GPU kernel converts it once per program, and the
+        # float64 table fuses with the step count (a kernel less per graph on sm_90).
+        in_dtype=params[0].device.type == "cpu",
     )
-    # Views of one float32 table the prologue realized (Note [realized coefficients])
+    # Views of the prologue's realized table (Note [realized coefficients])
     weight1s, weight2s, root_scales, eps_scaleds, l2s, decays = coefficients
     noise = _noise(sr_seeds_t, step, segment_t, local_index_t, params)
     for i, param in enumerate(params):
