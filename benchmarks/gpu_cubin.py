@@ -195,7 +195,7 @@ def dispatch_check(members: int, workdir: Path) -> str | None:
         source = ASTSource(import_file(path).combo, signature)
         triton.compile(source, target=GPUTarget("cuda", gpu_standins.ARCH, 32))
     except Exception as e:  # noqa: BLE001 - the error is the answer
-        return f"{type(e).__name__}: {e}"[-300:]
+        return _brief(f"{type(e).__name__}: {e}")
     return None
 
 

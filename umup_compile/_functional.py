@@ -280,7 +280,6 @@ def sgd_step_(
         momentum,
         buffer_decay,
         grad_weight,
-        in_dtype=False,
     )
 
     if cdt != params[0].dtype or cdt != state_dtype:  # Note [low precision]

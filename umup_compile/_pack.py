@@ -134,14 +134,14 @@ def build_layout(
     planned = plan_units(large, params, unrolled, small)
     placed = {k for members, _ in planned for k in members}
     small = [k for k in small if k not in placed] + sorted(lazy)
+    stacked = scalar_keys & frozenset(keys)  # Note [stacked counters]
     pack = (
-        _build_pack(small, params, states, keys, scalar_keys, block_keys, block)
+        _build_pack(small, params, states, keys, stacked, block_keys, block)
         if small
         else None
     )
     if strided:
         planned.append((strided, STRIDED_KIND))
-    stacked = scalar_keys & set(keys)
     for members, _ in planned:
         for k in members:
             for key in keys:
@@ -159,7 +159,7 @@ def build_layout(
             ]
             for key in keys
         ]
-        units.append(Unit(members, kind, lists, rows, frozenset(stacked)))
+        units.append(Unit(members, kind, lists, rows, stacked))
     return Layout(pack, units)
 
 
@@ -204,7 +204,7 @@ def _build_pack(
     bucket_params: Sequence[Tensor],
     bucket_states: Sequence[State],
     keys: Sequence[str],
-    scalar_keys: frozenset[str],
+    stacked: frozenset[str],
     block_keys: frozenset[str],
     block: int,
 ) -> Pack:
@@ -245,7 +245,7 @@ def _build_pack(
     flat_grad = torch.zeros_like(flat_param)
     flat_state: list[list[Tensor]] = []
     for key in keys:
-        if key in scalar_keys:
+        if key in stacked:
             flat = stack_scalars(states, key)
             flat_state.append([flat])
             continue
@@ -265,9 +265,7 @@ def _build_pack(
         flat_state.append([flat])
     runs, loose = _runs(params, offsets, width, flat_param, flat_grad)
     return Pack(
-        unit=Unit(
-            members, PACK_KIND, flat_state, stacked=scalar_keys & frozenset(keys)
-        ),
+        unit=Unit(members, PACK_KIND, flat_state, stacked=stacked),
         params=params,
         runs=runs,
         loose=loose,

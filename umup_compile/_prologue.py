@@ -22,7 +22,10 @@ def _per_param(hyper_t: Tensor, group_index_t: Tensor) -> tuple[Tensor, ...]:
 
 
 def _coefficients(
-    dtype: torch.dtype, segment_t: Tensor | None, *vectors: Tensor, in_dtype: bool
+    dtype: torch.dtype,
+    segment_t: Tensor | None,
+    *vectors: Tensor,
+    in_dtype: bool = False,
 ) -> list[tuple[Tensor, ...]]:
     """Stack ``(n,)`` coefficient vectors, then split them per parameter.
 

@@ -2,10 +2,10 @@
 
 Same arithmetic as ``_functional.adam_step_`` (``_prologue.adam_prologue``, Note
 [skipped steps], Note [realized coefficients]), with each moment held as codes and
-block scales (``_quant``, Note [8-bit moments]): per block of :data:`~umup_compile._quant.BLOCK`
-elements, decode the old moments, update them and the parameter in float32, then
-encode the new moments. The parameter update uses the new float32 moments, not their
-codes, as bitsandbytes' and torchao's 8-bit Adam do.
+block scales (``_quant``, Note [8-bit moments]): per block of
+:data:`~umup_compile._quant.BLOCK` elements, decode the old moments, update them and
+the parameter in float32, then encode the new moments. The parameter update uses the
+new float32 moments, not their codes, as bitsandbytes' and torchao's 8-bit Adam do.
 
 Note [one pass]: compiled, each tensor's update is one loop nest over its blocks:
 per block, a first inner loop reads the gradient and the first moment's codes and
