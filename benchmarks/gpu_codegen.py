@@ -211,6 +211,8 @@ def run_worker(
     names = [c.name for c in todo]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
+        # an empty Inductor cache: lowering timed as a first compile
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tmp) / "inductor-cache")
         cmd = [
             sys.executable,
             "-m",
@@ -232,6 +234,8 @@ def run_worker(
             return [{**c._asdict(), "error": results} for c in todo]
         if not args.no_cubin:
             env.pop("TRITON_INTERPRET", None)
+            # an empty cache: builds timed as a first compile (gpu_cubin)
+            env["TRITON_CACHE_DIR"] = str(Path(tmp) / "triton-cache")
             dirs = [str(args.code_dir / name) for name in names]
             cmd = [
                 sys.executable,

@@ -7,6 +7,11 @@ pipeline (TTIR, TTGIR, LLVM IR, PTX, then the bundled ``ptxas`` to cubin), with 
 options Inductor passes. Nothing is loaded: there is no device. ``ptxas -v`` is run
 again on each PTX to read the registers and spills it reports.
 
+Each build is timed (``seconds``; a kernel's time is shared among its configs):
+``gpu_codegen`` gives this process an empty Triton cache, so the times are those of a
+first compile, on one core of this machine (Inductor builds configs in parallel
+workers, each as long as here).
+
 What a build cannot tell: which config autotuning would pick (it times them on a
 device), and how fast any of them runs.
 """
@@ -18,6 +23,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +44,7 @@ class Build:
     spill_bytes: int | None
     instructions: dict[str, int]  # counts of a few PTX instructions
     error: str | None = None
+    seconds: float = 0.0  # its share of its kernel's build time
 
 
 def _ptxas() -> Path:
@@ -100,11 +107,13 @@ def build(name: str, source: str, workdir: Path) -> list[Build]:
         config.use_static_cuda_launcher = False  # it would load the cubin
     path = workdir / f"{name}.py"
     path.write_text(source)
+    start = time.perf_counter()
     try:
         autotuner = getattr(import_file(path), name)
         autotuner.precompile(warm_cache_only=True)
     except Exception as e:  # noqa: BLE001 - reported per kernel
         return [Build(name, {}, None, None, {}, _brief(f"{type(e).__name__}: {e}"))]
+    share = (time.perf_counter() - start) / max(len(autotuner.compile_results), 1)
     builds = []
     for result in autotuner.compile_results:
         binary = result.kernel
@@ -122,6 +131,7 @@ def build(name: str, source: str, workdir: Path) -> list[Build]:
                 regs,
                 spilled,
                 {op: ptx.count(op) for op in INSTRUCTIONS},
+                seconds=share,
             )
         )
     return builds
@@ -156,6 +166,8 @@ def summary(builds: list[Build]) -> dict[str, Any]:
         "cubin_ok": bool(builds) and all(b.error is None for b in builds),
         "max_registers": max((b.registers or 0 for b in builds), default=None),
         "spill_bytes": sum(b.spill_bytes or 0 for b in builds),
+        "cubin_seconds": round(sum(b.seconds for b in builds), 1),
+        "slowest_build_seconds": round(max((b.seconds for b in builds), default=0), 1),
         "cubin": [
             {
                 "kernel": b.kernel,
@@ -164,6 +176,7 @@ def summary(builds: list[Build]) -> dict[str, Any]:
                 "spill_bytes": b.spill_bytes,
                 "ptx": b.instructions,
                 "error": b.error,
+                "seconds": round(b.seconds, 2),
             }
             for b in builds
         ],

@@ -80,6 +80,16 @@ def _interp(r: dict[str, Any]) -> str:
     return f"{numerics['max_rel_err']:.1e}"
 
 
+def _compile(r: dict[str, Any]) -> str:
+    """Lowering seconds + cubin build seconds, the slowest build (one config of one
+    kernel) in brackets: Inductor builds configs in parallel workers, so a first
+    compile on a GPU takes at least that."""
+    lowering = r.get("lowering_seconds", "-")
+    if "cubin_seconds" not in r:
+        return f"{lowering} + -"
+    return f"{lowering} + {r['cubin_seconds']} ({r['slowest_build_seconds']})"
+
+
 def markdown(results: list[dict[str, Any]], header: dict[str, Any]) -> str:
     """The summary: one row per configuration, then how to read it."""
     extra = {**header["inductor_options"], **header["layout_options"]}
@@ -99,12 +109,12 @@ def markdown(results: list[dict[str, Any]], header: dict[str, Any]) -> str:
         "| config | params | bytes / ideal | launches: graphs + eager (torch fused) "
         "| fallbacks | host syncs | cudagraph fails | cubin (max regs, spills) "
         "| interpreter max rel err | H100 ms, ours (torch fused) "
-        "| H200 ms, ours (torch fused) |",
-        "|" + "---|" * 10,
+        "| H200 ms, ours (torch fused) | first compile s: lowering + cubin |",
+        "|" + "---|" * 12,
     ]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['name']} | error: see JSON |" + " |" * 8)
+            lines.append(f"| {r['name']} | error: see JSON |" + " |" * 10)
             continue
         t = r["paper"]["times"]
         cubin = r.get("cubin_ok")
@@ -116,7 +126,8 @@ def markdown(results: list[dict[str, Any]], header: dict[str, Any]) -> str:
             f"{len(r['fallbacks'])} | {r['host_syncs']} | "
             f"{len(r['cudagraph_fail_reasons'])} | {cubin} | {_interp(r)} | "
             f"{t['H100 SXM']['ours_ms']} ({t['H100 SXM']['torch_fused_ideal_ms']}) | "
-            f"{t['H200']['ours_ms']} ({t['H200']['torch_fused_ideal_ms']}) |"
+            f"{t['H200']['ours_ms']} ({t['H200']['torch_fused_ideal_ms']}) | "
+            f"{_compile(r)} |"
         )
     lines += [
         "",
@@ -130,6 +141,11 @@ def markdown(results: list[dict[str, Any]], header: dict[str, Any]) -> str:
         "norms, the hyper-parameter refresh. torch fused launches: its step-counter "
         "`_foreach_add_` and `_fused_adam_` by the CUDA multi-tensor-apply rules "
         "(32 KB kernel arguments). Per-graph kernels, `kernel_num_gb`, cubin "
-        "resources and cudagraph checks are in the JSON beside this file.",
+        "resources and cudagraph checks are in the JSON beside this file. First "
+        "compile: seconds on one core of the machine that wrote this, from empty "
+        "Inductor and Triton caches: the lowering (recording the step and Inductor's "
+        "passes for every graph), then every config of every kernel built to cubin, "
+        "the slowest single build in brackets (a GPU machine builds configs in "
+        "parallel; Inductor's caches spare later runs).",
     ]
     return "\n".join(lines) + "\n"

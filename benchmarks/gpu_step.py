@@ -81,6 +81,7 @@ def account(
                 "error": lowering.error,
             }
         )
+    lowered_at = time.perf_counter()  # recorded and lowered; numerics may follow
     numerics = None
     if interpret:
         from benchmarks import gpu_interpret
@@ -142,4 +143,5 @@ def account(
         "per_graph": graphs,
         "code_dir": str(code_dir),
         "seconds": round(time.perf_counter() - t0, 1),
+        "lowering_seconds": round(lowered_at - t0, 1),
     }

@@ -160,6 +160,31 @@ def test_paper_times_are_labelled_a_simulation(small: dict[str, Any]) -> None:
             assert t["ours_ms"] > 0 and t["torch_fused_ideal_ms"] > 0
 
 
+def test_first_compile_is_timed(small: dict[str, Any]) -> None:
+    """Lowering and cubin builds are timed from empty caches (a warm Triton cache
+    would build nothing and time ~0), every build carrying its share."""
+    for r in small["results"]:
+        assert r["lowering_seconds"] > 0, r["name"]
+        builds = [b["seconds"] for b in r["cubin"]]
+        assert all(t > 0 for t in builds), (r["name"], builds)
+        assert r["cubin_seconds"] == pytest.approx(sum(builds), abs=0.1 * len(builds))
+        assert r["slowest_build_seconds"] == pytest.approx(max(builds), abs=0.06)
+
+
+def test_summary_table_is_well_formed(small: dict[str, Any]) -> None:
+    """Every row of the markdown summary has the header's cells (a delimiter row
+    with fewer is not rendered as a table)."""
+    from benchmarks.gpu_report import markdown
+
+    rows = [
+        line
+        for line in markdown(small["results"], small["header"]).splitlines()
+        if line.startswith("|")
+    ]
+    assert len(rows) == 2 + len(small["results"])
+    assert {row.count("|") for row in rows} == {rows[0].count("|")}, rows[:2]
+
+
 def test_wrappers_are_written(small: dict[str, Any]) -> None:
     code = Path(small["header"]["code_dir"])
     for r in small["results"]:

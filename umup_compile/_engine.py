@@ -116,14 +116,23 @@ def _combo_kernels() -> dict[str, Any]:
 # (2 KB of pointers), within the 4 KB of parameters any CUDA driver takes; the
 # GPT-like set's update then took 4 combo kernels. A driver from CUDA 12.1 on (530)
 # takes 32 KB on Volta and later, which torch's multi-tensor apply uses when the
-# driver says so, at run time; so do we: 1024 buffers (8 KB), the GPT-like set's
-# update in one kernel, and a step of 2 launches as torch fused's (lowered for sm_90
-# without a GPU, ``benchmarks/gpu_codegen.py``). Triton launches through the driver,
-# so its version decides, not the CUDA runtime torch was built with.
+# driver says so, at run time; so do we: 1024, and the GPT-like set's update is one
+# kernel, a step 2 launches as torch fused's (lowered for sm_90 without a GPU,
+# ``benchmarks/gpu_codegen.py``). Inductor counts a member's reads and writes against
+# the cap, each index of a buffer once (an Adam member: ~19 for its 7 pointers), so
+# the count bounds the pointers from above (8 KB) and 1024 holds ~53 Adam members.
+# Triton launches through the driver, so its version decides, not the CUDA runtime
+# torch was built with.
 # A combo kernel dispatches its members by an if/elif chain on the program id, which
-# Triton's code generator walks recursively: 160 members exceeded Python's recursion
-# limit (Triton 3.9, sm_90; 128 built), and the compile fell back. Hence at most 64
-# members a kernel (the unrolled unit's most, UNROLL_WITH_SMALL_MAX).
+# Triton's code generator walks recursively, ~6 frames a member (Triton 3.9): 160
+# members exceeded Python's default limit of 1000 and the compile fell back to eager.
+# Hence at most 64 members a kernel (~430 frames; the unrolled unit's most,
+# UNROLL_WITH_SMALL_MAX).
+# Compile time grows with the square of the members: Triton's TritonGPUCoalesce pass
+# takes 93 % of a build (``MLIR_ENABLE_TIMING=1``). sm_90, one config, one core of
+# this 2-core CPU: 11 members 0.6 s, 51 12 s, 64 25 s, 75 38 s. Fewer launches by
+# bigger kernels are paid for in first-step compile time (Inductor's caches keep it
+# for later runs): Note [unrolled unit on a GPU] in ``benchmarks/gpu_codegen.py``.
 WIDE_ARGS_DRIVER = 12010
 WIDE_COMBO_ARGS = 1024
 COMBO_MAX_NODES = 64
