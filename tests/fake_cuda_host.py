@@ -7,7 +7,8 @@ code around them, on tensors that say ``device='cuda'``:
 
 - ``pinned``: a float lr changed by a scheduler is refreshed through pinned memory
   (``HyperTable.tensor``: ``pin_memory`` then a non-blocking host-to-device copy), and
-  a device lr tensor through ``index_put_`` on the device (capturable).
+  a device lr tensor by a copy on the device into a view of the table (capturable;
+  Note [tensor hyper refresh]).
 - ``state``: state on the device, ``step`` included (capturable).
 - ``amp_clip``: a GradScaler's scale and inf flag on the device, and clipping, whose
   norm stays on the device.
@@ -102,6 +103,11 @@ def pinned_and_state(capturable: bool) -> dict[str, Any]:
         "host_to_device_copies": len(host_to_device),
         "all_non_blocking": all(host_to_device),
         "index_put_on_device": sum(a[0].device.type == "cuda" for a, _ in index_put),
+        # a 0-d view of the table written from a device tensor: the lr tensor
+        "device_copies_into_table": sum(
+            a[0].device.type == "cuda" and a[1].device.type == "cuda" and a[0].ndim == 0
+            for a, _ in copy
+        ),
         "state_devices": sorted(
             {f"{k}:{v.device.type}" for s in opt.state.values() for k, v in s.items()}
         ),

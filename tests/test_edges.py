@@ -831,6 +831,41 @@ def test_zero_element_tagged_params_are_accepted():
         )
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("lr_dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("groups", [1, 2, 5])
+def test_tensor_lr_per_group_filled_in_place_matches_torch(
+    groups: int, lr_dtype: torch.dtype, engine: str
+):
+    """Note [tensor hyper refresh]: up to FEW_TENSORS tensor lrs are copied into views
+    of the hyper table, more scattered into it; either way each step reads the values
+    a scheduler wrote in place, converted to the table's float64 exactly (torch gets
+    the same values in float64: its arithmetic follows a float32 lr's dtype)."""
+    from umup_compile import _hypers
+
+    assert (groups <= _hypers.FEW_TENSORS) == (groups < 5)
+    _GEN.manual_seed(0)
+    params = [_p(_randn(4, 3)) for _ in range(groups)]
+    refs = [_p(p.detach().clone()) for p in params]
+    lrs = [torch.tensor(0.01 * (k + 1), dtype=lr_dtype) for k in range(groups)]
+    ref_lrs = [lr.double() for lr in lrs]
+    ours = build(
+        Adam, [{"params": [p], "lr": lr} for p, lr in zip(params, lrs)], engine, **UMUP
+    )
+    ref = torch.optim.Adam(
+        [{"params": [q], "lr": lr} for q, lr in zip(refs, ref_lrs)], foreach=False
+    )
+    for step in range(3):
+        for k, (p, q) in enumerate(zip(params, refs)):
+            p.grad = torch.randn(p.shape, generator=_grad_gen(step, k), dtype=p.dtype)
+            q.grad = p.grad.clone()
+        ours.step()
+        ref.step()
+        for lr in (*lrs, *ref_lrs):
+            lr.mul_(0.5)  # in place, as a scheduler fills a tensor lr
+    assert_pair_close(ours, ref, list(zip(params, refs)))
+
+
 # -- e. odd inputs torch rejects ------------------------------------------------------
 
 

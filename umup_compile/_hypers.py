@@ -111,7 +111,9 @@ class _DeviceTable:
         )
         self.raw: dict[str, list[Any]] = {}  # group key -> the groups' values
         self.tensors: dict[tuple[int, int], Tensor] = {}  # (row, column) -> 0-d view
-        self.tensor_at: tuple[Tensor, Tensor] | None = None
+        # where they go (Note [tensor hyper refresh]): 0-d views of the table, or
+        # index tensors (rows, columns) to scatter them at
+        self.targets: list[Tensor] | tuple[Tensor, Tensor] | None = None
 
 
 class HyperTable:
@@ -165,11 +167,14 @@ class HyperTable:
             if table.host is not table.hyper_t and device.type != "meta":
                 # through pinned memory: an asynchronous copy, no sync
                 table.hyper_t.copy_(table.host.pin_memory(), non_blocking=True)
-            table.tensor_at = _positions(table.tensors, device)
-        if table.tensor_at is not None:
+            table.targets = _targets(table, device)
+        if isinstance(table.targets, list):
+            for target, value in zip(table.targets, table.tensors.values()):
+                target.copy_(value)
+        elif table.targets is not None:
             values_t = torch.stack(list(table.tensors.values()))
             table.hyper_t.index_put_(
-                table.tensor_at, values_t.to(device=device, dtype=table.hyper_t.dtype)
+                table.targets, values_t.to(device=device, dtype=table.hyper_t.dtype)
             )
         return table.hyper_t
 
@@ -227,13 +232,23 @@ def _fill(
         table.host[:, j] = torch.frombuffer(values_a, dtype=torch.float64)
 
 
-def _positions(
-    tensors: dict[tuple[int, int], Tensor], device: torch.device
-) -> tuple[Tensor, Tensor] | None:
-    """Index tensors (rows, columns) of the tensor-valued entries, if any."""
-    if not tensors:
+# Note [tensor hyper refresh]: a tensor hyper-parameter (a device lr that a scheduler
+# fills in place, one per group) is written into the table at every step, on the
+# device. A few are copied into 0-d views of the table, one launch each (a copy
+# converts the dtype too); more are stacked, converted and scattered, three launches
+# whatever their number (one param group per parameter, each with its lr tensor).
+FEW_TENSORS = 2
+
+
+def _targets(
+    table: _DeviceTable, device: torch.device
+) -> list[Tensor] | tuple[Tensor, Tensor] | None:
+    """Where the tensor-valued entries go: views, or index tensors (rows, columns)."""
+    if not table.tensors:
         return None
-    rows, columns = zip(*tensors)
+    if len(table.tensors) <= FEW_TENSORS:
+        return [table.hyper_t[row, column] for row, column in table.tensors]
+    rows, columns = zip(*table.tensors)
     return torch.tensor(rows, device=device), torch.tensor(columns, device=device)
 
 
