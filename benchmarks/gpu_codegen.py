@@ -234,8 +234,6 @@ def run_worker(
             return [{**c._asdict(), "error": results} for c in todo]
         if not args.no_cubin:
             env.pop("TRITON_INTERPRET", None)
-            # an empty cache: builds timed as a first compile (gpu_cubin)
-            env["TRITON_CACHE_DIR"] = str(Path(tmp) / "triton-cache")
             dirs = [str(args.code_dir / name) for name in names]
             cmd = [
                 sys.executable,

@@ -7,10 +7,9 @@ pipeline (TTIR, TTGIR, LLVM IR, PTX, then the bundled ``ptxas`` to cubin), with 
 options Inductor passes. Nothing is loaded: there is no device. ``ptxas -v`` is run
 again on each PTX to read the registers and spills it reports.
 
-Each build is timed (``seconds``; a kernel's time is shared among its configs):
-``gpu_codegen`` gives this process an empty Triton cache, so the times are those of a
-first compile, on one core of this machine (Inductor builds configs in parallel
-workers, each as long as here).
+Each build is timed (``seconds``; a kernel's time is shared among its configs), each
+folder's from an empty Triton cache: the times of a first compile, on one core of this
+machine (Inductor builds configs in parallel workers, each as long as here).
 
 What a build cannot tell: which config autotuning would pick (it times them on a
 device), and how fast any of them runs.
@@ -19,6 +18,7 @@ device), and how fast any of them runs.
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import subprocess
 import sys
@@ -230,7 +230,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if error is None else 1
     if not args.dirs or args.json is None:
         parser.error("give kernel folders and --json, or --dispatch N")
-    out = {d.name: summary(build_dir(d)) for d in args.dirs}
+    out = {}
+    for d in args.dirs:  # each from an empty cache: kernels repeat across configs
+        with tempfile.TemporaryDirectory() as cache:
+            os.environ["TRITON_CACHE_DIR"] = cache
+            out[d.name] = summary(build_dir(d))
     args.json.write_text(json.dumps(out, indent=1))
     return 0
 

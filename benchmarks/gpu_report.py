@@ -142,10 +142,11 @@ def markdown(results: list[dict[str, Any]], header: dict[str, Any]) -> str:
         "`_foreach_add_` and `_fused_adam_` by the CUDA multi-tensor-apply rules "
         "(32 KB kernel arguments). Per-graph kernels, `kernel_num_gb`, cubin "
         "resources and cudagraph checks are in the JSON beside this file. First "
-        "compile: seconds on one core of the machine that wrote this, from empty "
-        "Inductor and Triton caches: the lowering (recording the step and Inductor's "
-        "passes for every graph), then every config of every kernel built to cubin, "
-        "the slowest single build in brackets (a GPU machine builds configs in "
-        "parallel; Inductor's caches spare later runs).",
+        "compile: seconds on one core of the machine that wrote this: the lowering "
+        "(recording the step and Inductor's passes for every graph, from an Inductor "
+        "cache empty when the run started), then every config of every kernel built "
+        "to cubin from an empty Triton cache, the slowest single build in brackets "
+        "(a GPU machine builds configs in parallel; Inductor's caches spare later "
+        "runs).",
     ]
     return "\n".join(lines) + "\n"

@@ -132,7 +132,7 @@ def _combo_kernels() -> dict[str, Any]:
 # takes 93 % of a build (``MLIR_ENABLE_TIMING=1``). sm_90, one config, one core of
 # this 2-core CPU: 11 members 0.6 s, 51 12 s, 64 25 s, 75 38 s. Fewer launches by
 # bigger kernels are paid for in first-step compile time (Inductor's caches keep it
-# for later runs): Note [unrolled unit on a GPU] in ``benchmarks/gpu_codegen.py``.
+# for later runs): Note [unrolled unit on a GPU] in ``_layout``.
 WIDE_ARGS_DRIVER = 12010
 WIDE_COMBO_ARGS = 1024
 COMBO_MAX_NODES = 64

@@ -32,6 +32,20 @@ The unrolled unit compiles as fast there (42 s vs 43 s for chunks, fresh cache, 
 threads) but grows ~0.8 s per tensor (66 tensors: 71 s against 46 s), hence the limit.
 Measured on 2 CPU cores (torch 2.13), first step with a cold cache: 500 and 2000
 tensors of 64x64 in ~14 s, where the graph unrolled over every tensor took minutes.
+
+Note [unrolled unit on a GPU]: CUDA parameters take the same limits. There a unit's
+members share combo kernels (Note [combo kernels] in ``_engine``), and every chunk
+call adds 2 launches, a pack 5 (its copies and its graph), so unrolling more would
+launch fewer kernels: with the limits at 128, gpt-124m's step (50 large tensors, 25
+small) is 4 + 1 launches instead of 18 + 4 (torch fused: 3), 34 us less an H100
+step on paper, gpt-1.2b's 7 + 1 instead of 27 + 4 (10), 46 us less. But a combo
+kernel's build time grows with the square of its members (Note [combo kernel
+arguments]): the first compile, from empty caches on one core of a 2-core CPU, went
+from 13 s to 48 s for gpt-124m (lowering 8.7 -> 15.4 s, cubin builds 4.2 -> 32.2 s,
+the slowest 0.4 -> 14.9 s) and from 12 s to 92 s for gpt-1.2b. With a GPU machine's
+parallel builds that is ~20-35 s more, repaid after 6-8 x 10^5 steps. Measured with
+``python -m benchmarks.gpu_codegen --layout-option UNROLL_MAX=128 ...``
+(``benchmarks/results/paper-sm90``, ``_experiment_gpu-unroll128``).
 """
 
 from __future__ import annotations
