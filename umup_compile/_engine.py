@@ -130,9 +130,11 @@ def _combo_kernels() -> dict[str, Any]:
 # UNROLL_WITH_SMALL_MAX).
 # Compile time grows with the square of the members: Triton's TritonGPUCoalesce pass
 # takes 93 % of a build (``MLIR_ENABLE_TIMING=1``). sm_90, one config, one core of
-# this 2-core CPU: 11 members 0.6 s, 51 12 s, 64 25 s, 75 38 s. Fewer launches by
+# this 2-core CPU: 11 members 0.6 s, 51 14 s, 64 25 s, 75 38 s. Fewer launches by
 # bigger kernels are paid for in first-step compile time (Inductor's caches keep it
-# for later runs): Note [unrolled unit on a GPU] in ``_layout``.
+# for later runs): Note [unrolled unit on a GPU] in ``_layout``. At 32 members the
+# GPT-like update would take one launch more (3 against torch fused's 2) and its
+# slowest build 4 s instead of 14 (``benchmarks/results/paper-sm90``, experiments).
 WIDE_ARGS_DRIVER = 12010
 WIDE_COMBO_ARGS = 1024
 COMBO_MAX_NODES = 64
