@@ -124,10 +124,6 @@ def adam8_step_(
         wd_scales_t,
         segment_t=segment_t,
         found_inf_t=found_inf_t,
-        # float32 on the CPU, whose vector loops would convert a float64 coefficient
-        # at every iteration; a GPU kernel converts it once per program, and the
-        # float64 table fuses with the step count (a kernel less per graph on sm_90).
-        in_dtype=params[0].device.type == "cpu",
     )
     # Views of the prologue's realized table (Note [realized coefficients])
     weight1s, weight2s, root_scales, eps_scaleds, l2s, decays = coefficients
