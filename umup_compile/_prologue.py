@@ -28,7 +28,6 @@ def _coefficients(
     dtype: torch.dtype,
     segment_t: Tensor | None,
     *vectors: Tensor,
-    in_dtype: bool = False,
 ) -> list[tuple[Tensor, ...]]:
     """Stack ``(n,)`` coefficient vectors, then split them per parameter.
 
@@ -39,14 +38,14 @@ def _coefficients(
     becomes one ``(rows, 1)`` column, gathered by the rows' parameter index, which
     broadcasts over the pack's ``(rows, PACK_ROW)`` tensors: one gather per row, not
     per element (measured: 12 ms instead of 42 ms for 2000 x 4096 elements, 1 thread).
-    ``in_dtype`` realizes the table in ``dtype``: the CPU's vector loops then load
-    each coefficient as is, where they would load and convert a float64 one at every
-    iteration. Otherwise (on a GPU) it is realized in float64 and converted where
-    loaded, once per program, and Inductor writes it in the step count's kernel (on
-    sm_90, realized in ``dtype`` it took a kernel of its own:
-    ``benchmarks/gpu_codegen.py``). The values are the same either way.
+    On the CPU the table is realized in ``dtype``: its vector loops then load each
+    coefficient as is, where they would load and convert a float64 one at every
+    iteration. On a GPU it is realized in float64 and converted where loaded, once per
+    program, and Inductor writes it in the step count's kernel (on sm_90, realized in
+    ``dtype`` it took a kernel of its own: ``benchmarks/gpu_codegen.py``). The values
+    are the same either way.
     """
-    if in_dtype:  # realized in ``dtype``: kernels load it without converting
+    if vectors[0].device.type == "cpu":  # kernels load it without converting
         table = torch.stack([v.to(dtype) for v in vectors])
     else:  # realized in float64, converted where it is loaded
         table = torch.stack(vectors).to(dtype)
@@ -125,7 +124,5 @@ def adam_prologue(
         eps_scaled,
         wds,
         decay,
-        # in the compute dtype on the CPU (Note [realized coefficients])
-        in_dtype=hyper_t.device.type == "cpu",
     )
     return skip, step, cdt, coefficients
