@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import gpu_lower, gpu_record
+from benchmarks import gpu_cost, gpu_lower, gpu_record
 
 
 def _slug(text: str) -> str:
@@ -130,7 +130,7 @@ def account(
         "launches": sum(g["launches"] * g["calls"] for g in graphs),
         "eager_launches": sum(op.launches for op in step.ops),
         "eager_ops": [[op.name, op.launches, op.bytes] for op in step.ops],
-        "torch_fused_launches": gpu_record.torch_fused_launches(step.numels),
+        "torch_fused_launches": gpu_cost.torch_fused_launches(step.numels),
         "fallbacks": sorted({f for g in graphs for f in g["fallbacks"]}),
         "host_syncs": sum(len(g["host_syncs"]) for g in graphs)
         + sum(op.host_sync for op in step.ops),
