@@ -41,8 +41,8 @@ small) is 4 + 1 launches instead of 18 + 4 (torch fused: 3), 34 us less an H100
 step on paper, gpt-1.2b's 7 + 1 instead of 27 + 4 (10), 46 us less. But a combo
 kernel's build time grows with the square of its members (Note [combo kernel
 arguments]): the first compile, from empty caches on one core of a 2-core CPU, went
-from 13 s to 48 s for gpt-124m (lowering 8.7 -> 15.4 s, cubin builds 4.2 -> 32.2 s,
-the slowest 0.4 -> 14.9 s) and from 12 s to 92 s for gpt-1.2b. With a GPU machine's
+from 14 s to 48 s for gpt-124m (lowering 9.1 -> 15.4 s, cubin builds 4.5 -> 32.2 s,
+the slowest 0.4 -> 14.9 s) and from 13 s to 92 s for gpt-1.2b. With a GPU machine's
 parallel builds that is ~20-35 s more, repaid after 6-8 x 10^5 steps. Measured with
 ``python -m benchmarks.gpu_codegen --layout-option UNROLL_MAX=128 ...``
 (``benchmarks/results/paper-sm90``, ``_experiment_gpu-unroll128``).
