@@ -81,9 +81,10 @@ def _interp(r: dict[str, Any]) -> str:
 
 
 def _compile(r: dict[str, Any]) -> str:
-    """Lowering seconds + cubin build seconds, the slowest build (one config of one
-    kernel) in brackets: Inductor builds configs in parallel workers, so a first
-    compile on a GPU takes at least that."""
+    """Lowering seconds + cubin build seconds, in brackets the slowest kernel's build
+    per config (its configs are built in one call, and share its time): Inductor
+    builds configs in parallel workers, so a first compile on a GPU takes at least
+    that."""
     lowering = r.get("lowering_seconds", "-")
     if "cubin_seconds" not in r:
         return f"{lowering} + -"
@@ -145,8 +146,8 @@ def markdown(results: list[dict[str, Any]], header: dict[str, Any]) -> str:
         "compile: seconds on one core of the machine that wrote this: the lowering "
         "(recording the step and Inductor's passes for every graph, from an Inductor "
         "cache empty when the run started), then every config of every kernel built "
-        "to cubin from an empty Triton cache, the slowest single build in brackets "
-        "(a GPU machine builds configs in parallel; Inductor's caches spare later "
-        "runs).",
+        "to cubin from an empty Triton cache; in brackets the slowest kernel's build "
+        "per config (Triton builds a kernel's configs in one call, timed together; a "
+        "GPU machine builds configs in parallel; Inductor's caches spare later runs).",
     ]
     return "\n".join(lines) + "\n"
