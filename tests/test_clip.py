@@ -56,7 +56,7 @@ def _params(seed: int = 0) -> list[nn.Parameter]:
 def _grads(params: list[torch.Tensor], step: int, scale: float = 1.0) -> None:
     gen = torch.Generator().manual_seed(100 + step)
     for p in params:
-        p.grad = torch.randn(p.shape, generator=gen) * (step + 1) * scale
+        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype) * (step + 1) * scale
 
 
 def _step_against_torch(
@@ -161,6 +161,67 @@ def test_grad_scaler_norm_of_unscaled_grads_and_skipped_step_stays_skipped(engin
             assert not torch.isfinite(ours.last_grad_norm)
         else:
             torch.testing.assert_close(ours.last_grad_norm, norm)
+    assert_pair_close(ours, ref, list(zip(ps, qs)))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("name", list(CASES))
+def test_float64_norm_and_update_are_float64_like_torch(name: str, engine: str):
+    # Note [norm precision]: the norm was float32 (1e-8 off torch's float64 norm)
+    ours_cls, torch_cls, kwargs = CASES[name]
+    ps, qs = ([nn.Parameter(p.detach().double()) for p in _params()] for _ in "ab")
+    ours = build(ours_cls, ps, engine, **kwargs, **UMUP, max_grad_norm=0.5)
+    ref = torch_cls(qs, **kwargs, foreach=False)
+    for step in range(STEPS):
+        _grads(ps, step)
+        _grads(qs, step)
+        ours.step()
+        norm = torch.nn.utils.clip_grad_norm_(qs, 0.5)
+        ref.step()
+        assert ours.last_grad_norm.dtype == torch.float64
+        torch.testing.assert_close(ours.last_grad_norm, norm, rtol=1e-14, atol=0)
+    for p, q in zip(ps, qs):
+        torch.testing.assert_close(p, q, **TOLERANCES[torch.float64])
+
+
+class _HugeScaler(torch.amp.GradScaler):
+    """A CPU GradScaler at 2**60, where a long bf16 run's scale may grow to."""
+
+    def __init__(self) -> None:
+        super().__init__("cpu", init_scale=2.0**60, growth_interval=10**6)
+        self.scale(torch.zeros(()))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("name", ["adam", "sgd"])
+def test_norm_whose_square_overflows_float32_still_clips(name: str, engine: str):
+    # Note [norm precision]: 16 tensors (none small enough for the pack) whose
+    # scaled norms are ~8e18 each; their squares summed in float32 overflowed
+    # (3.4e38), the norm was inf, the coefficient 0 and every update 0, silently,
+    # while torch (unscale_, clip, step) clips
+    ours_cls, torch_cls, kwargs = CASES[name]
+    gen = torch.Generator().manual_seed(0)
+    ps = [nn.Parameter(torch.randn(20_000, generator=gen)) for _ in range(16)]
+    qs = [nn.Parameter(p.detach().clone()) for p in ps]
+    ours = build(ours_cls, ps, engine, **kwargs, **UMUP, max_grad_norm=0.5)
+    ref = torch_cls(qs, **kwargs, foreach=False)
+    s_ours, s_ref = _HugeScaler(), _HugeScaler()
+    before = [p.detach().clone() for p in ps]
+    for step in range(2):
+        gen = torch.Generator().manual_seed(100 + step)
+        scale = 0.05 * s_ours.get_scale()
+        grads = [torch.randn(20_000, generator=gen) * scale for _ in ps]
+        for p, q, g in zip(ps, qs, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        s_ours.step(ours)
+        s_ours.update()
+        s_ref.unscale_(ref)
+        norm = torch.nn.utils.clip_grad_norm_(qs, 0.5)
+        s_ref.step(ref)
+        s_ref.update()
+        torch.testing.assert_close(ours.last_grad_norm, norm)
+    assert s_ours.get_scale() == 2.0**60  # no step was skipped
+    assert not any(torch.equal(p, b) for p, b in zip(ps, before))
     assert_pair_close(ours, ref, list(zip(ps, qs)))
 
 

@@ -365,6 +365,94 @@ def test_params_list_appended_in_place_is_refused_before_anything_changes(
     assert_unchanged(opt, before)
 
 
+@pytest.mark.parametrize(
+    "name, engine",
+    [(name, "aot_eager") for name in OPTIMIZERS] + [("adam", "inductor")],
+)
+def test_float64_0d_param_in_the_unrolled_unit_is_updated(name: str, engine: str):
+    # A graph's in-place update of a 0-d float64 CPU input is dropped (torch 2.13);
+    # the unrolled unit passed a 0-d parameter as it is, so the compiled engine left
+    # it unchanged (SGD 0.11, Adam 0.064 off torch after 4 steps)
+    shapes = [(4, 4), (3,), (), (300, 70)]
+    gen = torch.Generator().manual_seed(0)
+    base = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+    ps = [nn.Parameter(b.clone()) for b in base]
+    refs = [nn.Parameter(b.clone()) for b in base]
+    ours, ref = _ours_and_torch(name, ps, refs, engine)
+    for step in range(4):
+        _random_grads(ps, step)
+        _random_grads(refs, step)
+        ours.step()
+        ref.step()
+    assert_pair_close(ours, ref, list(zip(ps, refs)))
+
+
+def _tagged_pair(seed: int) -> list[nn.Parameter]:
+    """A weight (lr scale 1/sqrt(16) for Adam) and a bias (1): different scales."""
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        uc.Parameter(torch.randn(4, 16, generator=gen, dtype=torch.float64), "weight"),
+        uc.Parameter(torch.randn(4, generator=gen, dtype=torch.float64), "bias"),
+    ]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("how", ["swap", "new_list"])
+def test_reordered_group_keeps_each_params_scales(name: str, engine: str, how: str):
+    # Note [admitted order]: torch keys state by the parameter, so reordering a
+    # group's list changes no update; the u-μP factors must follow their parameters
+    # (they were positional: each got the other's lr scale).
+    runs = []
+    for reorder in (False, True):
+        ps = _tagged_pair(0)
+        opt = build(OPTIMIZERS[name][0], list(ps), engine, lr=0.01, weight_decay=0.1)
+        for step in range(5):
+            if reorder and step == 2:
+                if how == "swap":
+                    live = opt.param_groups[0]["params"]
+                    live[0], live[1] = live[1], live[0]
+                else:
+                    opt.param_groups[0]["params"] = [ps[1], ps[0]]
+            _random_grads(ps, step)
+            opt.step()
+        runs.append(([p.detach().clone() for p in ps], opt))
+    (plain, _), (reordered, opt) = runs
+    for a, b in zip(plain, reordered):
+        assert torch.equal(a, b)
+    fresh = OPTIMIZERS[name][0](_tagged_pair(0)[::-1], lr=0.01, weight_decay=0.1)
+    for key in ("lr_scales", "wd_scales"):
+        assert opt.param_groups[0][key] == fresh.param_groups[0][key]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_param_put_in_a_groups_place_gets_its_own_scales(engine: str):
+    # A tagged parameter replacing another in place is scaled from its own tags and
+    # the group's lr and weight decay at admission, as add_param_group would have
+    # (it used to take the replaced parameter's factors).
+    w, b = _tagged_pair(0)
+    opt = build(AdamW, [w, b], engine, lr=0.01, weight_decay=0.1)
+    for step in range(2):
+        _random_grads([w, b], step)
+        opt.step()
+    opt.param_groups[0]["lr"] = 0.005  # a scheduler: admission used 0.01
+    wide = uc.Parameter(torch.randn(4, 64, dtype=torch.float64), "weight")
+    opt.param_groups[0]["params"][0] = wide
+    _random_grads([wide, b], 2)
+    opt.step()
+    fresh = AdamW([wide, b], lr=0.01, weight_decay=0.1)
+    for key in ("lr_scales", "wd_scales"):
+        assert opt.param_groups[0][key] == fresh.param_groups[0][key]
+    assert opt.param_groups[0]["lr_scales"][0] == 64**-0.5
+    # untagged, without allow_non_unit_scaling_params: the construction's error
+    opt.param_groups[0]["params"][0] = nn.Parameter(_randn(4, 64))
+    _random_grads(opt.param_groups[0]["params"], 3)
+    before = snapshot(opt)
+    with pytest.raises(ValueError, match=r"group 0, index 0 .* not u-μP tagged"):
+        opt.step()
+    assert_unchanged(opt, before)
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("edit", ["replace_param", "delete_state", "replace_state"])
 def test_steady_step_sees_params_and_state_edited_in_place(engine: str, edit: str):

@@ -31,6 +31,14 @@ def same(t: Tensor) -> Tensor:
     return t
 
 
+def scalar_flat(t: Tensor) -> Tensor:
+    """``t`` itself, or its one-element :func:`flat_alias` where it is 0-d: a graph's
+    in-place update of a 0-d float64 CPU input is dropped (torch 2.13's AOTAutograd
+    takes such a tensor for a wrapped Python number), so a float64 0-d parameter in
+    the unrolled unit was never updated by the compiled engine."""
+    return flat_alias(t) if t.ndim == 0 else t
+
+
 def rows_alias(kind: UnitKind, block: int) -> Callable[[Tensor], Tensor] | None:
     """Note [block rows]: a unit of 8-bit moments passes each member whose size is
     whole blocks as a ``(blocks, block)`` alias (``_quant_step``'s Note [one pass]:
@@ -46,7 +54,7 @@ def rows_alias(kind: UnitKind, block: int) -> Callable[[Tensor], Tensor] | None:
     unrolled 46 s, chunks of 8 37 s, chunks of 4 29 s, float32 state 28-36 s."""
     if kind.cls == UnitClass.STRIDED:
         return None
-    other = same if kind.as_is else flat_alias
+    other = scalar_flat if kind.as_is else flat_alias
 
     def alias(t: Tensor) -> Tensor:
         n = t.numel()

@@ -10,6 +10,7 @@ load hooks.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -20,7 +21,7 @@ from ._clip import check_max_grad_norm
 from ._describe import optimizer_table
 from ._engine import Engine, make_engine
 from ._env import compile_from_env
-from ._groups import ScalingOptions, admit_group, params_list
+from ._groups import ScalingOptions, admit_group, param_scales, params_list
 from ._rules import LrScaleFunc
 from ._runner import StepRunner
 from ._specs import AlgorithmSpec
@@ -85,7 +86,10 @@ class UmupOptimizer(torch.optim.Optimizer):
             differentiable=bool(defaults.get("differentiable")),
         )
         self._runner = StepRunner(
-            self._spec, engine, Structure.of(self._spec, defaults)
+            self._spec,
+            engine,
+            Structure.of(self._spec, defaults),
+            rescale=functools.partial(param_scales, options=self._scaling),
         )
         self._runner.hypers.bind(self)  # Note [traced hypers]
         self._runner.clip.max_grad_norm = options.get("max_grad_norm")

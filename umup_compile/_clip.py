@@ -61,22 +61,47 @@ def tensor_norms(grads: Sequence[Tensor]) -> Tensor:
 
 
 def squared_norm(grads: Sequence[Tensor]) -> Tensor:
-    """The sum of the squares of ``grads`` (a float32 0-d tensor on their device)."""
+    """The sum of the squares of ``grads`` (a 0-d tensor on their device, in
+    :func:`accumulate_dtype`)."""
     return _sum_of_squares(tensor_norms(grads))
 
 
+def accumulate_dtype(device: torch.device) -> torch.dtype:
+    """What the norms are squared and summed in (Note [norm precision])."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def norm_dtype(norms: Tensor) -> torch.dtype:
+    """The dtype of the norm and the divisor: the gradients' (their per-tensor norms
+    are), float32 at least, as ``clip_grad_norm_`` computes in."""
+    return torch.promote_types(norms.dtype, torch.float32)
+
+
+# Note [norm precision]: the per-tensor norms are squared and summed in float64 (not
+# on MPS), then the norm and the divisor are rounded to the gradients' dtype (float32
+# at least). Under a GradScaler these are norms of scaled gradients, and in float32
+# the squares of 16 tensors' norms of ~1e19 summed to inf: the coefficient was 0 and
+# every update 0, silently, where torch (unscale_, clip, step) clips. A scale grows
+# that far in long bf16 runs, which rarely overflow, so the scaler keeps doubling
+# (2**60 after ~90k steps from 2**16). With float64 gradients the norm is float64,
+# as torch's (it was float32: 1e-8 off). What remains is each tensor's own norm
+# (a pack's is its whole buffer's): ``_foreach_norm`` accumulates float32 in
+# float32 (CPU and CUDA), so one scaled norm over 1.8e19 is still inf; its float64
+# form converts every tensor first (11x slower on the CPU). ``scaler.unscale_(opt)``
+# before the step avoids it (docs/clipping.rst).
 def _sum_of_squares(norms: Tensor) -> Tensor:
-    return norms.to(torch.float32).square().sum()
+    return norms.to(accumulate_dtype(norms.device)).square().sum()
 
 
 def _norm_and_coefficient(
     squares: Tensor, max_norm: float | Tensor, scale: Tensor | None
 ) -> tuple[Tensor, Tensor]:
     """The norm of the unscaled gradients from their (scaled) ``squares``, and
-    torch's coefficient ``min(1, max_norm / (norm + 1e-6))``."""
+    torch's coefficient ``min(1, max_norm / (norm + 1e-6))``, in ``squares``'
+    dtype."""
     norm = squares.sqrt()
     if scale is not None:
-        norm = norm / scale.to(norm.device, torch.float32)
+        norm = norm / scale.to(norm.device, norm.dtype)
     return norm, (max_norm / (norm + EPS)).clamp(max=1.0)
 
 
@@ -106,7 +131,7 @@ def coefficient_into(
     norm, coefficient = _norm_and_coefficient(
         _sum_of_squares(norms), max_norm_t, grad_scale_t
     )
-    total_norm.copy_(norm)
+    total_norm.copy_(norm)  # rounded to the gradients' dtype (Note [norm precision])
     divisor.copy_(_divisor(coefficient, grad_scale_t))
 
 
@@ -140,6 +165,7 @@ def clip_divisors(
     squares: Sequence[Tensor],
     max_norm: float,
     grad_scales: dict[torch.device, Tensor | None],
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[dict[torch.device, Tensor], Tensor]:
     """What each device's update divides its gradients by, and the total norm.
 
@@ -147,16 +173,19 @@ def clip_divisors(
         squares: sums of squared (scaled) gradients, on any devices.
         max_norm: the clipping threshold.
         grad_scales: per device, the GradScaler's scale there (or ``None``).
+        dtype: of the norm and the divisors (:func:`norm_dtype`).
 
     Returns:
         ``({device: scale / coefficient}, norm)``; the norm (of the unscaled
-        gradients, float32) is on the first device.
+        gradients) is on the first device.
     """
     first = next(iter(grad_scales))
-    total = torch.stack([s.to(first, non_blocking=True) for s in squares]).sum()
+    total = torch.stack(
+        [s.to(first, accumulate_dtype(first), non_blocking=True) for s in squares]
+    ).sum()
     norm, coefficient = _norm_and_coefficient(total, max_norm, grad_scales[first])
     divisors = {
-        device: _divisor(coefficient.to(device, non_blocking=True), scale)
+        device: _divisor(coefficient.to(device, non_blocking=True), scale).to(dtype)
         for device, scale in grad_scales.items()
     }
-    return divisors, norm
+    return divisors, norm.to(dtype)

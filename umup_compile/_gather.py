@@ -10,6 +10,7 @@ while nothing structural changed.
 from __future__ import annotations
 
 import operator
+import weakref
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ._hypers import Position
-from ._plan import describe_param
+from ._plan import as_float, describe_param
 from ._specs import AlgorithmSpec
 
 if torch.distributed.is_available():
@@ -156,6 +157,76 @@ def gather(
         bucket.states.append(s)
         bucket.fresh.append(fresh)
     return list(buckets.values())
+
+
+# (parameter, its name, group index, its index) -> (lr_scale, wd_scale), scaled with
+# the group's lr and weight decay when it was admitted (``_groups.param_scales``)
+Rescale = Callable[..., tuple[float, float]]
+
+
+class Admitted:
+    """Which parameters each group's ``lr_scales``/``wd_scales`` were computed for,
+    in order (weakly held), recorded when the group is admitted.
+
+    Note [admitted order]: the factors are lists aligned with ``group["params"]``,
+    but torch keys everything by the parameter, and a user may reorder a group's list
+    or put another parameter in a place, in place. The factors then follow their
+    parameters (the lists are permuted the same way), and a parameter new to the
+    group is scaled as the group's own were (its tags, the group's lr and weight
+    decay at admission), as ``add_param_group`` would have; a changed length is
+    ``_check_admitted``'s error.
+    """
+
+    def __init__(self, rescale: Rescale | None = None) -> None:
+        self.rescale = rescale
+        # id(group) -> (group, its parameters, its lr and weight decay) at admission
+        self._records: dict[int, tuple[Group, list[weakref.ref[Tensor]], Any, Any]] = {}
+
+    def admit(self, groups: Sequence[Group]) -> None:
+        """Record groups not seen before; forget the ones no longer there."""
+        old = self._records
+        self._records = {}
+        for group in groups:
+            record = old.get(id(group))
+            if record is None or record[0] is not group:
+                refs = [weakref.ref(p) for p in group["params"]]
+                record = (group, refs, group.get("lr"), group.get("weight_decay"))
+            self._records[id(group)] = record
+
+    def check(self, groups: Sequence[Group]) -> None:
+        """Make each group's factors follow its parameters (see the class)."""
+        for g, group in enumerate(groups):
+            record = self._records.get(id(group))
+            if record is None or record[0] is not group:
+                continue
+            params = group["params"]
+            admitted = [r() for r in record[1]]
+            if len(admitted) != len(params) or all(
+                a is p for a, p in zip(admitted, params)
+            ):
+                continue  # unchanged, or a length _check_admitted reports
+            at = {id(a): k for k, a in enumerate(admitted) if a is not None}
+            scales = []
+            for i, p in enumerate(params):
+                k = at.get(id(p))
+                if k is not None:
+                    scales.append((group["lr_scales"][k], group["wd_scales"][k]))
+                    continue
+                if self.rescale is None:
+                    raise ValueError(f"{_describe(p, group, g, i)} has no u-μP scales")
+                names = group.get("param_names")
+                lr = as_float(record[2], "lr")
+                wd = as_float(record[3], "weight_decay")
+                name = names[i] if names else None
+                scales.append(self.rescale(p, name, g, i, lr=lr, weight_decay=wd))
+            group["lr_scales"] = [lr for lr, _ in scales]
+            group["wd_scales"] = [wd for _, wd in scales]
+            self._records[id(group)] = (
+                group,
+                [weakref.ref(p) for p in params],
+                record[2],
+                record[3],
+            )
 
 
 def _check_admitted(group: Group, g: int) -> None:

@@ -31,6 +31,33 @@ class ScalingOptions:
     allow_non_unit_scaling_params: bool
 
 
+def param_scales(
+    p: Tensor,
+    name: str | None,
+    g: int,
+    i: int,
+    *,
+    lr: float,
+    weight_decay: float,
+    options: ScalingOptions,
+) -> tuple[float, float]:
+    """``(lr_scale, wd_scale)`` of parameter ``i`` of group ``g``, scaled as its group
+    was when admitted (``lr``, ``weight_decay``: the group's values then), for a
+    parameter put in a group's list in place (Note [admitted order] in ``_gather``)."""
+    lr_scales, wd_scales = group_scales(
+        [p],
+        [name],
+        g,
+        lr=lr,
+        weight_decay=weight_decay,
+        lr_scale_func=options.lr_scale_func,
+        independent_weight_decay=options.independent_weight_decay,
+        allow_non_unit_scaling_params=options.allow_non_unit_scaling_params,
+        first_index=i,
+    )
+    return lr_scales[0], wd_scales[0]
+
+
 def params_list(params: Iterable[Any]) -> Iterable[Any]:
     """Reject a lone tensor as ``params``, as torch does (it is not an iterable of them)."""
     if isinstance(params, Tensor):

@@ -36,6 +36,7 @@ from torch import Tensor
 from ._aliases import flat_alias as _flat
 from ._aliases import rows_alias as _rows_alias
 from ._aliases import same as _same
+from ._aliases import scalar_flat as _scalar_flat
 from ._layout import (
     PACK_KIND,
     STRIDED_KIND,
@@ -150,6 +151,8 @@ def build_layout(
     units = []
     for members, kind in planned:
         rows = _rows_alias(kind, block) if block else None
+        if rows is None and kind.as_is and any(params[k].ndim == 0 for k in members):
+            rows = _scalar_flat  # 0-d members as one-element aliases (see there)
         alias = rows or ((lambda t: t) if kind.as_is else _flat)
         lists = [
             [stack_scalars([states[k] for k in members], key)]

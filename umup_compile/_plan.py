@@ -73,8 +73,10 @@ def group_scales(
     lr_scale_func: LrScaleFunc,
     independent_weight_decay: bool,
     allow_non_unit_scaling_params: bool,
+    first_index: int = 0,
 ) -> tuple[list[float], list[float]]:
-    """Return ``(lr_scales, wd_scales)`` for one group's parameters.
+    """Return ``(lr_scales, wd_scales)`` for one group's parameters (``params`` are
+    the group's from index ``first_index`` on, which errors name).
 
     Independent weight decay divides the decay by the parameter's initial effective lr,
     exactly as unit_scaling does (independent of the peak lr, not of the schedule), for
@@ -86,7 +88,7 @@ def group_scales(
     """
     lr_scales: list[float] = []
     wd_scales: list[float] = []
-    for i, (p, name) in enumerate(zip(params, names)):
+    for i, (p, name) in enumerate(zip(params, names), first_index):
         label = describe_param(p, name, group_index, i)
         tagged = check_param(
             p, label, allow_non_unit_scaling_params=allow_non_unit_scaling_params

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ._calls import BucketPlan, Layouts, plan_bucket, watch_of
 from ._engine import Engine
-from ._gather import gather
+from ._gather import Admitted, Rescale, gather
 from ._hypers import HyperTable
 from ._pack import pack_out
 from ._prepare import Work, amp_kwargs, prepare
@@ -40,10 +40,16 @@ class StepRunner:
         spec: the algorithm.
         engine: runs the functional update (eager or compiled).
         structure: what fixes a step's structure in a group (``_steady.Structure``).
+        rescale: scales a parameter put in a group's list in place (Note [admitted
+            order]; ``None``: that raises).
     """
 
     def __init__(
-        self, spec: AlgorithmSpec, engine: Engine, structure: Structure
+        self,
+        spec: AlgorithmSpec,
+        engine: Engine,
+        structure: Structure,
+        rescale: Rescale | None = None,
     ) -> None:
         self.spec = spec
         self.engine = engine
@@ -58,6 +64,7 @@ class StepRunner:
         # set_groups).
         self.groups: Sequence[Group] = []
         self.capturable = False
+        self._admitted = Admitted(rescale)  # Note [admitted order]
 
     @property
     def layout_builds(self) -> int:
@@ -76,6 +83,7 @@ class StepRunner:
         """
         self.groups = groups
         self.capturable = any(g.get("capturable") for g in groups)
+        self._admitted.admit(groups)
         self.invalidate()
 
     def invalidate(self) -> None:
@@ -149,6 +157,7 @@ class StepRunner:
     ) -> tuple[list[BucketPlan], list[list[Tensor]]]:
         """The full pass: gather, plan every bucket's calls, build the steady check;
         return the plans and each bucket's gradients."""
+        self._admitted.check(groups)
         buckets = gather(groups, state, self.spec, traced=False, optimizer_name=name)
         layouts = self.layouts if self.engine.packs else None
         plans = [plan_bucket(b, groups, self.spec, layouts) for b in buckets]

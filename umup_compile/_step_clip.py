@@ -10,14 +10,17 @@ multi-device and eager steps compute it eagerly.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ._clip import (
+    accumulate_dtype,
     clip_divisors,
     coefficient_into,
+    norm_dtype,
     sharded_squared_norm,
     squared_norm,
     tensor_norms,
@@ -71,8 +74,13 @@ class StepClip:
             else:
                 squares.append(squared_norm(work.grads))
         scales = {d: kw.get("grad_scale_t") for d, kw in amp.items()}
+        dtype = functools.reduce(
+            torch.promote_types,
+            (g.dtype for w in works for g in w.grads),
+            torch.float32,
+        )
         divisors, self.last_grad_norm = clip_divisors(
-            squares, self.max_grad_norm, scales
+            squares, self.max_grad_norm, scales, dtype
         )
         for work in works:
             work.kwargs["grad_scale_t"] = divisors[work.device]
@@ -90,11 +98,17 @@ class StepClip:
         norms = tensor_norms([g for w in works for g in w.grads])
         cached = self._max_norm_t
         if cached is None or cached[0] != max_norm or cached[1].device != device:
-            # full, not tensor: a fill kernel, no host copy (capture-safe)
-            value = torch.full((), max_norm, dtype=torch.float32, device=device)
+            # full, not tensor: a fill kernel, no host copy (capture-safe); in the
+            # dtype the norms are summed in (Note [norm precision])
+            value = torch.full(
+                (), max_norm, dtype=accumulate_dtype(device), device=device
+            )
             cached = self._max_norm_t = (max_norm, value)
-        divisor = torch.empty((), dtype=torch.float32, device=device)
-        norm = torch.empty((), dtype=torch.float32, device=device)
+        dtype = norm_dtype(norms)
+        # (1,), viewed as 0-d below: AOTAutograd drops a graph's write into a 0-d
+        # float64 CPU input (torch 2.13: it takes those for wrapped numbers)
+        divisor = torch.empty((1,), dtype=dtype, device=device)
+        norm = torch.empty((1,), dtype=dtype, device=device)
         scale = amp_kw.get("grad_scale_t")
         engine(
             coefficient_into,
@@ -104,6 +118,6 @@ class StepClip:
             True,
             self.site,
         )
-        self.last_grad_norm = norm
+        self.last_grad_norm = norm.view(())
         for work in works:
-            work.kwargs["grad_scale_t"] = divisor
+            work.kwargs["grad_scale_t"] = divisor.view(())
