@@ -100,7 +100,25 @@ class Launcher:
                 if f"{axis}numel" in named or axis == "x"
             )
         passed = {k: v for k, v in block.items() if k in self.constexprs}
+        types = self.meta.get("triton_meta", {}).get("signature", {})
+        params = [p for p in self.params if p not in self.constexprs]
+        args = tuple(_typed(a, types.get(name)) for name, a in zip(params, args))
         self.fn[grid](*args, **passed)
+
+
+def _typed(value: Any, kind: str | None) -> Any:
+    """A float argument the kernel declares fp64 (a 0-d host input, Note [host
+    hypers]) as an fp64 scalar: the interpreter types a Python float fp32, where the
+    built kernel takes a double."""
+    if kind != "fp64" or not isinstance(value, float):
+        return value
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime.interpreter import TensorHandle
+
+    return tl.tensor(
+        TensorHandle(np.array([value], dtype=np.float64), tl.float64), tl.float64
+    )
 
 
 def _decorator(kind: str) -> Callable[..., Any]:

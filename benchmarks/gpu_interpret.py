@@ -27,6 +27,7 @@ import torch
 
 from benchmarks import contestants, gpu_record, sets
 from benchmarks.gpu_interp_run import run_wrapper
+from umup_compile import _hypers
 
 # -- real calls on the CPU ----------------------------------------------------------------
 
@@ -77,6 +78,8 @@ def cpu_calls(
     spec = gpu_record.DTYPES[dtype]
     specs = gpu_record.workload_specs(workload)
     params = sets.build_params(specs, device=torch.device("cpu"), dtype=spec.param)
+    if "cpu" not in _hypers.HOST_DEVICES:  # stand-in: host rows, as on CUDA
+        _hypers.HOST_DEVICES = (*_hypers.HOST_DEVICES, "cpu")
     opt = gpu_record.build_optimizer(params, spec, capturable=False, clip=clip)
     keeper = Keeper()
     opt._engine = keeper  # type: ignore[attr-defined]

@@ -41,6 +41,9 @@ _FALLBACK = re.compile(
 _SYNC = re.compile(
     r"\.item\(\)|\.cpu\(\)|\.tolist\(\)|synchronize\(|_local_scalar_dense"
 )
+# A graph's inputs on the host (its ``get_args``): a 0-d one is a kernel argument,
+# read with ``.item()`` from host memory (Note [host hypers]), not a sync.
+_HOST_INPUT = re.compile(r"^\s*(\w+) = rand_strided\(\(\), .*device='cpu'", re.M)
 
 
 @dataclass
@@ -94,10 +97,13 @@ def read_wrapper(source: str) -> Wrapper:
     for name in _LAUNCH.findall(body):
         if name in kernels:
             kernels[name].launches += 1
+    reads = body
+    for name in _HOST_INPUT.findall(source):
+        reads = reads.replace(f"{name}.item()", f"{name}")
     return Wrapper(
         list(kernels.values()),
         _FALLBACK.findall(body),
-        _SYNC.findall(body),
+        _SYNC.findall(reads),
         body.count("empty_strided_cpu("),
     )
 
@@ -119,7 +125,8 @@ class Lowering:
 
 
 def _paths(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[int, tuple[Any, ...]]:
-    """Each tensor of a call's arguments, by id, with its place in them."""
+    """Each tensor of a call's arguments, by id, with its place in them (rows of host
+    hyper-parameters: two indices)."""
     out: dict[int, tuple[Any, ...]] = {}
     for where, key, value in [("arg", i, a) for i, a in enumerate(args)] + [
         ("kwarg", k, v) for k, v in kwargs.items()
@@ -129,6 +136,9 @@ def _paths(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[int, tuple[Any
         elif isinstance(value, (list, tuple)):
             for j, t in enumerate(value):
                 out[id(t)] = (where, key, j)
+                if isinstance(t, list):
+                    for k, u in enumerate(t):
+                        out[id(u)] = (where, key, j, k)
     return out
 
 
@@ -142,7 +152,9 @@ def pick(
             out.append(path[1])
             continue
         value = args[path[1]] if path[0] == "arg" else kwargs[path[1]]
-        out.append(value if len(path) == 2 else value[path[2]])
+        for index in path[2:]:
+            value = value[index]
+        out.append(value)
     return out
 
 
@@ -151,6 +163,8 @@ def _fake(value: Any) -> Any:
         size = value.offset + sum(
             (n - 1) * s for n, s in zip(value.shape, value.stride)
         )
+        if value.host:  # Note [host hypers]: a 0-d CPU input of a CUDA graph
+            return torch.empty(value.shape, dtype=value.dtype)
         base = torch.empty(size + 1, dtype=value.dtype, device="cuda")
         return base.as_strided(value.shape, value.stride, value.offset)
     if isinstance(value, (list, tuple)):
@@ -164,27 +178,31 @@ def _fake(value: Any) -> Any:
 EXTRA: dict[str, Any] = {}
 
 
-def _backend(dynamic: bool) -> Any:
-    """The engine's Inductor backend for this call, plus the cudagraph checks."""
+def _backend(dynamic: bool, cudagraphs: bool = True) -> Any:
+    """The engine's Inductor backend for this call, plus the cudagraph checks
+    (``cudagraphs``: a capturable step's; an uncaptured step is lowered as the engine
+    compiles it, which keeps a 0-d host input a kernel argument, Note [host hypers],
+    where the cudagraph passes would copy it to the device)."""
     from umup_compile import _engine
 
     backend = _engine._backend("inductor", dynamic)
     config = getattr(backend, "config", None)
     if not isinstance(config, dict):  # pragma: no cover - torch without the wrapper
         raise gpu_standins.StandInError("torch._TorchCompileInductorWrapper changed")
-    backend.config = {**config, "triton.cudagraphs": True, **EXTRA}
+    backend.config = {**config, "triton.cudagraphs": cudagraphs, **EXTRA}
     return backend
 
 
-def lower(call: Call) -> Lowering:
-    """Lower one call through the compiled engine on fake CUDA tensors."""
+def lower(call: Call, cudagraphs: bool = True) -> Lowering:
+    """Lower one call through the compiled engine on fake CUDA tensors (with the
+    cudagraph checks where ``cudagraphs``: see :func:`_backend`)."""
     from umup_compile._engine import CompiledEngine
 
     gpu_standins.install()
     record = gpu_standins.RECORD = gpu_standins.Lowered()
     with FakeTensorMode():
         args, kwargs = _fake(call.args), _fake(call.kwargs)
-    engine = CompiledEngine(strict=True, backend=_backend(not call.static))
+    engine = CompiledEngine(strict=True, backend=_backend(not call.static, cudagraphs))
     out = Lowering(call)
     try:
         engine(call.fn, args, kwargs, call.kind, call.static, None)

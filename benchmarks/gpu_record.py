@@ -16,7 +16,8 @@ outside the graphs and accounted for: ``step`` lives on the CPU for meta paramet
 (``_specs._step_device``; the lowering puts it on the device, as CUDA would), and the
 hyper table's pinned host-to-device refresh is skipped on meta
 (``_hypers.HyperTable.tensor``): :func:`record` adds it as one modeled copy whenever a
-float hyper-parameter changed.
+float hyper-parameter changed and the step did not take them from the host (Note [host
+hypers]; ``_hypers.HOST_DEVICES`` gains ``"meta"`` too, so it does where CUDA would).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import umup_compile as uc
 import umup_compile._gather as gather_module
 from benchmarks import contestants, sets
 from benchmarks.gpu_cost import DeviceOp, DeviceOps
-from umup_compile import _quant, _state8
+from umup_compile import _hypers, _quant, _state8
 from umup_compile._functional import ADAM_HYPERS
 from umup_compile.optim import Adam
 
@@ -115,10 +116,11 @@ class TensorSpec:
     stride: tuple[int, ...]
     dtype: torch.dtype
     offset: int
+    host: bool = False  # a 0-d host tensor (Note [host hypers]), else on the device
 
     @staticmethod
-    def of(t: torch.Tensor) -> TensorSpec:
-        return TensorSpec(tuple(t.shape), t.stride(), t.dtype, t.storage_offset())
+    def of(t: torch.Tensor, host: bool = False) -> TensorSpec:
+        return TensorSpec(tuple(t.shape), t.stride(), t.dtype, t.storage_offset(), host)
 
     @property
     def numel(self) -> int:
@@ -126,9 +128,13 @@ class TensorSpec:
 
 
 def describe(value: Any) -> Any:
-    """``value`` with every tensor replaced by its :class:`TensorSpec`."""
+    """``value`` with every tensor replaced by its :class:`TensorSpec`. Rows of 0-d
+    tensors (a list of lists: the hyper-parameters of Note [host hypers], the only
+    such argument) stay on the host."""
     if isinstance(value, torch.Tensor):
         return TensorSpec.of(value)
+    if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
+        return [[TensorSpec.of(t, host=True) for t in row] for row in value]
     if isinstance(value, (list, tuple)):
         return type(value)(describe(v) for v in value)
     if isinstance(value, dict):
@@ -246,6 +252,8 @@ def record(workload: str, dtype: str, capturable: bool, clip: bool) -> Recorded:
     with the harness's ``LambdaLR``, and record the second, steady step."""
     if "meta" not in gather_module.CAPTURABLE_DEVICES:  # stand-in: meta is CUDA here
         gather_module.CAPTURABLE_DEVICES = (*gather_module.CAPTURABLE_DEVICES, "meta")
+    if "meta" not in _hypers.HOST_DEVICES:  # likewise (Note [host hypers])
+        _hypers.HOST_DEVICES = (*_hypers.HOST_DEVICES, "meta")
     spec = DTYPES[dtype]
     params = meta_params(workload_specs(workload), spec.param)
     opt = build_optimizer(params, spec, capturable, clip)
@@ -268,7 +276,13 @@ def record(workload: str, dtype: str, capturable: bool, clip: bool) -> Recorded:
         list(recorder.calls),
         ops.ops,
     )
-    if not capturable:  # a float lr changed: HyperTable refreshes through pinned memory
+    if not capturable and not any(map(takes_host_hypers, out.calls)):
+        # a float lr changed: HyperTable refreshes through pinned memory
         table = 8 * len(opt.param_groups) * len(ADAM_HYPERS)  # float64 (groups, 5)
         out.ops.append(DeviceOp("hyper refresh (pinned H2D copy)", 1, table))
     return out
+
+
+def takes_host_hypers(call: Call) -> bool:
+    """Whether ``call`` reads its hyper-parameters from the host (no refresh)."""
+    return any(isinstance(a, list) and a and isinstance(a[0], list) for a in call.args)

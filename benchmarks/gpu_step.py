@@ -47,7 +47,7 @@ def account(
             lowering, name = lowered[call.key]
             next(g for g in graphs if g["file"] == name)["calls"] += 1
             continue
-        lowering = gpu_lower.lower(call)
+        lowering = gpu_lower.lower(call, cudagraphs=capturable)
         name = f"{len(lowered):02d}-{call.fn.__name__}-{_slug(_kind(call))}.py"
         lowered[call.key] = (lowering, name)
         (code_dir / name).write_text(
@@ -89,8 +89,8 @@ def account(
         cache = {key: lowering for key, (lowering, _) in lowered.items()}
 
         def lower(call: gpu_record.Call) -> gpu_lower.Lowering:
-            if call.key not in cache:
-                cache[call.key] = gpu_lower.lower(call)
+            if call.key not in cache:  # an uncaptured CPU optimizer's call
+                cache[call.key] = gpu_lower.lower(call, cudagraphs=False)
             return cache[call.key]
 
         numerics = gpu_interpret.check(

@@ -5,14 +5,17 @@
 per check, each the facts the test asserts. No kernel runs; what runs is the host
 code around them, on tensors that say ``device='cuda'``:
 
-- ``pinned``: a float lr changed by a scheduler is refreshed through pinned memory
-  (``HyperTable.tensor``: ``pin_memory`` then a non-blocking host-to-device copy), and
-  a device lr tensor by a copy on the device into a view of the table (capturable;
-  Note [tensor hyper refresh]).
+- ``host``: float hyper-parameters of a few groups reach an uncaptured step as 0-d
+  host tensors, copied nowhere (Note [host hypers]);
+- ``pinned``: with more groups, a float lr changed by a scheduler is refreshed through
+  pinned memory (``HyperTable.tensor``: ``pin_memory`` then a non-blocking
+  host-to-device copy), and a device lr tensor by a copy on the device into a view of
+  the table (capturable; Note [tensor hyper refresh]).
 - ``state``: state on the device, ``step`` included (capturable).
 - ``amp_clip``: a GradScaler's scale and inf flag on the device, and clipping, whose
   norm stays on the device.
-- ``capture_guard``: ``hyper_values`` refuses to run while a CUDA graph captures.
+- ``capture_guard``: ``hyper_values`` refuses to run while a CUDA graph captures, and
+  so does the step of an optimizer that is not capturable.
 - ``direct``: a steady call site calls its compiled CUDA graph directly, with the
   inputs Dynamo's path gave it.
 """
@@ -74,9 +77,11 @@ def _params(mode: FakeTensorMode) -> list[torch.nn.Parameter]:
     return params
 
 
-def pinned_and_state(capturable: bool) -> dict[str, Any]:
+def pinned_and_state(capturable: bool, groups: int = 1) -> dict[str, Any]:
     """Three steps under a LambdaLR; capturable: the compiled engine (which runs
-    eagerly under the fake mode) with its layouts (a pack and a unit)."""
+    eagerly under the fake mode) with its layouts (a pack and a unit). ``groups``:
+    the parameters split into that many param groups."""
+    from umup_compile import _prologue
     from umup_compile.optim import Adam
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
@@ -85,14 +90,34 @@ def pinned_and_state(capturable: bool) -> dict[str, Any]:
     pin = _counted(torch.Tensor, "pin_memory", fake=lambda t: t)
     copy = _counted(torch.Tensor, "copy_")
     index_put = _counted(torch.Tensor, "index_put_")
+    per_param = _prologue._per_param
+    seen: list[Any] = []  # what the update read its hyper-parameters from
+
+    def recorded(hyper_t: Any, *rest: torch.Tensor) -> Any:
+        if isinstance(hyper_t, torch.Tensor):
+            seen.append(f"tensor:{hyper_t.device.type}")
+        else:  # Note [host hypers]: rows of 0-d host tensors, one per group
+            seen.append(
+                [sorted({f"{t.device.type}:{t.ndim}" for t in row}) for row in hyper_t]
+            )
+        return per_param(hyper_t, *rest)
+
+    _prologue._per_param = recorded
     with mode:
-        opt = Adam(params, lr=1e-3, capturable=capturable, compile=capturable)
+        split = [params[k::groups] for k in range(groups)]
+        opt = Adam(
+            [{"params": ps} for ps in split],
+            lr=1e-3,
+            capturable=capturable,
+            compile=capturable,
+        )
         if capturable:  # a device lr (validated on the host at construction)
             opt.param_groups[0]["lr"] = torch.full((), 1e-3, device="cuda")
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1 / (1 + k))
         for _ in range(3):
             opt.step()
             sched.step()
+    _prologue._per_param = per_param
     host_to_device = [  # the package's own (the stand-in's are not counted)
         kw.get("non_blocking", a[2] if len(a) > 2 else False)
         for a, kw in copy
@@ -111,6 +136,7 @@ def pinned_and_state(capturable: bool) -> dict[str, Any]:
         "state_devices": sorted(
             {f"{k}:{v.device.type}" for s in opt.state.values() for k, v in s.items()}
         ),
+        "hypers_seen": seen,
     }
 
 
@@ -147,12 +173,27 @@ def capture_guard() -> dict[str, Any]:
         allow_non_unit_scaling_params=True,
     )
     key = opt._runner.hypers._key  # type: ignore[attr-defined]
+    capturing = torch.cuda.is_current_stream_capturing
     torch.cuda.is_current_stream_capturing = lambda: True
+    out: dict[str, Any] = {"raised": None, "step_raised": None}
     try:
         body(anchor, key, 1, 5)
     except RuntimeError as e:
-        return {"raised": str(e)}
-    return {"raised": None}
+        out["raised"] = str(e)
+    # the optimizer itself refuses a capture of a step that is not capturable (its
+    # hyper-parameters may come from the host: Note [host hypers])
+    built = torch.backends.cuda.is_built
+    torch.backends.cuda.is_built = lambda: True
+    p = opt.param_groups[0]["params"][0]
+    p.grad = torch.ones_like(p)
+    try:
+        opt.step()
+    except RuntimeError as e:
+        out["step_raised"] = str(e)
+    out["param_unchanged"] = bool((p == 0).all())
+    torch.backends.cuda.is_built = built
+    torch.cuda.is_current_stream_capturing = capturing
+    return out
 
 
 def direct_calls() -> dict[str, Any]:
@@ -186,7 +227,8 @@ def main() -> None:
     _tensor_on_cuda()
     checks = {
         "direct": direct_calls,
-        "pinned": lambda: pinned_and_state(False),
+        "host": lambda: pinned_and_state(False, groups=2),
+        "pinned": lambda: pinned_and_state(False, groups=5),
         "capturable": lambda: pinned_and_state(True),
         "capture_guard": capture_guard,
         "amp_clip": amp_and_clip,

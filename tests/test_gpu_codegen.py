@@ -1,11 +1,13 @@
 """The CUDA path on a CPU: ``python -m benchmarks.gpu_codegen`` in a subprocess.
 
-Two small configurations, lowered by Inductor for sm_90 without a GPU (the stand-ins of
-``benchmarks.gpu_standins``), their kernels built to cubin and run in Triton's
+Three small configurations, lowered by Inductor for sm_90 without a GPU (the stand-ins
+of ``benchmarks.gpu_standins``), their kernels built to cubin and run in Triton's
 interpreter against the eager engine:
 
 - ``gpt-mini:fp32:capturable``: the unrolled unit (large tensors and the folded small
   ones), float32;
+- ``gpt-mini:fp32``: the same, uncaptured: its hyper-parameters are 0-d host inputs
+  (Note [host hypers]), kernel arguments, so nothing is copied to the device;
 - ``many-small-mini:bf16-fp32state-sr:capturable:clip``: the pack, bf16 parameters with
   float32 state and stochastic rounding, and the clip graph.
 
@@ -35,7 +37,10 @@ from expecttest import assert_expected_inline
 from benchmarks.gpu_codegen import BUILT_FOR
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = "gpt-mini:fp32:capturable,many-small-mini:bf16-fp32state-sr:capturable:clip"
+CONFIGS = (
+    "gpt-mini:fp32:capturable,many-small-mini:bf16-fp32state-sr:capturable:clip,"
+    "gpt-mini:fp32"
+)
 
 
 def _skip_reason() -> str | None:
@@ -122,7 +127,8 @@ def test_counts_are_pinned(small: dict[str, Any]) -> None:
         """\
 config                                               graphs    calls    kernels    launches    eager    fused    bytes/ideal
 gpt-mini-fp32-capturable                                  1        1          2           2        1        2         1.0051
-many-small-mini-bf16-fp32state-sr-capturable-clip         2        2          3           3        7        2         1.6469""",
+many-small-mini-bf16-fp32state-sr-capturable-clip         2        2          3           3        7        2         1.6469
+gpt-mini-fp32                                             1        1          2           2        0        2         1.005""",
     )
 
 
@@ -140,11 +146,15 @@ def test_goals_hold(small: dict[str, Any]) -> None:
     # Notes [stacked counters] and [combo kernel arguments]: its graph launches no
     # more kernels than torch fused (its hyper-parameter refresh is eager)
     assert unrolled["launches"] <= unrolled["torch_fused_launches"], unrolled["name"]
+    # Note [host hypers]: uncaptured, the whole step launches no more than torch fused
+    host = small["results"][2]
+    assert host["eager_launches"] == 0, host["eager_ops"]
+    assert host["goals"]["launches_ok"] and host["goals"]["bytes_ok"], host["goals"]
 
 
 def test_interpreter_matches_eager(small: dict[str, Any]) -> None:
-    fp32, sr = (r["interpreter"] for r in small["results"])
-    assert fp32["max_rel_err"] <= 1e-6
+    fp32, sr, host = (r["interpreter"] for r in small["results"])
+    assert fp32["max_rel_err"] <= 1e-6 and host["max_rel_err"] <= 1e-6
     # stochastic rounding: the hash, shifts and masks agree bit for bit
     assert sr["stochastic_rounding"]
     assert sr["bf16_mismatches"] == 0 and sr["mismatches"] == 0

@@ -213,6 +213,7 @@ class UmupOptimizer(torch.optim.Optimizer):
         """
         groups = self._groups()
         if not torch.compiler.is_compiling():
+            _refuse_capture(groups, type(self).__name__)
             # What an lr scheduler's wrapper would record; not in a traced step,
             # where Dynamo drops (2.13) or refuses (2.11) attribute writes here.
             self._opt_called = True
@@ -278,3 +279,20 @@ def _after_load(optimizer: torch.optim.Optimizer) -> None:
         for key, value in optimizer.defaults.items():
             group.setdefault(key, value)
     optimizer._runner.set_groups(groups)  # type: ignore[attr-defined]
+
+
+def _refuse_capture(groups: list[dict[str, Any]], name: str) -> None:
+    """Raise if a CUDA graph captures a step that is not capturable, as torch's
+    optimizers do: its hyper-parameters reach the kernels from the host (Note [host
+    hypers]), so a replay would repeat the captured values."""
+    if (
+        torch.backends.cuda.is_built()  # type: ignore[no-untyped-call]
+        and torch.cuda.is_available()
+        and torch.cuda.is_current_stream_capturing()
+        and not all(g.get("capturable") for g in groups)
+    ):
+        raise RuntimeError(
+            f"umup_compile: a CUDA graph is capturing {name}.step(), but its "
+            "param_groups have capturable=False; construct the optimizer with "
+            "capturable=True to capture its step"
+        )

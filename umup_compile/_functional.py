@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from ._prologue import (
+    Hypers,
     _coefficients,
     _per_param,
     _skip_mask,
@@ -134,7 +135,7 @@ def adam_step_(
     exp_avg_sqs: list[Tensor],
     max_exp_avg_sqs: list[Tensor],
     steps: list[Tensor],
-    hyper_t: Tensor,
+    hyper_t: Hypers,
     group_index_t: Tensor,
     lr_scales_t: Tensor,
     wd_scales_t: Tensor,
@@ -235,7 +236,7 @@ def sgd_step_(
     params: list[Tensor],
     grads: Sequence[Tensor],
     momentum_buffers: list[Tensor],
-    hyper_t: Tensor,
+    hyper_t: Hypers,
     group_index_t: Tensor,
     lr_scales_t: Tensor,
     wd_scales_t: Tensor,
@@ -261,7 +262,9 @@ def sgd_step_(
     """
     if not params:
         return
-    lr, momentum, dampening, weight_decay = _per_param(hyper_t, group_index_t)
+    lr, momentum, dampening, weight_decay = _per_param(
+        hyper_t, group_index_t, lr_scales_t
+    )
     neg_lr, buffer_decay, grad_weight = -(lr * lr_scales_t), momentum, 1 - dampening
     skip = _skip_mask(found_inf_t)
     if skip is not None:  # Note [skipped steps]

@@ -19,6 +19,19 @@ guarded. Its work is on the host, which CUDA graphs cannot replay: with
 ``capturable=True`` the values are stacked with tensor ops in the graph instead
 (tensor hyper-parameters then replay correctly; floats are constants, as in torch).
 
+Note [host hypers]: on CUDA, when there are at most :data:`HOST_GROUPS` groups and
+every hyper-parameter is a Python number, a step that is not captured
+(``capturable=False``) takes them as 0-d host tensors, views of the host mirror,
+instead of the device tensor: Inductor passes a 0-d CPU input of a GPU kernel by
+value (``.item()`` when it launches the kernel: host memory, no sync), and an eager
+CUDA op reads a 0-d CPU operand the same way. The step then copies nothing to the
+device, as torch's fused Adam passes a float lr: on paper (sm_90) the GPT-like step
+is 2 launches instead of 2 + 1. Each group adds a row of kernel arguments and a
+``where`` per column to the step-count kernel, hence the bound; more groups, tensor
+values (which a captured step must read on the device) and a capturable step keep
+the device tensor. A CUDA graph captured around such a step would freeze the values:
+the optimizer refuses to be captured unless ``capturable=True``, as torch's do.
+
 The u-μP factors and rounding seeds are per parameter and change only with the
 layout: :func:`factor_vectors` builds them once per unit.
 """
@@ -37,6 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._prologue import Hypers
 from ._rounding import parameter_seeds
 from ._specs import AlgorithmSpec
 
@@ -94,6 +108,9 @@ def factor_vectors(
 
 
 _PLAIN = {float, int, bool}
+# Note [host hypers]: at most this many groups take host scalars, on these devices.
+HOST_GROUPS = 4
+HOST_DEVICES: tuple[str, ...] = ("cuda",)
 
 
 class _DeviceTable:
@@ -109,6 +126,13 @@ class _DeviceTable:
             if device.type == "cpu"
             else torch.zeros((n_groups, n_columns), dtype=dtype)
         )
+        # Note [host hypers]: the mirror's entries as 0-d views, by row (few groups)
+        self.scalars = (
+            [list(row.unbind()) for row in self.host.unbind()]
+            if device.type in HOST_DEVICES and n_groups <= HOST_GROUPS
+            else None
+        )
+        self.stale = False  # the mirror has values the device tensor lacks
         self.raw: dict[str, list[Any]] = {}  # group key -> the groups' values
         self.tensors: dict[tuple[int, int], Tensor] = {}  # (row, column) -> 0-d view
         # where they go (Note [tensor hyper refresh]): 0-d views of the table, or
@@ -148,6 +172,27 @@ class HyperTable:
         ``stable``: group keys known unchanged since the last call (the steady check
         compared them); only the others are compared here.
         """
+        return self._on_device(self._refresh(groups, device, stable))
+
+    def values(
+        self,
+        groups: Sequence[Group],
+        device: torch.device,
+        *,
+        stable: frozenset[str] = frozenset(),
+        host: bool = False,
+    ) -> Hypers:
+        """:meth:`tensor`, or with ``host`` (a step no CUDA graph captures) its rows
+        of 0-d host tensors where Note [host hypers] allows."""
+        table = self._refresh(groups, device, stable)
+        if host and table.scalars is not None and not table.tensors:
+            return table.scalars
+        return self._on_device(table)
+
+    def _refresh(
+        self, groups: Sequence[Group], device: torch.device, stable: frozenset[str]
+    ) -> _DeviceTable:
+        """The device's table, its host mirror holding the groups' current values."""
         table = self._tables.get(device)
         if table is None or table.hyper_t.shape[0] != len(groups):
             table = self._tables[device] = _DeviceTable(
@@ -164,10 +209,18 @@ class HyperTable:
                 table.raw[key] = values
                 changed = True
         if changed:
-            if table.host is not table.hyper_t and device.type != "meta":
-                # through pinned memory: an asynchronous copy, no sync
-                table.hyper_t.copy_(table.host.pin_memory(), non_blocking=True)
+            table.stale = table.host is not table.hyper_t and device.type != "meta"
             table.targets = _targets(table, device)
+        return table
+
+    @staticmethod
+    def _on_device(table: _DeviceTable) -> Tensor:
+        """The device tensor, refreshed from the mirror and the tensor values."""
+        device = table.hyper_t.device
+        if table.stale:
+            # through pinned memory: an asynchronous copy, no sync
+            table.hyper_t.copy_(table.host.pin_memory(), non_blocking=True)
+            table.stale = False
         if isinstance(table.targets, list):
             for target, value in zip(table.targets, table.tensors.values()):
                 target.copy_(value)

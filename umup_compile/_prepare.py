@@ -19,6 +19,7 @@ from torch import Tensor
 from ._calls import BucketPlan, Call, bucket_call, list_view, placed_like
 from ._gather import Bucket
 from ._pack import pack_in, unit_lists
+from ._prologue import Hypers
 from ._specs import AlgorithmSpec
 
 Group = dict[str, Any]
@@ -45,7 +46,7 @@ def prepare(
     plan: BucketPlan,
     grads: list[Tensor],
     groups: Sequence[Group],
-    hyper_t: Tensor,
+    hyper_t: Hypers,
     amp_kwargs: dict[str, Tensor],
     fresh_step: bool,
 ) -> list[Work]:
@@ -84,7 +85,7 @@ def call_args(
     plan: BucketPlan,
     call: Call,
     grads: list[Tensor],
-    hyper_t: Tensor,
+    hyper_t: Hypers,
 ) -> tuple[Any, ...]:
     """The update's positional arguments for ``call``."""
     if call.pack is not None:

@@ -14,14 +14,36 @@ each: 0.93-1.02x torch fused before, 0.92-0.94x after).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+# The hyper-parameters of a step: the ``(groups, hypers)`` tensor, or its rows as 0-d
+# host tensors (Note [host hypers] in ``_hypers``).
+Hypers = Tensor | Sequence[Sequence[Tensor]]
 
-def _per_param(hyper_t: Tensor, group_index_t: Tensor) -> tuple[Tensor, ...]:
+
+def _per_param(
+    hyper_t: Hypers, group_index_t: Tensor, lr_scales_t: Tensor
+) -> tuple[Tensor, ...]:
     """Expand group rows to one row per parameter, then split the columns."""
-    return hyper_t.index_select(0, group_index_t).unbind(1)
+    if isinstance(hyper_t, Tensor):
+        return hyper_t.index_select(0, group_index_t).unbind(1)
+    # 0-d host scalars: a GPU kernel takes them as arguments (Note [host hypers]);
+    # each column is built on the parameters' device, a row's value per group. Its
+    # zeros are read from the lr scales (finite, so exact): columns read from no
+    # buffer share none with the step count, and Inductor gave them a kernel of
+    # their own (sm_90: 3 launches instead of 2).
+    first = hyper_t[0]
+    base = lr_scales_t * 0.0
+    columns = []
+    for j, value in enumerate(first):
+        column = base + value
+        for g in range(1, len(hyper_t)):
+            column = torch.where(group_index_t == g, hyper_t[g][j], column)
+        columns.append(column)
+    return tuple(columns)
 
 
 def _coefficients(
@@ -70,7 +92,7 @@ def adam_prologue(
     param_dtype: torch.dtype,
     state_dtype: torch.dtype,
     steps: list[Tensor],
-    hyper_t: Tensor,
+    hyper_t: Hypers,
     group_index_t: Tensor,
     lr_scales_t: Tensor,
     wd_scales_t: Tensor,
@@ -90,11 +112,13 @@ def adam_prologue(
         # host (``.item()``); elementwise adds stay on the device.
         increment = (~skip).to(steps[0].dtype)
         torch._foreach_add_(steps, [increment] * len(steps))
-    lr, beta1, beta2, eps, weight_decay = _per_param(hyper_t, group_index_t)
+    lr, beta1, beta2, eps, weight_decay = _per_param(
+        hyper_t, group_index_t, lr_scales_t
+    )
     lrs = lr * lr_scales_t
     # reshape: 0-d parameters arrive as 1-element views (see UmupOptimizer._run_bucket).
     # (``to``: a meta dry run counts steps on the CPU.)
-    step = torch.stack(steps).to(hyper_t.device, hyper_t.dtype).reshape(-1)
+    step = torch.stack(steps).to(lr_scales_t.device, lr_scales_t.dtype).reshape(-1)
     bias_correction1 = 1 - beta1.pow(step)
     bias_correction2_sqrt = (1 - beta2.pow(step)).sqrt()
     wds = weight_decay * wd_scales_t

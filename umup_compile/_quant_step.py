@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 
 from ._functional import AdamConfig, _noise, _store, _unscale
-from ._prologue import adam_prologue
+from ._prologue import Hypers, adam_prologue
 from ._quant import (
     BLOCK,
     block_rows,
@@ -71,7 +71,7 @@ def adam8_step_(
     exp_avg_sqs: list[Tensor],
     scales: list[Tensor],
     steps: list[Tensor],
-    hyper_t: Tensor,
+    hyper_t: Hypers,
     group_index_t: Tensor,
     lr_scales_t: Tensor,
     wd_scales_t: Tensor,

@@ -24,6 +24,7 @@ from ._gather import Admitted, Rescale, gather
 from ._hypers import HyperTable
 from ._pack import pack_out
 from ._prepare import Work, amp_kwargs, prepare
+from ._prologue import Hypers
 from ._specs import AlgorithmSpec
 from ._steady import SteadyCheck, Structure
 from ._step_clip import StepClip
@@ -129,14 +130,17 @@ class StepRunner:
         plans = self.plans
         if grads is None or plans is None:
             plans, grads = self._gather(groups, state, name)
-        hyper: dict[torch.device, tuple[Tensor, dict[str, Tensor]]] = {}
+        hyper: dict[torch.device, tuple[Hypers, dict[str, Tensor]]] = {}
         with torch.set_grad_enabled(self._differentiable):
             works: list[Work] = []
             for plan, bucket_grads in zip(plans, grads):
                 device = plan.bucket.device
                 if device not in hyper:
                     hyper[device] = (
-                        self.hypers.tensor(groups, device, stable=stable),
+                        # Note [host hypers]: a step no CUDA graph captures
+                        self.hypers.values(
+                            groups, device, stable=stable, host=not self.capturable
+                        ),
                         amp_kwargs(amp, device),
                     )
                 works += prepare(

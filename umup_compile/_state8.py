@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from ._functional import AdamConfig, adam_step_
+from ._prologue import Hypers
 from ._quant import BLOCK, dequantize, num_blocks, quantize_
 from ._quant_step import adam8_step_
 
@@ -198,7 +199,7 @@ def adam_update_(
     max_exp_avg_sqs: list[Tensor],
     exp_avg_scales: list[Tensor],
     steps: list[Tensor],
-    hyper_t: Tensor,
+    hyper_t: Hypers,
     group_index_t: Tensor,
     lr_scales_t: Tensor,
     wd_scales_t: Tensor,
