@@ -38,7 +38,8 @@ members share combo kernels (Note [combo kernels] in ``_engine``), and every chu
 call adds 2 launches, a pack 5 (its copies and its graph), so unrolling more would
 launch fewer kernels: with the limits at 128, gpt-124m's step (50 large tensors, 25
 small) is 4 + 1 launches instead of 18 + 4 (torch fused: 3), 34 us less an H100
-step on paper, gpt-1.2b's 7 + 1 instead of 27 + 4 (10), 46 us less. But a combo
+step on paper, gpt-1.2b's 7 + 1 instead of 27 + 4 (10), 46 us less (measured before
+Note [host hypers] took the + 1 off each). But a combo
 kernel's build time grows with the square of its members (Note [combo kernel
 arguments]): the first compile, from empty caches on one core of a 2-core CPU, went
 from 14 s to 48 s for gpt-124m (lowering 9.1 -> 15.4 s, cubin builds 4.5 -> 32.2 s,
