@@ -347,22 +347,57 @@ def test_compiled_step_keeps_compiling_through_membership_changes(name: str):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_params_list_appended_in_place_is_refused_before_anything_changes(
-    engine: str,
-):
-    # Appending to group["params"] bypasses add_param_group, so the new parameter
-    # has no u-μP factor: the steady step must notice (it used to skip it silently).
-    a, b = nn.Parameter(_randn(4, 4)), nn.Parameter(_randn(4, 4))
-    opt = build(Adam, [a], engine, lr=0.01, **UMUP)
-    for step in range(2):
-        _random_grads([a], step)
-        opt.step()
+@pytest.mark.parametrize("edit", ["append", "pop", "pop_then_append"])
+def test_params_list_edited_in_place_steps_like_torch(engine: str, edit: str):
+    # torch.optim reads group["params"] at every step: a parameter appended in place
+    # is stepped (its state created then), one removed is no longer. Note [admitted
+    # order]: the appended one gets its u-μP factors as add_param_group would (1 for
+    # these untagged ones), the others keep theirs (appending used to raise).
+    name = "adamw"
+    ps = [nn.Parameter(_randn(3, 5)) for _ in range(3)]
+    extra = nn.Parameter(_randn(4, 4))
+    refs = [p.detach().clone().requires_grad_() for p in [*ps, extra]]
+    ours, ref = _ours_and_torch(name, ps, refs[:3], engine)
+    for step in range(5):
+        if step == 2:
+            for opt, pool in ((ours, [*ps, extra]), (ref, refs)):
+                live = opt.param_groups[0]["params"]
+                if edit.startswith("pop"):
+                    live.pop(1)
+                if edit.endswith("append"):
+                    live.append(pool[3])
+        live = ours.param_groups[0]["params"]
+        live_ref = ref.param_groups[0]["params"]
+        _random_grads(live, step)
+        _random_grads(live_ref, step)
+        ours.step()
+        ref.step()
+    assert_pair_close(ours, ref, list(zip([*ps, extra], refs)))
+    assert len(ours.param_groups[0]["lr_scales"]) == len(live)
+
+
+def test_named_group_appended_to_without_a_name_still_steps():
+    # param_names is not extended by an in-place append: no IndexError
+    w, b = _tagged_pair(0)
+    opt = AdamW([("w", w)], lr=0.01, compile=False)
     opt.param_groups[0]["params"].append(b)
-    _random_grads([a, b], 2)
-    before = snapshot(opt)
-    with pytest.raises(ValueError, match=r"group 0 has 2 parameters.*add_param_group"):
-        opt.step()
-    assert_unchanged(opt, before)
+    _random_grads([w, b], 0)
+    opt.step()
+    assert opt.param_groups[0]["lr_scales"] == [0.25, 1.0]
+
+
+def test_params_list_appended_in_place_with_tags_is_scaled_by_them():
+    w, b = _tagged_pair(0)
+    opt = AdamW([w], lr=0.01, weight_decay=0.1, compile=False)
+    _random_grads([w], 0)
+    opt.step()
+    opt.param_groups[0]["params"].append(b)
+    _random_grads([w, b], 1)
+    opt.step()
+    fresh = AdamW([w, b], lr=0.01, weight_decay=0.1)
+    for key in ("lr_scales", "wd_scales"):
+        assert opt.param_groups[0][key] == fresh.param_groups[0][key]
+    assert "step" in opt.state[b]
 
 
 @pytest.mark.parametrize(

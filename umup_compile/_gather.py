@@ -169,12 +169,12 @@ class Admitted:
     in order (weakly held), recorded when the group is admitted.
 
     Note [admitted order]: the factors are lists aligned with ``group["params"]``,
-    but torch keys everything by the parameter, and a user may reorder a group's list
-    or put another parameter in a place, in place. The factors then follow their
-    parameters (the lists are permuted the same way), and a parameter new to the
-    group is scaled as the group's own were (its tags, the group's lr and weight
-    decay at admission), as ``add_param_group`` would have; a changed length is
-    ``_check_admitted``'s error.
+    but torch keys everything by the parameter, and a user may reorder a group's
+    list, put another parameter in a place, append or remove one, in place. The
+    factors then follow their parameters, and a parameter new to the group is scaled
+    as the group's own were (its tags, the group's lr and weight decay at
+    admission), as ``add_param_group`` would have. Without a record (no rescale
+    given) a changed length is ``_check_admitted``'s error.
     """
 
     def __init__(self, rescale: Rescale | None = None) -> None:
@@ -201,10 +201,12 @@ class Admitted:
                 continue
             params = group["params"]
             admitted = [r() for r in record[1]]
-            if len(admitted) != len(params) or all(
+            if len(admitted) == len(params) and all(
                 a is p for a, p in zip(admitted, params)
             ):
-                continue  # unchanged, or a length _check_admitted reports
+                continue  # unchanged
+            if len(group["lr_scales"]) != len(admitted):
+                continue  # edited by hand too: _check_admitted reports it
             at = {id(a): k for k, a in enumerate(admitted) if a is not None}
             scales = []
             for i, p in enumerate(params):
@@ -214,10 +216,9 @@ class Admitted:
                     continue
                 if self.rescale is None:
                     raise ValueError(f"{_describe(p, group, g, i)} has no u-μP scales")
-                names = group.get("param_names")
                 lr = as_float(record[2], "lr")
                 wd = as_float(record[3], "weight_decay")
-                name = names[i] if names else None
+                name = _name(group, i)
                 scales.append(self.rescale(p, name, g, i, lr=lr, weight_decay=wd))
             group["lr_scales"] = [lr for lr, _ in scales]
             group["wd_scales"] = [wd for _, wd in scales]
@@ -264,9 +265,15 @@ def _check_grad(p: Tensor, grad: Tensor, spec: AlgorithmSpec, label: str) -> Non
         )
 
 
-def _describe(p: Tensor, group: Group, g: int, i: int) -> str:
+def _name(group: Group, i: int) -> str | None:
+    """Parameter ``i``'s name in a named group (None where a list edited in place
+    left it without one)."""
     names = group.get("param_names")
-    return describe_param(p, names[i] if names else None, g, i)
+    return names[i] if names and i < len(names) else None
+
+
+def _describe(p: Tensor, group: Group, g: int, i: int) -> str:
+    return describe_param(p, _name(group, i), g, i)
 
 
 def _check_fused(p: Tensor, label: str) -> None:
