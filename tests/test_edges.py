@@ -1195,6 +1195,54 @@ def test_non_leaf_param_rejected_naming_it():
     assert_unchanged(opt, before)
 
 
+def _through_the_step(cls: type, **kwargs: Any) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """One differentiable step from a given state; the gradients of the new
+    parameter's sum with respect to the gradient and both moments."""
+    gen = torch.Generator().manual_seed(0)
+    p = torch.rand(10, dtype=torch.float64, generator=gen)
+    grad, m0, v0 = (
+        torch.rand(10, dtype=torch.float64, generator=gen, requires_grad=True)
+        for _ in range(3)
+    )
+    p.grad = grad
+    opt = cls([p], lr=0.1, weight_decay=0.01, differentiable=True, **kwargs)
+    opt.state[p].update(
+        exp_avg=m0.clone(),
+        exp_avg_sq=v0.clone(),
+        step=torch.tensor(3.0, dtype=torch.float64),
+    )
+    opt.step()
+    return p.detach(), torch.autograd.grad(p.sum(), [grad, m0, v0])
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_differentiable_adam_gradients_through_the_step_match_torch(name: str):
+    # autograd through the step (torch's differentiable=True): ours raised, the
+    # update having changed sqrt's output in place
+    ours_cls, torch_cls, _ = OPTIMIZERS[name]
+    expected, expected_grads = _through_the_step(torch_cls)
+    value, grads = _through_the_step(ours_cls, **UMUP)
+    torch.testing.assert_close(value, expected, rtol=1e-14, atol=0)
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
+def test_non_leaf_params_accepted_where_torch_accepts_them():
+    # torch optimizes a non-leaf that retains its grad, or any non-leaf with
+    # differentiable=True (it used to be refused whatever the case)
+    base = nn.Parameter(torch.randn(3, dtype=torch.float64))
+    kept = base * 2
+    kept.retain_grad()
+    refs = [kept.detach().clone().requires_grad_()]
+    ours, ref = _ours_and_torch("sgd", [kept], refs, "eager")
+    _random_grads([kept], 0)
+    _random_grads(refs, 0)
+    ours.step()
+    ref.step()
+    torch.testing.assert_close(kept.detach(), refs[0].detach(), rtol=0, atol=0)
+    SGD([base * 3], lr=0.1, differentiable=True, **UMUP)  # accepted
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_grad_on_another_device_rejected_naming_param(name: str):

@@ -1,11 +1,12 @@
-"""Fixes to Inductor's code for the kernels of low-precision updates: three in its
+"""Fixes to Inductor's code for the kernels of low-precision updates: five in its
 CPU code, one in its Triton (GPU) code.
 
-Each changes the generated code (speed), never a value: every lane computes what it
-computed before. They act only while ``codegen_hints`` is entered; the compiled engine
-enters it around its own calls, so the user's other compiled code is untouched. They
-use internals of ``torch._inductor.codegen.cpp`` and
-``torch._inductor.choices.InductorChoices`` (the same in torch 2.6 to 2.13) and do
+Each changes the generated code (its speed, or whether it compiles), never a value:
+every lane computes what it computed before. They act only while ``codegen_hints`` is
+entered; the compiled engine enters it around its own calls, so the user's other
+compiled code is untouched. They use internals of ``torch._inductor.codegen.cpp``,
+``torch._inductor.loop_body`` and ``torch._inductor.choices.InductorChoices`` (the
+same in torch 2.6 to 2.13) and do
 nothing where those are missing.
 
 Note [bf16 tiling]: Inductor's C++ backend picks one vector width per fused kernel
@@ -59,6 +60,16 @@ split, and asserts when the nodes iterate over different numbers of dimensions: 
 compile there, and the engine fell back to eager. Later torch checks for this and
 keeps the loop as it is; under the hints, such a kernel is left unsplit on every
 version (the same decision, taken before any node changes; a split changes no value).
+
+Note [local buffer guard]: Inductor's C++ outer-loop fusion keeps a buffer that only
+the fused loop reads in a per-thread local buffer, after asking every user of it for
+its read index (``LoopBody.get_read_expr``), including a user that is only ordered
+after the buffer's node (a weak dependency: a later in-place write of an input that
+node read), which reads nothing of it: a ``KeyError``, and the compile failed. The
+8-bit update of bf16 parameters with stochastic rounding met it on tensors of 4096 to
+~16,000 elements, and the engine fell back to eager (its numbers, several times its
+time). Under the hints such a user answers an index that is never contiguous, so
+Inductor leaves that buffer in memory, as it does every buffer it cannot localise.
 
 Note [row prefetch]: the 8-bit update (``_quant_step``, Note [one pass]) walks each
 tensor's blocks in one outer loop whose inner loops stream the block's rows: the
@@ -279,6 +290,28 @@ def prefetch_rows(source: str) -> str:
     return "\n".join(out)
 
 
+def _install_read_expr_guard() -> None:
+    """Wrap ``LoopBody.get_read_expr``; see Note [local buffer guard]."""
+    try:
+        from torch._inductor.loop_body import LoopBody
+    except ImportError:  # pragma: no cover - every supported torch has it
+        return
+    original: Callable[..., Any] = LoopBody.get_read_expr
+
+    def get_read_expr(self: Any, buffer_name: str) -> Any:
+        try:
+            return original(self, buffer_name)
+        except KeyError:
+            if not _depth:
+                raise
+            import sympy  # type: ignore[import-untyped]
+
+            return sympy.Integer(-1)  # no loop index is -1: never contiguous
+
+    get_read_expr.__wrapped__ = original  # type: ignore[attr-defined]
+    LoopBody.get_read_expr = get_read_expr  # type: ignore[method-assign]
+
+
 def _install_loop_split_guard(cpp: Any) -> None:
     """Wrap ``CppScheduling.try_loop_split``; see Note [loop split guard]."""
     original: Callable[..., Any] = cpp.CppScheduling.try_loop_split
@@ -352,6 +385,7 @@ class _CodegenHints:
                     _install_loop_split_guard(cpp)
                 if sys.platform != "win32" and hasattr(scheduling, "define_kernel"):
                     _install_prefetch(cpp)
+                _install_read_expr_guard()
             _install_persistent()
         _depth += 1
 

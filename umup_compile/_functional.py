@@ -228,7 +228,8 @@ def adam_step_(
             # Not ``out=``: Dynamo refuses a non-contiguous out (a strided parameter).
             max_exp_avg_sqs[i].copy_(torch.maximum(max_exp_avg_sqs[i], second))
             second = max_exp_avg_sqs[i]
-        denom = second.sqrt().mul_(root_scales[i]).add_(eps_scaleds[i])
+        # mul, not mul_: autograd keeps sqrt's output (differentiable=True)
+        denom = second.sqrt().mul(root_scales[i]).add_(eps_scaleds[i])
         param.addcdiv_(exp_avgs[i], denom)
 
 

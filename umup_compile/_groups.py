@@ -120,7 +120,7 @@ def admit_group(
     merged = {**defaults, **group}
     spec.check_group(merged, f"param group {g}")
     _check_low_precision(merged, params, names, g)
-    _check_membership(params, names, g, existing)
+    _check_membership(params, names, g, existing, bool(merged.get("differentiable")))
     lr_scales, wd_scales = group_scales(
         params,
         names,
@@ -138,7 +138,11 @@ def admit_group(
 
 
 def _check_membership(
-    params: list[Tensor], names: list[str | None], g: int, existing: Sequence[Group]
+    params: list[Tensor],
+    names: list[str | None],
+    g: int,
+    existing: Sequence[Group],
+    differentiable: bool = False,
 ) -> None:
     seen: set[int] = set()
     for i, p in enumerate(params):
@@ -147,11 +151,14 @@ def _check_membership(
                 "optimizer can only optimize Tensors, but one of the params is "
                 f"{torch.typename(p)} (param group {g}, index {i})"
             )
-        if not p.is_leaf:
+        # torch's rule: a non-leaf is optimized when it retains its grad, or when
+        # the optimizer is differentiable (gradients flow through the step)
+        if not (p.is_leaf or p.retains_grad or differentiable):
             raise ValueError(
                 f"can't optimize a non-leaf Tensor: {describe_param(p, names[i], g, i)} "
                 "has a grad_fn; pass the leaf itself (e.g. an nn.Parameter, or "
-                "t.detach().requires_grad_())."
+                "t.detach().requires_grad_()), call t.retain_grad(), or pass "
+                "differentiable=True."
             )
         if id(p) in seen:
             raise ValueError(
