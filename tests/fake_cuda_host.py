@@ -182,8 +182,9 @@ def capture_guard() -> dict[str, Any]:
         out["raised"] = str(e)
     # the optimizer itself refuses a capture of a step that is not capturable (its
     # hyper-parameters may come from the host: Note [host hypers])
-    built = torch.backends.cuda.is_built
+    built, initialized = torch.backends.cuda.is_built, torch.cuda.is_initialized
     torch.backends.cuda.is_built = lambda: True
+    torch.cuda.is_initialized = lambda: True
     p = opt.param_groups[0]["params"][0]
     p.grad = torch.ones_like(p)
     try:
@@ -192,6 +193,7 @@ def capture_guard() -> dict[str, Any]:
         out["step_raised"] = str(e)
     out["param_unchanged"] = bool((p == 0).all())
     torch.backends.cuda.is_built = built
+    torch.cuda.is_initialized = initialized
     torch.cuda.is_current_stream_capturing = capturing
     return out
 

@@ -284,10 +284,12 @@ def _after_load(optimizer: torch.optim.Optimizer) -> None:
 def _refuse_capture(groups: list[dict[str, Any]], name: str) -> None:
     """Raise if a CUDA graph captures a step that is not capturable, as torch's
     optimizers do: its hyper-parameters reach the kernels from the host (Note [host
-    hypers]), so a replay would repeat the captured values."""
+    hypers]), so a replay would repeat the captured values. Where CUDA is not
+    initialized nothing captures (and asking would initialize it: a CPU model on a
+    GPU machine)."""
     if (
         torch.backends.cuda.is_built()  # type: ignore[no-untyped-call]
-        and torch.cuda.is_available()
+        and torch.cuda.is_initialized()  # type: ignore[no-untyped-call]
         and torch.cuda.is_current_stream_capturing()
         and not all(g.get("capturable") for g in groups)
     ):
