@@ -133,7 +133,7 @@ def describe(value: Any) -> Any:
     such argument) stay on the host."""
     if isinstance(value, torch.Tensor):
         return TensorSpec.of(value)
-    if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
+    if _host_rows(value):
         return [[TensorSpec.of(t, host=True) for t in row] for row in value]
     if isinstance(value, (list, tuple)):
         return type(value)(describe(v) for v in value)
@@ -285,4 +285,14 @@ def record(workload: str, dtype: str, capturable: bool, clip: bool) -> Recorded:
 
 def takes_host_hypers(call: Call) -> bool:
     """Whether ``call`` reads its hyper-parameters from the host (no refresh)."""
-    return any(isinstance(a, list) and a and isinstance(a[0], list) for a in call.args)
+    return any(map(_host_rows, call.args))
+
+
+def _host_rows(value: Any) -> bool:
+    """Whether ``value`` is rows of host hyper-parameters (a list of lists, the only
+    such argument of an update: Note [host hypers])."""
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(v, list) for v in value)
+    )

@@ -131,9 +131,28 @@ def test_matches_unit_scaling_after_its_own_clip(engine: str):
 class _Scaler(torch.amp.GradScaler):
     """A CPU GradScaler with a fixed scale: the inf check is what is tested."""
 
-    def __init__(self) -> None:
-        super().__init__("cpu", init_scale=2.0**10, growth_interval=10**6)
+    def __init__(self, scale: float = 2.0**10) -> None:
+        super().__init__("cpu", init_scale=scale, growth_interval=10**6)
         self.scale(torch.zeros(()))  # what scaling the loss does first: make _scale
+
+
+def _scaled_steps(
+    ours: torch.optim.Optimizer,
+    ref: torch.optim.Optimizer,
+    qs: list[nn.Parameter],
+    scalers: tuple[_Scaler, _Scaler],
+    max_norm: float,
+) -> torch.Tensor:
+    """Step ours under its scaler, and torch's as torch documents it (unscale_,
+    clip_grad_norm_, step); torch's norm."""
+    s_ours, s_ref = scalers
+    s_ours.step(ours)
+    s_ours.update()
+    s_ref.unscale_(ref)
+    norm = torch.nn.utils.clip_grad_norm_(qs, max_norm)
+    s_ref.step(ref)
+    s_ref.update()
+    return norm
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -150,12 +169,7 @@ def test_grad_scaler_norm_of_unscaled_grads_and_skipped_step_stays_skipped(engin
             ps[3].grad[0, 0] = math.inf
             qs[3].grad[0, 0] = math.inf
         before = snapshot(ours)
-        s_ours.step(ours)
-        s_ours.update()
-        s_ref.unscale_(ref)
-        norm = torch.nn.utils.clip_grad_norm_(qs, 0.5)
-        s_ref.step(ref)
-        s_ref.update()
+        norm = _scaled_steps(ours, ref, qs, (s_ours, s_ref), 0.5)
         if step == 2:
             assert_unchanged(ours, before)
             assert not torch.isfinite(ours.last_grad_norm)
@@ -184,14 +198,6 @@ def test_float64_norm_and_update_are_float64_like_torch(name: str, engine: str):
         torch.testing.assert_close(p, q, **TOLERANCES[torch.float64])
 
 
-class _HugeScaler(torch.amp.GradScaler):
-    """A CPU GradScaler at 2**60, where a long bf16 run's scale may grow to."""
-
-    def __init__(self) -> None:
-        super().__init__("cpu", init_scale=2.0**60, growth_interval=10**6)
-        self.scale(torch.zeros(()))
-
-
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("name", ["adam", "sgd"])
 def test_norm_whose_square_overflows_float32_still_clips(name: str, engine: str):
@@ -205,7 +211,8 @@ def test_norm_whose_square_overflows_float32_still_clips(name: str, engine: str)
     qs = [nn.Parameter(p.detach().clone()) for p in ps]
     ours = build(ours_cls, ps, engine, **kwargs, **UMUP, max_grad_norm=0.5)
     ref = torch_cls(qs, **kwargs, foreach=False)
-    s_ours, s_ref = _HugeScaler(), _HugeScaler()
+    # 2**60: where a long bf16 run's scale may grow to
+    s_ours, s_ref = _Scaler(2.0**60), _Scaler(2.0**60)
     before = [p.detach().clone() for p in ps]
     for step in range(2):
         gen = torch.Generator().manual_seed(100 + step)
@@ -213,12 +220,7 @@ def test_norm_whose_square_overflows_float32_still_clips(name: str, engine: str)
         grads = [torch.randn(20_000, generator=gen) * scale for _ in ps]
         for p, q, g in zip(ps, qs, grads):
             p.grad, q.grad = g.clone(), g.clone()
-        s_ours.step(ours)
-        s_ours.update()
-        s_ref.unscale_(ref)
-        norm = torch.nn.utils.clip_grad_norm_(qs, 0.5)
-        s_ref.step(ref)
-        s_ref.update()
+        norm = _scaled_steps(ours, ref, qs, (s_ours, s_ref), 0.5)
         torch.testing.assert_close(ours.last_grad_norm, norm)
     assert s_ours.get_scale() == 2.0**60  # no step was skipped
     assert not any(torch.equal(p, b) for p, b in zip(ps, before))

@@ -346,36 +346,6 @@ def test_compiled_step_keeps_compiling_through_membership_changes(name: str):
         )
 
 
-@pytest.mark.parametrize("engine", ENGINES)
-@pytest.mark.parametrize("edit", ["append", "pop", "pop_then_append"])
-def test_params_list_edited_in_place_steps_like_torch(engine: str, edit: str):
-    # torch.optim reads group["params"] at every step: a parameter appended in place
-    # is stepped (its state created then), one removed is no longer. Note [admitted
-    # order]: the appended one gets its u-μP factors as add_param_group would (1 for
-    # these untagged ones), the others keep theirs (appending used to raise).
-    name = "adamw"
-    ps = [nn.Parameter(_randn(3, 5)) for _ in range(3)]
-    extra = nn.Parameter(_randn(4, 4))
-    refs = [p.detach().clone().requires_grad_() for p in [*ps, extra]]
-    ours, ref = _ours_and_torch(name, ps, refs[:3], engine)
-    for step in range(5):
-        if step == 2:
-            for opt, pool in ((ours, [*ps, extra]), (ref, refs)):
-                live = opt.param_groups[0]["params"]
-                if edit.startswith("pop"):
-                    live.pop(1)
-                if edit.endswith("append"):
-                    live.append(pool[3])
-        live = ours.param_groups[0]["params"]
-        live_ref = ref.param_groups[0]["params"]
-        _random_grads(live, step)
-        _random_grads(live_ref, step)
-        ours.step()
-        ref.step()
-    assert_pair_close(ours, ref, list(zip([*ps, extra], refs)))
-    assert len(ours.param_groups[0]["lr_scales"]) == len(live)
-
-
 def test_named_group_appended_to_without_a_name_still_steps():
     # param_names is not extended by an in-place append: no IndexError
     w, b = _tagged_pair(0)
@@ -488,11 +458,41 @@ def test_param_put_in_a_groups_place_gets_its_own_scales(engine: str):
     assert_unchanged(opt, before)
 
 
+def _edit_in_place(opt: torch.optim.Optimizer, pool: list[Tensor], edit: str) -> None:
+    """``edit`` one optimizer's first group or state in place; ``pool``: its three
+    parameters and a fourth, not in the optimizer."""
+    live = opt.param_groups[0]["params"]
+    if edit == "replace_param":
+        live[1] = pool[3]
+    elif edit == "delete_state":
+        del opt.state[pool[0]]
+    elif edit == "replace_state":
+        opt.state[pool[2]] = {}
+    else:  # the params list shortened and/or lengthened
+        if edit.startswith("pop"):
+            live.pop(1)
+        if edit.endswith("append"):
+            live.append(pool[3])
+
+
 @pytest.mark.parametrize("engine", ENGINES)
-@pytest.mark.parametrize("edit", ["replace_param", "delete_state", "replace_state"])
+@pytest.mark.parametrize(
+    "edit",
+    [
+        "replace_param",
+        "delete_state",
+        "replace_state",
+        "append",
+        "pop",
+        "pop_then_append",
+    ],
+)
 def test_steady_step_sees_params_and_state_edited_in_place(engine: str, edit: str):
     # torch.optim reads group["params"] and state[p] at every step; so must the
-    # cached steady step (it compares them by identity).
+    # cached steady step (it compares them by identity). A parameter appended in
+    # place is stepped (its state created then), one removed is no longer; Note
+    # [admitted order]: a new one gets its u-μP factors as add_param_group would (1
+    # for these untagged ones), the others keep theirs (appending used to raise).
     name = "adam"
     ps = [nn.Parameter(_randn(3, 5)) for _ in range(3)]
     extra = nn.Parameter(_randn(3, 5))
@@ -500,15 +500,8 @@ def test_steady_step_sees_params_and_state_edited_in_place(engine: str, edit: st
     ours, ref = _ours_and_torch(name, ps, refs[:3], engine)
     for step in range(4):
         if step == 2:
-            if edit == "replace_param":
-                ours.param_groups[0]["params"][1] = extra
-                ref.param_groups[0]["params"][1] = refs[3]
-            elif edit == "delete_state":
-                del ours.state[ps[0]]
-                del ref.state[refs[0]]
-            else:
-                ours.state[ps[2]] = {}
-                ref.state[refs[2]] = {}
+            _edit_in_place(ours, [*ps, extra], edit)
+            _edit_in_place(ref, refs, edit)
         live = ours.param_groups[0]["params"]
         live_ref = ref.param_groups[0]["params"]
         _random_grads(live, step)
@@ -516,6 +509,7 @@ def test_steady_step_sees_params_and_state_edited_in_place(engine: str, edit: st
         ours.step()
         ref.step()
     assert_pair_close(ours, ref, list(zip([*ps, extra], refs)))
+    assert len(ours.param_groups[0]["lr_scales"]) == len(live)
 
 
 # -- c. complex parameters ----------------------------------------------------------

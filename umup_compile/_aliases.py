@@ -35,7 +35,9 @@ def scalar_flat(t: Tensor) -> Tensor:
     """``t`` itself, or its one-element :func:`flat_alias` where it is 0-d: a graph's
     in-place update of a 0-d float64 CPU input is dropped (torch 2.13's AOTAutograd
     takes such a tensor for a wrapped Python number), so a float64 0-d parameter in
-    the unrolled unit was never updated by the compiled engine."""
+    the unrolled unit was never updated by the compiled engine. (The list path views
+    them instead, ``_calls._at_least_1d``: a view keeps autograd for
+    ``differentiable=True``, which the eager engine runs.)"""
     return flat_alias(t) if t.ndim == 0 else t
 
 

@@ -13,7 +13,7 @@ import operator
 import weakref
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -164,6 +164,19 @@ def gather(
 Rescale = Callable[..., tuple[float, float]]
 
 
+class _Record(NamedTuple):
+    """A group as admitted: its parameters (weakly held), lr and weight decay."""
+
+    group: Group
+    params: list[weakref.ref[Tensor]]
+    lr: Any
+    weight_decay: Any
+
+
+def _record(group: Group, lr: Any, weight_decay: Any) -> _Record:
+    return _Record(group, [weakref.ref(p) for p in group["params"]], lr, weight_decay)
+
+
 class Admitted:
     """Which parameters each group's ``lr_scales``/``wd_scales`` were computed for,
     in order (weakly held), recorded when the group is admitted.
@@ -173,14 +186,13 @@ class Admitted:
     list, put another parameter in a place, append or remove one, in place. The
     factors then follow their parameters, and a parameter new to the group is scaled
     as the group's own were (its tags, the group's lr and weight decay at
-    admission), as ``add_param_group`` would have. Without a record (no rescale
-    given) a changed length is ``_check_admitted``'s error.
+    admission), as ``add_param_group`` would have (``rescale``). A group without a
+    record (one a traced step reads) keeps ``_check_admitted``'s length check.
     """
 
-    def __init__(self, rescale: Rescale | None = None) -> None:
+    def __init__(self, rescale: Rescale) -> None:
         self.rescale = rescale
-        # id(group) -> (group, its parameters, its lr and weight decay) at admission
-        self._records: dict[int, tuple[Group, list[weakref.ref[Tensor]], Any, Any]] = {}
+        self._records: dict[int, _Record] = {}  # by id(group)
 
     def admit(self, groups: Sequence[Group]) -> None:
         """Record groups not seen before; forget the ones no longer there."""
@@ -188,19 +200,18 @@ class Admitted:
         self._records = {}
         for group in groups:
             record = old.get(id(group))
-            if record is None or record[0] is not group:
-                refs = [weakref.ref(p) for p in group["params"]]
-                record = (group, refs, group.get("lr"), group.get("weight_decay"))
+            if record is None or record.group is not group:
+                record = _record(group, group.get("lr"), group.get("weight_decay"))
             self._records[id(group)] = record
 
     def check(self, groups: Sequence[Group]) -> None:
         """Make each group's factors follow its parameters (see the class)."""
         for g, group in enumerate(groups):
             record = self._records.get(id(group))
-            if record is None or record[0] is not group:
+            if record is None or record.group is not group:
                 continue
             params = group["params"]
-            admitted = [r() for r in record[1]]
+            admitted = [r() for r in record.params]
             if len(admitted) == len(params) and all(
                 a is p for a, p in zip(admitted, params)
             ):
@@ -214,20 +225,13 @@ class Admitted:
                 if k is not None:
                     scales.append((group["lr_scales"][k], group["wd_scales"][k]))
                     continue
-                if self.rescale is None:
-                    raise ValueError(f"{_describe(p, group, g, i)} has no u-μP scales")
-                lr = as_float(record[2], "lr")
-                wd = as_float(record[3], "weight_decay")
+                lr = as_float(record.lr, "lr")
+                wd = as_float(record.weight_decay, "weight_decay")
                 name = _name(group, i)
                 scales.append(self.rescale(p, name, g, i, lr=lr, weight_decay=wd))
             group["lr_scales"] = [lr for lr, _ in scales]
             group["wd_scales"] = [wd for _, wd in scales]
-            self._records[id(group)] = (
-                group,
-                [weakref.ref(p) for p in params],
-                record[2],
-                record[3],
-            )
+            self._records[id(group)] = _record(group, record.lr, record.weight_decay)
 
 
 def _check_admitted(group: Group, g: int) -> None:

@@ -42,7 +42,7 @@ class StepRunner:
         engine: runs the functional update (eager or compiled).
         structure: what fixes a step's structure in a group (``_steady.Structure``).
         rescale: scales a parameter put in a group's list in place (Note [admitted
-            order]; ``None``: that raises).
+            order]).
     """
 
     def __init__(
@@ -50,7 +50,7 @@ class StepRunner:
         spec: AlgorithmSpec,
         engine: Engine,
         structure: Structure,
-        rescale: Rescale | None = None,
+        rescale: Rescale,
     ) -> None:
         self.spec = spec
         self.engine = engine
