@@ -183,11 +183,12 @@ def summary(builds: list[Build]) -> dict[str, Any]:
     }
 
 
-def dispatch_check(members: int, workdir: Path) -> str | None:
+def dispatch_check(members: int, workdir: Path, flat: bool = False) -> str | None:
     """Build, for sm_90, a kernel that dispatches ``members`` branches by an if/elif
-    chain on the program id, as Inductor's combo kernels do (Note [combo kernel
-    arguments] in ``umup_compile/_engine.py``: Triton walks the chain recursively);
-    return the error, None when it builds."""
+    chain on the program id, as Inductor's combo kernels do (Triton walks the chain
+    recursively), or with ``flat`` by sibling ifs, as they do under the engine's hints
+    (Note [flat combo dispatch] in ``umup_compile/_codegen_hints.py``); return the
+    error, None when it builds."""
     gpu_standins.install()
     import triton
     from triton.backends.compiler import GPUTarget
@@ -197,7 +198,8 @@ def dispatch_check(members: int, workdir: Path) -> str | None:
     lines = ["import triton", "", "", "@triton.jit", f"def combo(src, {ptrs}):"]
     lines.append("    pid = triton.language.program_id(0)")
     for i in range(members):
-        lines.append(f"    {'elif' if i else 'if'} pid % {members} == {i}:")
+        chained = "elif" if i and not flat else "if"
+        lines.append(f"    {chained} pid % {members} == {i}:")
         lines.append(
             f"        triton.language.store(p{i}, triton.language.load(src + {i}))"
         )
@@ -214,7 +216,7 @@ def dispatch_check(members: int, workdir: Path) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m benchmarks.gpu_cubin CONFIG_DIR... --json FILE``, or
-    ``--dispatch N`` (:func:`dispatch_check`: prints ``ok`` or the error)."""
+    ``--dispatch N [--flat]`` (:func:`dispatch_check`: prints ``ok`` or the error)."""
     import argparse
     import json
 
@@ -222,10 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dirs", nargs="*", type=Path)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--dispatch", type=int, metavar="N")
+    parser.add_argument("--flat", action="store_true", help="--dispatch by sibling ifs")
     args = parser.parse_args(argv)
     if args.dispatch is not None:
         with tempfile.TemporaryDirectory() as tmp:
-            error = dispatch_check(args.dispatch, Path(tmp))
+            error = dispatch_check(args.dispatch, Path(tmp), args.flat)
         print(error or "ok")
         return 0 if error is None else 1
     if not args.dirs or args.json is None:

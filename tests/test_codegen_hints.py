@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import types
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -391,3 +392,88 @@ def test_8bit_kernels_keep_float32_lanes_with_bf16_parameters(
     assert f"x1+=static_cast<int64_t>({bf16}L)" not in code
     for a, b in zip(eager, hinted):
         assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+# Note [flat combo dispatch]: the member chains Inductor writes (sequential, its
+# flattened-grid variant, round robin), as the lines of a Python function of ``pid``
+# returning the member it runs.
+_CHAINS = {
+    "sequential": [
+        "num_xblocks_0 = 3",
+        "num_xblocks_1 = num_xblocks_0 + 1",
+        "num_xblocks_2 = num_xblocks_1 + 4",
+        "if pid < num_xblocks_0:",
+        "    pid_offset = pid",
+        "    return 0",
+        "elif pid < num_xblocks_1:",
+        "    pid_offset = pid - num_xblocks_0",
+        "    return 1",
+        "elif pid < num_xblocks_2:",
+        "    pid_offset = pid - num_xblocks_1",
+        "    return 2",
+        "else:",
+        "    pass",
+    ],
+    "flattened grid": [
+        "num_blocks_0 = 2",
+        "num_blocks_1 = num_blocks_0 + 5",
+        "if pid < num_blocks_0:",
+        "    return 0",
+        "elif pid < num_blocks_1:",
+        "    return 1",
+        "else:",
+        "    pass",
+    ],
+    "round robin": [
+        "if pid % 3 == 0:",
+        "    return 0",
+        "elif pid % 3 == 1:",
+        "    return 1",
+        "elif pid % 3 == 2:",
+        "    return 2",
+        "else:",
+        "    pass",
+    ],
+}
+
+
+def _picker(lines: list[str]) -> Any:
+    source = "def pick(pid):\n" + "".join(f"    {line}\n" for line in lines)
+    namespace: dict[str, Any] = {}
+    exec(source, namespace)
+    return namespace["pick"]
+
+
+@pytest.mark.parametrize("dispatch", list(_CHAINS))
+def test_flat_dispatch_runs_each_program_on_the_member_it_ran(dispatch: str) -> None:
+    nested = "\n".join(_CHAINS[dispatch])
+    flat = _codegen_hints.flat_dispatch(nested)
+    members = 2 if dispatch == "flattened grid" else 3
+    assert "elif" not in flat and flat.count("if ") == members
+    assert len(flat.splitlines()) == len(nested.splitlines())  # conditions only
+    before, after = _picker(nested.splitlines()), _picker(flat.splitlines())
+    assert [after(pid) for pid in range(12)] == [before(pid) for pid in range(12)]
+    assert {before(pid) for pid in range(8)} >= {0, 1}  # every branch was reached
+
+
+def test_flat_dispatch_leaves_other_text_alone() -> None:
+    text = "if x < 3:\n    y = 1\nelif x < 4:\n    y = 2\nelif pid < n:\n    pass"
+    assert _codegen_hints.flat_dispatch(text) == text
+
+
+def test_flat_dispatch_is_scoped(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ComboKernel.codegen_kernel`` is wrapped once and flattens only under the
+    hints (the user's own combo kernels keep Inductor's chain)."""
+    from torch._inductor.codegen.triton_combo_kernel import ComboKernel
+
+    with codegen_hints:
+        pass
+    wrapped = ComboKernel.codegen_kernel
+    assert hasattr(wrapped, "__wrapped__")
+    _codegen_hints._install_flat_dispatch()  # again: not wrapped twice
+    assert ComboKernel.codegen_kernel is wrapped
+    nested = "\n".join(_CHAINS["sequential"])
+    monkeypatch.setattr(wrapped, "__wrapped__", lambda self: nested)
+    assert wrapped(None) == nested
+    with codegen_hints:
+        assert wrapped(None) == _codegen_hints.flat_dispatch(nested) != nested

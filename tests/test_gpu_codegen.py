@@ -202,6 +202,10 @@ def test_wrappers_are_written(small: dict[str, Any]) -> None:
         for name in files:
             text = (code / r["name"] / name).read_text()
             assert "async_compile.triton(" in text and "'kernel_num_gb'" in text
+            # Note [flat combo dispatch]: the engine's combo kernels chain no elif
+            assert "elif pid" not in text, (r["name"], name)
+    combo = (code / "gpt-mini-fp32").glob("*.py")
+    assert any("if (pid >= num_xblocks_1)" in f.read_text() for f in combo)
 
 
 @pytest.mark.slow
@@ -214,12 +218,16 @@ def test_gpt_fp32_meets_the_byte_goal(tmp_path: Path) -> None:
 def test_combo_kernels_stay_within_tritons_dispatch_depth() -> None:
     """Note [combo kernel arguments]: Triton walks a combo kernel's if/elif dispatch
     recursively (160 members exceeded Python's recursion limit, and the compile fell
-    back to eager). Twice the engine's cap builds for sm_90: a margin for the deeper
-    stack Inductor compiles from."""
+    back to eager). Twice the engine's cap builds for sm_90 as Inductor chains it (a
+    margin for the deeper stack Inductor compiles from, and the chain a torch without
+    the hint's hook writes), and four times the cap as the hints write it (Note [flat
+    combo dispatch]: nothing recurses per member)."""
     from umup_compile import _engine
 
     cap = _engine.COMBO_MAX_NODES
     options = _engine._combo_kernels()
     assert options.get("combo_kernel_max_num_nodes", cap) == cap, options
     out = run_module("benchmarks.gpu_cubin", "--dispatch", str(2 * cap))
+    assert out.strip().endswith("ok"), out[-500:]
+    out = run_module("benchmarks.gpu_cubin", "--dispatch", str(4 * cap), "--flat")
     assert out.strip().endswith("ok"), out[-500:]

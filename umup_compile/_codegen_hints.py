@@ -1,13 +1,13 @@
-"""Fixes to Inductor's code for the kernels of low-precision updates: five in its
-CPU code, one in its Triton (GPU) code.
+"""Fixes to Inductor's code for the optimizer's kernels: five in its CPU code, two in
+its Triton (GPU) code.
 
 Each changes the generated code (its speed, or whether it compiles), never a value:
 every lane computes what it computed before. They act only while ``codegen_hints`` is
 entered; the compiled engine enters it around its own calls, so the user's other
 compiled code is untouched. They use internals of ``torch._inductor.codegen.cpp``,
-``torch._inductor.loop_body`` and ``torch._inductor.choices.InductorChoices`` (the
-same in torch 2.6 to 2.13) and do
-nothing where those are missing.
+``torch._inductor.loop_body``, ``torch._inductor.choices.InductorChoices`` and
+``torch._inductor.codegen.triton_combo_kernel.ComboKernel`` (the same in torch 2.6 to
+2.13) and do nothing where those are missing.
 
 Note [bf16 tiling]: Inductor's C++ backend picks one vector width per fused kernel
 (``TilingSelect.select_tiling``): the bf16/fp16 width (32 lanes on AVX-512) only when
@@ -70,6 +70,23 @@ node read), which reads nothing of it: a ``KeyError``, and the compile failed. T
 ~16,000 elements, and the engine fell back to eager (its numbers, several times its
 time). Under the hints such a user answers an index that is never contiguous, so
 Inductor leaves that buffer in memory, as it does every buffer it cannot localise.
+
+Note [flat combo dispatch]: a combo kernel (Note [combo kernels] in ``_engine``)
+picks its member by a chain on the program id, ``if pid < n0: ... elif pid < n1:
+...``. Triton compiles an ``elif`` as an ``if`` inside the previous ``else``, so the
+chain nests one region per member: its code generator recurses once per member (~6
+frames each: 160 members exceeded Python's recursion limit and the compile failed),
+and the build grows with the square of the members (sm_90, the GPT-like set's
+51-member update, one core: 31.6 s for its two configs; 75 members: ~38 s a config).
+Under the hints each member's branch is a sibling ``if`` on its own range of program
+ids (``(pid >= n0) & (pid < n1)``; round-robin dispatch: ``pid % k == i``). The
+ranges are disjoint, so every program runs the member it ran before, and the
+conditions are scalar compares; the chain is flat, so nothing recurses per member, and
+the builds took 17.7 s (51 members) and 15.4 s a config (75). Triton's
+``TritonGPUCoalesce`` still slices the whole kernel for each load and store, so the
+build still grows faster than the members (``benchmarks/gpu_cubin.py --dispatch``
+builds either form). The text of the kernel is rewritten where Inductor returns it
+(``ComboKernel.codegen_kernel``); lines that do not match are left as they are.
 
 Note [row prefetch]: the 8-bit update (``_quant_step``, Note [one pass]) walks each
 tensor's blocks in one outer loop whose inner loops stream the block's rows: the
@@ -254,6 +271,40 @@ def _install_persistent() -> None:
     )
 
 
+_NESTED_RANGE = re.compile(r"^(\s*)elif pid < (num_x?blocks)_(\d+):$", re.M)
+_NESTED_ROBIN = re.compile(r"^(\s*)elif (pid % \d+ == \d+):$", re.M)
+
+
+def flat_dispatch(source: str) -> str:
+    """``source`` (a Triton combo kernel) with its member chain flattened; see Note
+    [flat combo dispatch]."""
+
+    def ranged(match: re.Match[str]) -> str:
+        indent, name, k = match.group(1), match.group(2), int(match.group(3))
+        return f"{indent}if (pid >= {name}_{k - 1}) & (pid < {name}_{k}):"
+
+    return _NESTED_ROBIN.sub(r"\1if \2:", _NESTED_RANGE.sub(ranged, source))
+
+
+def _install_flat_dispatch() -> None:
+    """Wrap ``ComboKernel.codegen_kernel`` once; see Note [flat combo dispatch].
+    Nothing where Inductor lacks it."""
+    try:
+        from torch._inductor.codegen.triton_combo_kernel import ComboKernel
+    except ImportError:  # pragma: no cover - every supported torch has it
+        return
+    original = ComboKernel.__dict__.get("codegen_kernel")
+    if not callable(original) or hasattr(original, "__wrapped__"):
+        return  # missing, changed, or already wrapped
+
+    def codegen_kernel(self: Any, *args: Any, **kwargs: Any) -> Any:
+        source = codegen_kernel.__wrapped__(self, *args, **kwargs)  # type: ignore[attr-defined]
+        return flat_dispatch(source) if _depth and isinstance(source, str) else source
+
+    codegen_kernel.__wrapped__ = original  # type: ignore[attr-defined]
+    ComboKernel.codegen_kernel = codegen_kernel  # type: ignore[method-assign]
+
+
 def prefetch_rows(source: str) -> str:
     """``source`` (a C++ kernel) with prefetches in its 8-bit block loops; see Note
     [row prefetch]."""
@@ -387,6 +438,7 @@ class _CodegenHints:
                     _install_prefetch(cpp)
                 _install_read_expr_guard()
             _install_persistent()
+            _install_flat_dispatch()
         _depth += 1
 
     def __exit__(self, *exc: object) -> None:
@@ -398,7 +450,8 @@ codegen_hints = _CodegenHints()
 """While ``with codegen_hints:`` is open, CPU kernels compiled in this thread get full
 low-precision vectors (Note [bf16 tiling]), register bitcasts (Note [vector bitcast])
 and, in 8-bit block loops, row prefetches (Note [row prefetch]); Triton reductions of
-block rows are persistent (Note [persistent block reductions]). Reentrant; a no-op
+block rows are persistent (Note [persistent block reductions]) and combo kernels
+dispatch flat (Note [flat combo dispatch]). Reentrant; a no-op
 where Inductor lacks the hooks."""
 
 
