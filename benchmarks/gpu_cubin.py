@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import gpu_standins
+from umup_compile._codegen_hints import DISPATCH_CHAIN
 
 _USED = re.compile(r"Used (\d+) registers")
 _SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -186,19 +187,20 @@ def summary(builds: list[Build]) -> dict[str, Any]:
 def dispatch_check(members: int, workdir: Path, flat: bool = False) -> str | None:
     """Build, for sm_90, a kernel that dispatches ``members`` branches by an if/elif
     chain on the program id, as Inductor's combo kernels do (Triton walks the chain
-    recursively), or with ``flat`` by sibling ifs, as they do under the engine's hints
-    (Note [flat combo dispatch] in ``umup_compile/_codegen_hints.py``); return the
-    error, None when it builds."""
+    recursively), or with ``flat`` by chains of ``DISPATCH_CHAIN``, as they do under
+    the engine's hints (Note [flat combo dispatch] in
+    ``umup_compile/_codegen_hints.py``); return the error, None when it builds."""
     gpu_standins.install()
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    chain = DISPATCH_CHAIN if flat else members
     ptrs = ", ".join(f"p{i}" for i in range(members))
     lines = ["import triton", "", "", "@triton.jit", f"def combo(src, {ptrs}):"]
     lines.append("    pid = triton.language.program_id(0)")
     for i in range(members):
-        chained = "elif" if i and not flat else "if"
+        chained = "elif" if i % chain else "if"
         lines.append(f"    {chained} pid % {members} == {i}:")
         lines.append(
             f"        triton.language.store(p{i}, triton.language.load(src + {i}))"
@@ -224,7 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dirs", nargs="*", type=Path)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--dispatch", type=int, metavar="N")
-    parser.add_argument("--flat", action="store_true", help="--dispatch by sibling ifs")
+    parser.add_argument(
+        "--flat", action="store_true", help="--dispatch by short chains"
+    )
     args = parser.parse_args(argv)
     if args.dispatch is not None:
         with tempfile.TemporaryDirectory() as tmp:

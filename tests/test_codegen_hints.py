@@ -395,70 +395,60 @@ def test_8bit_kernels_keep_float32_lanes_with_bf16_parameters(
 
 
 # Note [flat combo dispatch]: the member chains Inductor writes (sequential, its
-# flattened-grid variant, round robin), as the lines of a Python function of ``pid``
-# returning the member it runs.
-_CHAINS = {
-    "sequential": [
-        "num_xblocks_0 = 3",
-        "num_xblocks_1 = num_xblocks_0 + 1",
-        "num_xblocks_2 = num_xblocks_1 + 4",
-        "if pid < num_xblocks_0:",
-        "    pid_offset = pid",
-        "    return 0",
-        "elif pid < num_xblocks_1:",
-        "    pid_offset = pid - num_xblocks_0",
-        "    return 1",
-        "elif pid < num_xblocks_2:",
-        "    pid_offset = pid - num_xblocks_1",
-        "    return 2",
-        "else:",
-        "    pass",
-    ],
-    "flattened grid": [
-        "num_blocks_0 = 2",
-        "num_blocks_1 = num_blocks_0 + 5",
-        "if pid < num_blocks_0:",
-        "    return 0",
-        "elif pid < num_blocks_1:",
-        "    return 1",
-        "else:",
-        "    pass",
-    ],
-    "round robin": [
-        "if pid % 3 == 0:",
-        "    return 0",
-        "elif pid % 3 == 1:",
-        "    return 1",
-        "elif pid % 3 == 2:",
-        "    return 2",
-        "else:",
-        "    pass",
-    ],
-}
+# flattened-grid variant, round robin), as the body of a Python function of ``pid``
+# listing the members it runs (a kernel does not return early: every chain is tested).
+def _chain(dispatch: str, sizes: list[int]) -> str:
+    n = len(sizes)
+    name = "num_blocks" if dispatch == "flattened grid" else "num_xblocks"
+    lines = []
+    if dispatch != "round robin":
+        lines.append(f"{name}_0 = {sizes[0]}")
+        lines += [f"{name}_{k} = {name}_{k - 1} + {sizes[k]}" for k in range(1, n)]
+    for k in range(n):
+        word = "elif" if k else "if"
+        test = f"pid % {n} == {k}" if dispatch == "round robin" else f"pid < {name}_{k}"
+        lines += [f"{word} {test}:", f"    ran.append({k})"]
+    return "\n".join([*lines, "else:", "    pass"])
 
 
-def _picker(lines: list[str]) -> Any:
-    source = "def pick(pid):\n" + "".join(f"    {line}\n" for line in lines)
+def _picker(source: str) -> Any:
+    body = "".join(f"    {line}\n" for line in source.splitlines())
     namespace: dict[str, Any] = {}
-    exec(source, namespace)
+    exec(f"def pick(pid):\n    ran = []\n{body}    return ran\n", namespace)
     return namespace["pick"]
 
 
-@pytest.mark.parametrize("dispatch", list(_CHAINS))
-def test_flat_dispatch_runs_each_program_on_the_member_it_ran(dispatch: str) -> None:
-    nested = "\n".join(_CHAINS[dispatch])
-    flat = _codegen_hints.flat_dispatch(nested)
-    members = 2 if dispatch == "flattened grid" else 3
-    assert "elif" not in flat and flat.count("if ") == members
+def _longest_chain(source: str) -> int:
+    longest = run = 0
+    for line in source.splitlines():
+        if line.startswith("if "):
+            run = 1
+        elif line.startswith("elif "):
+            run += 1
+        longest = max(longest, run)
+    return longest
+
+
+@pytest.mark.parametrize("chain", [1, 2, _codegen_hints.DISPATCH_CHAIN])
+@pytest.mark.parametrize("dispatch", ["sequential", "flattened grid", "round robin"])
+def test_flat_dispatch_runs_each_program_on_the_member_it_ran(
+    dispatch: str, chain: int
+) -> None:
+    sizes = [3, 1, 4, 1, 5, 9, 2, 6, 5]
+    nested = _chain(dispatch, sizes)
+    flat = _codegen_hints.flat_dispatch(nested, chain)
+    assert _longest_chain(nested) == len(sizes) and _longest_chain(flat) == chain
     assert len(flat.splitlines()) == len(nested.splitlines())  # conditions only
-    before, after = _picker(nested.splitlines()), _picker(flat.splitlines())
-    assert [after(pid) for pid in range(12)] == [before(pid) for pid in range(12)]
-    assert {before(pid) for pid in range(8)} >= {0, 1}  # every branch was reached
+    before, after = _picker(nested), _picker(flat)
+    pids = range(sum(sizes) + 3)
+    assert [after(pid) for pid in pids] == [before(pid) for pid in pids]
+    assert {k for pid in pids for k in before(pid)} == set(range(len(sizes)))
+    assert all(len(before(pid)) <= 1 for pid in pids)
 
 
 def test_flat_dispatch_leaves_other_text_alone() -> None:
     text = "if x < 3:\n    y = 1\nelif x < 4:\n    y = 2\nelif pid < n:\n    pass"
-    assert _codegen_hints.flat_dispatch(text) == text
+    assert _codegen_hints.flat_dispatch(text, 1) == text
 
 
 def test_flat_dispatch_is_scoped(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -472,7 +462,7 @@ def test_flat_dispatch_is_scoped(monkeypatch: pytest.MonkeyPatch) -> None:
     assert hasattr(wrapped, "__wrapped__")
     _codegen_hints._install_flat_dispatch()  # again: not wrapped twice
     assert ComboKernel.codegen_kernel is wrapped
-    nested = "\n".join(_CHAINS["sequential"])
+    nested = _chain("sequential", [2] * 9)
     monkeypatch.setattr(wrapped, "__wrapped__", lambda self: nested)
     assert wrapped(None) == nested
     with codegen_hints:

@@ -76,17 +76,21 @@ picks its member by a chain on the program id, ``if pid < n0: ... elif pid < n1:
 ...``. Triton compiles an ``elif`` as an ``if`` inside the previous ``else``, so the
 chain nests one region per member: its code generator recurses once per member (~6
 frames each: 160 members exceeded Python's recursion limit and the compile failed),
-and the build grows with the square of the members (sm_90, the GPT-like set's
-51-member update, one core: 31.6 s for its two configs; 75 members: ~38 s a config).
-Under the hints each member's branch is a sibling ``if`` on its own range of program
-ids (``(pid >= n0) & (pid < n1)``; round-robin dispatch: ``pid % k == i``). The
-ranges are disjoint, so every program runs the member it ran before, and the
-conditions are scalar compares; the chain is flat, so nothing recurses per member, and
-the builds took 17.7 s (51 members) and 15.4 s a config (75). Triton's
-``TritonGPUCoalesce`` still slices the whole kernel for each load and store, so the
-build still grows faster than the members (``benchmarks/gpu_cubin.py --dispatch``
-builds either form). The text of the kernel is rewritten where Inductor returns it
-(``ComboKernel.codegen_kernel``); lines that do not match are left as they are.
+and the build grows with the square of the members. Under the hints the chain is cut
+into chains of :data:`DISPATCH_CHAIN` members, each starting with an ``if`` on its own
+range of program ids, each ``elif`` in it bounded below by that range's start
+(``(pid >= n3) & (pid < n5)``; round-robin dispatch, ``pid % k == i``, needs no bound).
+The ranges are disjoint, so every program runs the member it ran before, by scalar
+compares, and nothing recurses deeper than a chain. Measured (sm_90 builds of the
+generated kernels, both configs, one core of this 2-core CPU, empty Triton cache;
+nested / sibling ifs / chains of 4): 53 members 32.7 / 15.5 / 11.9 s, 75 members
+~76 / 29.0 / 23.8 s, 11 members 1.4 / 1.9 / 1.2 s, 8 (round robin) 0.9 / 1.3 / 1.0 s:
+sibling ifs alone build small kernels slower (LLVM's time), chains of 4 neither.
+Triton's ``TritonGPUCoalesce`` still slices the whole kernel for each load and store,
+so the build still grows faster than the members (``benchmarks/gpu_cubin.py
+--dispatch`` builds either form). The text of the kernel is rewritten where Inductor
+returns it (``ComboKernel.codegen_kernel``); lines that do not match are left as they
+are.
 
 Note [row prefetch]: the 8-bit update (``_quant_step``, Note [one pass]) walks each
 tensor's blocks in one outer loop whose inner loops stream the block's rows: the
@@ -121,6 +125,7 @@ _installed: bool | None = None  # None: not tried yet
 _BITCASTABLE = {torch.float32, torch.int32, torch.float64, torch.int64}
 # Note [persistent block reductions]: _quant.BLOCK (tests/test_codegen_hints.py ties them)
 PERSISTENT_MAX = 128
+DISPATCH_CHAIN = 4  # Note [flat combo dispatch]: members per if/elif chain
 PREFETCH_BYTES = 2048  # how far ahead a block loop prefetches (widest row's bytes)
 _CACHE_LINE = 64
 _ITEMSIZE = {"int8_t": 1, "uint8_t": 1, "bool": 1, "at::BFloat16": 2, "at::Half": 2}
@@ -272,18 +277,27 @@ def _install_persistent() -> None:
 
 
 _NESTED_RANGE = re.compile(r"^(\s*)elif pid < (num_x?blocks)_(\d+):$", re.M)
-_NESTED_ROBIN = re.compile(r"^(\s*)elif (pid % \d+ == \d+):$", re.M)
+_NESTED_ROBIN = re.compile(r"^(\s*)elif (pid % \d+ == (\d+)):$", re.M)
 
 
-def flat_dispatch(source: str) -> str:
-    """``source`` (a Triton combo kernel) with its member chain flattened; see Note
-    [flat combo dispatch]."""
+def flat_dispatch(source: str, chain: int = DISPATCH_CHAIN) -> str:
+    """``source`` (a Triton combo kernel) with its member chain cut into chains of
+    ``chain`` members; see Note [flat combo dispatch]."""
 
     def ranged(match: re.Match[str]) -> str:
         indent, name, k = match.group(1), match.group(2), int(match.group(3))
-        return f"{indent}if (pid >= {name}_{k - 1}) & (pid < {name}_{k}):"
+        before = k // chain * chain - 1  # the member before this chain's first
+        if before < 0:  # the first chain: nothing before it to exclude
+            return match.group(0)
+        word = "if" if k % chain == 0 else "elif"
+        return f"{indent}{word} (pid >= {name}_{before}) & (pid < {name}_{k}):"
 
-    return _NESTED_ROBIN.sub(r"\1if \2:", _NESTED_RANGE.sub(ranged, source))
+    def robin(match: re.Match[str]) -> str:
+        if int(match.group(3)) % chain:
+            return match.group(0)
+        return f"{match.group(1)}if {match.group(2)}:"
+
+    return _NESTED_ROBIN.sub(robin, _NESTED_RANGE.sub(ranged, source))
 
 
 def _install_flat_dispatch() -> None:
@@ -451,7 +465,7 @@ codegen_hints = _CodegenHints()
 low-precision vectors (Note [bf16 tiling]), register bitcasts (Note [vector bitcast])
 and, in 8-bit block loops, row prefetches (Note [row prefetch]); Triton reductions of
 block rows are persistent (Note [persistent block reductions]) and combo kernels
-dispatch flat (Note [flat combo dispatch]). Reentrant; a no-op
+dispatch by short chains (Note [flat combo dispatch]). Reentrant; a no-op
 where Inductor lacks the hooks."""
 
 
