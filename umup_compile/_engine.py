@@ -126,14 +126,14 @@ def _combo_kernels() -> dict[str, Any]:
 # Inductor dispatches a combo kernel's members by an if/elif chain on the program
 # id, which Triton's code generator walks recursively, ~6 frames a member (Triton
 # 3.9): 160 members exceeded Python's default limit of 1000 and the compile fell back
-# to eager. Under the hints the chain is flat (Note [flat combo dispatch] in
-# ``_codegen_hints``: sibling ifs, 256 members build), and its builds take about
-# half the time; at most 64 members a kernel (the unrolled unit's most,
-# UNROLL_WITH_SMALL_MAX) keeps the chain buildable where torch lacks the hint's hook.
+# to eager. Under the hints it is cut into chains of 4 (Note [flat combo dispatch] in
+# ``_codegen_hints``: 256 members build), and big kernels build in a third of the
+# time; at most 64 members a kernel (the unrolled unit's most, UNROLL_WITH_SMALL_MAX)
+# keeps the chain buildable where torch lacks the hint's hook.
 # Compile time still grows faster than the members: Triton's TritonGPUCoalesce pass
 # slices the whole kernel for every load and store (``MLIR_ENABLE_TIMING=1``). sm_90,
 # one config, one core of this 2-core CPU, as Inductor chains them: 11 members 0.6 s,
-# 51 14 s, 64 25 s, 75 38 s; flat: 51 8.9 s, 75 15.4 s. Fewer launches by bigger
+# 51 14 s, 64 25 s, 75 38 s; in chains of 4: 53 6 s, 75 12 s. Fewer launches by bigger
 # kernels are paid for in first-step compile time (Inductor's caches keep it for
 # later runs): Note [unrolled unit on a GPU] in ``_layout``. At 32 members the
 # GPT-like update would take one launch more (3 against torch fused's 2) and its

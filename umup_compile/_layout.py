@@ -37,16 +37,19 @@ Note [unrolled unit on a GPU]: CUDA parameters take the same limits. There a uni
 members share combo kernels (Note [combo kernels] in ``_engine``), and every chunk
 call adds 2 launches, a pack 5 (its copies and its graph), so unrolling more would
 launch fewer kernels: with the limits at 128, gpt-124m's step (50 large tensors, 25
-small) is 4 + 1 launches instead of 18 + 4 (torch fused: 3), 34 us less an H100
-step on paper, gpt-1.2b's 7 + 1 instead of 27 + 4 (10), 46 us less (measured before
-Note [host hypers] took the + 1 off each). But a combo
-kernel's build time grows with the square of its members (Note [combo kernel
-arguments]): the first compile, from empty caches on one core of a 2-core CPU, went
-from 14 s to 48 s for gpt-124m (lowering 9.1 -> 15.4 s, cubin builds 4.5 -> 32.2 s,
-the slowest 0.4 -> 14.9 s) and from 13 s to 92 s for gpt-1.2b. With a GPU machine's
-parallel builds that is ~20-35 s more, repaid after 6-8 x 10^5 steps. Measured with
-``python -m benchmarks.gpu_codegen --layout-option UNROLL_MAX=128 ...``
-(``benchmarks/results/paper-sm90``, ``_experiment_gpu-unroll128``).
+small) is 4 + 0 launches instead of 18 + 3 (torch fused: 3), 34 us less an H100 step
+on paper, gpt-1.2b's 7 + 0 instead of 27 + 3 (10), 46 us less; with combo kernels of
+up to 128 members and 2048 argument slots besides, 2 + 0 and 5 + 0. But a combo
+kernel's build time grows faster than its members (Note [combo kernel arguments] in
+``_engine``): the first compile, from empty caches on one core of a 2-core CPU
+(dispatch by chains of 4, Note [flat combo dispatch]), goes from 14 s to 29 s for
+gpt-124m (lowering 9.6 -> 15.8 s, cubin builds 4.0 -> 12.7 s, the slowest 0.4 -> 5.2
+s; 37 s, the slowest build 9.4 s, for 2 + 0) and from 14 s to 51 s for gpt-1.2b (66 s
+for 5 + 0). With a GPU machine's parallel builds that is 11-17 s more for gpt-124m
+and 24-36 s for gpt-1.2b, repaid after 3-7 x 10^5 steps of 2 us a launch. Measured
+with ``python -m benchmarks.gpu_codegen --layout-option UNROLL_MAX=128 ...``
+(``benchmarks/results/paper-sm90``, ``_experiment_gpu-unroll128`` and
+``-args2048``).
 """
 
 from __future__ import annotations
