@@ -1523,3 +1523,68 @@ def test_add_param_group_after_checkpoint_load_matches_unit_scaling(engine: str)
         assert_pair_close(
             ours, ref, list(zip(params, ref_params)), where=f"step {step + 1}: "
         )
+
+
+# Note [hyper fingerprints]: edits that compare equal to the old value but are not
+# the same hyper-parameter to torch. An edit takes the group and the dtype a tensor lr
+# has: float32 for ours; torch, which computes in a tensor lr's dtype where ours
+# computes in float64 (documented), gets the same float32 values as float64 tensors.
+def _f32(value: float, dtype: torch.dtype) -> Tensor:
+    return torch.tensor(value, dtype=torch.float32).to(dtype)
+
+
+def _lr_to_float32_tensor(group: dict[str, Any], dtype: torch.dtype) -> None:
+    if not isinstance(group["lr"], Tensor):
+        group["lr"] = _f32(group["lr"], dtype)  # == the float, in float32
+
+
+def _betas_list_edited_in_place(group: dict[str, Any], dtype: torch.dtype) -> None:
+    if isinstance(group["betas"], list):
+        group["betas"][0] = 0.5  # the same list object, edited
+    else:
+        group["betas"] = list(group["betas"])
+
+
+Edit = Callable[[dict[str, Any], torch.dtype], None]
+HYPER_EDITS: dict[str, tuple[Edit, tuple[str, ...]]] = {
+    # name: (edit, optimizers)
+    "lr_to_float32_tensor": (_lr_to_float32_tensor, ("adam", "sgd")),
+    "betas_list_edited_in_place": (_betas_list_edited_in_place, ("adam",)),
+}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize(
+    "name,edit_name",
+    [(n, e) for e, (_, names) in HYPER_EDITS.items() for n in names],
+)
+def test_hyper_edits_equal_in_value_are_still_edits(
+    name: str, edit_name: str, engine: str
+) -> None:
+    """A float lr replaced by a float32 tensor that compares equal, a betas list
+    edited in place: torch computes with the new value, and so do we (both were
+    missed while hyper-parameters were compared by value alone; a tensor replaced by
+    another, or by a float, is caught by value as soon as the two differ)."""
+    edit, _ = HYPER_EDITS[edit_name]
+    ours_cls, torch_cls, _ = OPTIMIZERS[name]
+    _GEN.manual_seed(0)
+    params = [_p(_randn(4, 3)), _p(_randn(5))]
+    refs = [_p(p.detach().clone()) for p in params]
+    kwargs = {"momentum": 0.9} if name == "sgd" else {}
+    ours = build(ours_cls, params, engine, lr=0.01, **kwargs, **UMUP)
+    ref = torch_cls(refs, lr=0.01, foreach=False, **kwargs)
+    for step in range(5):
+        _random_grads(params, step)
+        _random_grads(refs, step)
+        if step >= 2:
+            edit(ours.param_groups[0], torch.float32)
+            edit(ref.param_groups[0], torch.float64)
+        ours.step()
+        ref.step()
+    assert_pair_close(ours, ref, list(zip(params, refs)))
+
+
+def test_betas_given_as_a_list_are_kept_as_a_tuple_like_torch() -> None:
+    opt = Adam([_p(_randn(3))], betas=[0.8, 0.9], **UMUP)
+    ref = torch.optim.Adam([_p(_randn(3))], betas=[0.8, 0.9])
+    assert opt.param_groups[0]["betas"] == ref.param_groups[0]["betas"] == (0.8, 0.9)

@@ -26,7 +26,7 @@ ALLOWED: dict[str, set[str]] = {
     "_hypers": {"_prologue", "_rounding", "_specs"},
     "_gather": {"_hypers", "_plan", "_specs"},
     "_tensor_check": set(),
-    "_steady": {"_gather", "_specs", "_tensor_check"},
+    "_steady": {"_gather", "_hypers", "_specs", "_tensor_check"},
     "_layout": set(),
     "_aliases": {"_layout"},
     "_pack": {"_aliases", "_layout"},

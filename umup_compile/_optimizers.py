@@ -98,7 +98,8 @@ class Adam(UmupOptimizer, torch.optim.Adam):
     ) -> None:
         defaults = {
             "lr": lr,
-            "betas": betas,
+            # a tuple, as torch's (a list could be edited in place)
+            "betas": tuple(betas) if isinstance(betas, list) else betas,
             "eps": eps,
             "weight_decay": weight_decay,
             "amsgrad": amsgrad,

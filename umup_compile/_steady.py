@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from ._gather import Bucket, picker
+from ._hypers import fingerprint
 from ._specs import AlgorithmSpec
 from ._tensor_check import TensorsLike
 
@@ -153,6 +154,7 @@ class SteadyCheck:
         self._state_keys = list(state)
         self._state_values = list(state.values())
         self._raw = structure.raw(groups)
+        self._hashes = fingerprint(self._raw)  # Note [hyper fingerprints]
         self._derived = structure.derived(groups)
         self._inference = torch.is_inference_mode_enabled()
         self._members = [p for b in buckets for p in b.params]
@@ -196,10 +198,11 @@ class SteadyCheck:
         """
         self.stable: frozenset[str] = frozenset()
         raw = self._structure.raw(groups)
-        if raw != self._raw:
+        hashes = fingerprint(raw)  # Note [hyper fingerprints] in _hypers
+        if raw != self._raw or hashes is None or hashes != self._hashes:
             if self._structure.derived(groups) != self._derived:
                 return None
-            self._raw = raw
+            self._raw, self._hashes = raw, hashes
         else:
             self.stable = self._structure.covered
         if torch.is_inference_mode_enabled() != self._inference:
