@@ -86,6 +86,9 @@ class Pack:
     loose: list[int]  # unit positions of the members copied one by one
     segment_t: Tensor  # each row's parameter
     local_index_t: Tensor  # each row's first element's index within its parameter
+    # 8-bit moments (``block``): each row's elements of its parameter, the rest
+    # padding (Note [pack padding] in ``_quant_step``); None otherwise
+    row_widths_t: Tensor | None
     flat_param: Tensor
     flat_grad: Tensor
     param_views: list[Tensor]
@@ -243,6 +246,14 @@ def _build_pack(
     local_index_t = ((torch.arange(rows, device=device) - row_starts) * width).to(
         torch.int32
     )
+    row_widths_t = None
+    if block:
+        numels = torch.tensor([p.numel() for p in params], device=device)
+        row_widths_t = (
+            (numels.repeat_interleave(counts, output_size=rows) - local_index_t)
+            .clamp(max=width)
+            .to(torch.int32)
+        )
     offsets = [first * width for first in firsts]
     flat_param = torch.zeros(rows, width, dtype=p0.dtype, device=device)
     flat_grad = torch.zeros_like(flat_param)
@@ -274,6 +285,7 @@ def _build_pack(
         loose=loose,
         segment_t=segment_t,
         local_index_t=local_index_t,
+        row_widths_t=row_widths_t,
         flat_param=flat_param,
         flat_grad=flat_grad,
         param_views=_views(flat_param, offsets, params),

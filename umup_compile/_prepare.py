@@ -117,6 +117,8 @@ def call_kwargs(
     rounds = spec.rounds(base["config"])
     if call.pack is not None:
         kwargs["segment_t"] = call.pack.segment_t
+        if call.pack.row_widths_t is not None:  # Note [pack padding] in _quant_step
+            kwargs["row_widths_t"] = call.pack.row_widths_t
         if rounds:
             kwargs["local_index_t"] = call.pack.local_index_t
     if rounds:

@@ -42,6 +42,16 @@ octaves and store as 0, and the step divides by ``eps``; bounding by the block's
 largest old value instead needs a third reduction, which splits Inductor's loop nest
 (one pass became four loops per tensor). A test (``test_quant``: the scale follows
 the values down after a spike) holds any future bound to not ratcheting.
+
+Note [pack padding]: a pack's rows (``_pack``) end each parameter's last block with
+padding, which no element of the parameter reads, except through a block's maxima.
+The padding's gradient is 0, and so are its moments, while its parameter is finite:
+with ``eps=0`` its update is 0 / 0 (as torch's is for an element whose gradient was
+always 0), and L2 weight decay then carried that NaN into the padding's gradient, its
+moments and the block's scales, and every element of that block decoded to NaN
+(compiled only: the eager engine cuts a parameter's last block short). So a pack's
+call passes ``row_widths_t``, each row's count of the parameter's elements, and the
+padding's gradient is 0 whatever its parameter holds.
 """
 
 from __future__ import annotations
@@ -80,6 +90,7 @@ def adam8_step_(
     block: int = BLOCK,
     segment_t: Tensor | None = None,
     local_index_t: Tensor | None = None,
+    row_widths_t: Tensor | None = None,
     sr_seeds_t: Tensor | None = None,
     grad_scale_t: Tensor | None = None,
     found_inf_t: Tensor | None = None,
@@ -103,6 +114,9 @@ def adam8_step_(
             pack's row width, so that each row is one block.
         local_index_t, sr_seeds_t: as for ``adam_step_`` (stochastic rounding of
             bf16 parameters, the same streams as with float32 state).
+        row_widths_t: for a pack, each row's count of its parameter's elements
+            (the rest is padding, whose gradient is taken as 0: Note [pack
+            padding]).
 
     Raises:
         ValueError: for ``amsgrad``.
@@ -146,6 +160,9 @@ def adam8_step_(
             p = p_rows.to(torch.float32)
             if config.weight_decay == "l2":
                 grad = grad + l2s[i] * p
+            if row_widths_t is not None:  # Note [pack padding]
+                width = torch.arange(grad.shape[-1], device=grad.device)
+                grad = grad.where(width < row_widths_t.unsqueeze(-1), 0.0)
             if skip is not None:
                 grad = grad.where(~skip, 0.0)
             if config.weight_decay == "decoupled":
