@@ -107,22 +107,33 @@ def factor_vectors(
     )
 
 
-def fingerprint(values: Sequence[Any]) -> list[int] | None:
-    """Note [hyper fingerprints]: a step finds the hyper-parameters edited since the
-    last one by comparing the groups' values with the last step's (``==``, in C).
-    Equality misses three edits torch sees: a float replaced by a tensor of equal
-    value (``0.01 == torch.tensor(0.01)`` compares in float32, and torch then computes
-    with the tensor's 0.0099999998), a tensor replaced by another of equal value (the
-    table would go on copying the old one, which a scheduler no longer fills), and a
-    list edited in place (the last step's values hold the same list). Hashes tell
-    them apart: a tensor hashes by identity, a number by value, and a list has no
-    hash, so values holding one compare as changed at every step (``None``). A
-    snapshot is the values and their hashes; either differing is a change. ~10 ns a
-    value (2,000 groups of 10 keys: 0.2 ms a step)."""
+# Note [hyper fingerprints]: a step finds the hyper-parameters edited since the last
+# one by comparing the groups' values with the last step's (``==``, in C). Equality
+# misses two edits torch sees: a float replaced by a tensor of equal value
+# (``0.01 == torch.tensor(0.01)`` compares in float32, and torch then computes with
+# the tensor's 0.0099999998), and a list edited in place (the last step's values hold
+# the same list). Only the keys torch takes a tensor for can meet either (lr and
+# betas, betas the only sequence): the hyper table compares them at every step (the
+# steady check leaves them out of its ``covered`` keys), first by identity (the same
+# objects: unchanged, unless one is a list), then, where every value is equal, by
+# hash: a tensor hashes by identity, a number by value, a list not at all (changed).
+# A steady step with 2,000 groups pays ~0.05 ms for it (``benchmarks host``).
+VOLATILE_KEYS = frozenset({"lr", "betas"})
+
+
+def _unchanged(values: list[Any], old: list[Any] | None, lists: bool) -> bool:
+    """Whether a volatile key's ``values`` are still ``old`` (Note [hyper
+    fingerprints]); ``lists``: whether ``old`` holds a list."""
+    if old is None or len(values) != len(old):
+        return False
+    if all(map(operator.is_, values, old)):
+        return not lists
+    if values != old:
+        return False
     try:
-        return list(map(hash, values))
-    except TypeError:  # a list among them
-        return None
+        return list(map(hash, values)) == list(map(hash, old))
+    except TypeError:  # a list
+        return False
 
 
 _PLAIN = {float, int, bool}
@@ -152,7 +163,7 @@ class _DeviceTable:
         )
         self.stale = False  # the mirror has values the device tensor lacks
         self.raw: dict[str, list[Any]] = {}  # group key -> the groups' values
-        self.hashes: dict[str, list[int] | None] = {}  # Note [hyper fingerprints]
+        self.lists: set[str] = set()  # keys holding a list (Note [hyper fingerprints])
         self.tensors: dict[tuple[int, int], Tensor] = {}  # (row, column) -> 0-d view
         # where they go (Note [tensor hyper refresh]): 0-d views of the table, or
         # index tensors (rows, columns) to scatter them at
@@ -223,15 +234,17 @@ class HyperTable:
             if key in stable and key in table.raw:
                 continue
             values = list(map(get, groups))
-            hashes = fingerprint(values)  # Note [hyper fingerprints]
-            if (
-                hashes is None
-                or values != table.raw.get(key)
-                or hashes != table.hashes.get(key)
-            ):
+            if key in VOLATILE_KEYS:  # Note [hyper fingerprints]
+                same = _unchanged(values, table.raw.get(key), key in table.lists)
+            else:
+                same = values == table.raw.get(key)
+            if not same:
                 _fill(table, values, columns)
                 table.raw[key] = values
-                table.hashes[key] = hashes
+                if list in set(map(type, values)):
+                    table.lists.add(key)
+                else:
+                    table.lists.discard(key)
                 changed = True
         if changed:
             table.stale = table.host is not table.hyper_t and device.type != "meta"

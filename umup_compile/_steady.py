@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from ._gather import Bucket, picker
-from ._hypers import fingerprint
+from ._hypers import VOLATILE_KEYS
 from ._specs import AlgorithmSpec
 from ._tensor_check import TensorsLike
 
@@ -86,7 +86,8 @@ class Structure:
             spec,
             operator.itemgetter(*spec.config_keys, *extra, *more),
             operator.itemgetter(*extra) if extra else (lambda g: ()),
-            frozenset(k for k in hyper_keys if k != "lr"),
+            # Note [hyper fingerprints]: the hyper table compares these every step
+            frozenset(k for k in hyper_keys if k not in VOLATILE_KEYS),
         )
 
     def raw(self, groups: Sequence[Group]) -> list[Any]:
@@ -154,7 +155,6 @@ class SteadyCheck:
         self._state_keys = list(state)
         self._state_values = list(state.values())
         self._raw = structure.raw(groups)
-        self._hashes = fingerprint(self._raw)  # Note [hyper fingerprints]
         self._derived = structure.derived(groups)
         self._inference = torch.is_inference_mode_enabled()
         self._members = [p for b in buckets for p in b.params]
@@ -198,11 +198,10 @@ class SteadyCheck:
         """
         self.stable: frozenset[str] = frozenset()
         raw = self._structure.raw(groups)
-        hashes = fingerprint(raw)  # Note [hyper fingerprints] in _hypers
-        if raw != self._raw or hashes is None or hashes != self._hashes:
+        if raw != self._raw:
             if self._structure.derived(groups) != self._derived:
                 return None
-            self._raw, self._hashes = raw, hashes
+            self._raw = raw
         else:
             self.stable = self._structure.covered
         if torch.is_inference_mode_enabled() != self._inference:
