@@ -431,16 +431,23 @@ def test_reordered_group_keeps_each_params_scales(name: str, engine: str, how: s
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_param_put_in_a_groups_place_gets_its_own_scales(engine: str):
+@pytest.mark.parametrize("tensor_lr", [False, True])
+def test_param_put_in_a_groups_place_gets_its_own_scales(engine: str, tensor_lr: bool):
     # A tagged parameter replacing another in place is scaled from its own tags and
     # the group's lr and weight decay at admission, as add_param_group would have
-    # (it used to take the replaced parameter's factors).
+    # (it used to take the replaced parameter's factors). A tensor lr that a
+    # scheduler fills in place counts with its value at admission (it was read when
+    # the parameter came: 8x the weight decay scale after three halvings).
     w, b = _tagged_pair(0)
-    opt = build(AdamW, [w, b], engine, lr=0.01, weight_decay=0.1)
+    lr = torch.tensor(0.01, dtype=torch.float64) if tensor_lr else 0.01
+    opt = build(AdamW, [w, b], engine, lr=lr, weight_decay=0.1)
     for step in range(2):
         _random_grads([w, b], step)
         opt.step()
-    opt.param_groups[0]["lr"] = 0.005  # a scheduler: admission used 0.01
+    if tensor_lr:  # a scheduler: admission used 0.01
+        opt.param_groups[0]["lr"].fill_(0.005)
+    else:
+        opt.param_groups[0]["lr"] = 0.005
     wide = uc.Parameter(torch.randn(4, 64, dtype=torch.float64), "weight")
     opt.param_groups[0]["params"][0] = wide
     _random_grads([wide, b], 2)

@@ -174,6 +174,10 @@ class _Record(NamedTuple):
 
 
 def _record(group: Group, lr: Any, weight_decay: Any) -> _Record:
+    # their values now: a tensor lr is filled in place by a scheduler
+    lr, weight_decay = (
+        v.detach().clone() if isinstance(v, Tensor) else v for v in (lr, weight_decay)
+    )
     return _Record(group, [weakref.ref(p) for p in group["params"]], lr, weight_decay)
 
 
