@@ -241,7 +241,7 @@ class HyperTable:
             if not same:
                 _fill(table, values, columns)
                 table.raw[key] = values
-                if list in set(map(type, values)):
+                if key == "betas" and list in set(map(type, values)):  # the sequence
                     table.lists.add(key)
                 else:
                     table.lists.discard(key)
