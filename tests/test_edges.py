@@ -1591,7 +1591,8 @@ def test_hyper_edits_equal_in_value_are_still_edits(
     assert_pair_close(ours, ref, list(zip(params, refs)))
 
 
-def test_betas_given_as_a_list_are_kept_as_a_tuple_like_torch() -> None:
+def test_betas_given_as_a_list_are_kept_as_a_tuple() -> None:
+    """As torch's from 2.11 on (2.6 keeps the list; its edits in place reach the
+    step either way: ``test_hyper_edits_equal_in_value_are_still_edits``)."""
     opt = Adam([_p(_randn(3))], betas=[0.8, 0.9], **UMUP)
-    ref = torch.optim.Adam([_p(_randn(3))], betas=[0.8, 0.9])
-    assert opt.param_groups[0]["betas"] == ref.param_groups[0]["betas"] == (0.8, 0.9)
+    assert opt.param_groups[0]["betas"] == (0.8, 0.9)
