@@ -465,6 +465,26 @@ def test_param_put_in_a_groups_place_gets_its_own_scales(engine: str, tensor_lr:
     assert_unchanged(opt, before)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_param_put_in_a_group_after_load_state_dict_keeps_admission_lr(engine: str):
+    # load_state_dict makes new group dicts; holding the same parameters, they keep
+    # the lr and weight decay of their admission (they took the scheduled lr of the
+    # checkpoint: twice the weight-decay scale here).
+    w, b = _tagged_pair(0)
+    opt = build(AdamW, [w, b], engine, lr=0.01, weight_decay=0.1)
+    _random_grads([w, b], 0)
+    opt.step()
+    opt.param_groups[0]["lr"] = 0.005  # a scheduler
+    opt.load_state_dict(opt.state_dict())  # a resume
+    wide = uc.Parameter(torch.randn(4, 64, dtype=torch.float64), "weight")
+    opt.param_groups[0]["params"][0] = wide
+    _random_grads([wide, b], 1)
+    opt.step()
+    fresh = AdamW([wide, b], lr=0.01, weight_decay=0.1)
+    for key in ("lr_scales", "wd_scales"):
+        assert opt.param_groups[0][key] == fresh.param_groups[0][key]
+
+
 def _edit_in_place(opt: torch.optim.Optimizer, pool: list[Tensor], edit: str) -> None:
     """``edit`` one optimizer's first group or state in place; ``pool``: its three
     parameters and a fourth, not in the optimizer."""

@@ -181,6 +181,13 @@ def _record(group: Group, lr: Any, weight_decay: Any) -> _Record:
     return _Record(group, [weakref.ref(p) for p in group["params"]], lr, weight_decay)
 
 
+def _holds(record: _Record, params: Sequence[Tensor]) -> bool:
+    """Whether ``record`` was taken of exactly ``params`` (in order)."""
+    return len(record.params) == len(params) and all(
+        r() is p for r, p in zip(record.params, params)
+    )
+
+
 class Admitted:
     """Which parameters each group's ``lr_scales``/``wd_scales`` were computed for,
     in order (weakly held), recorded when the group is admitted.
@@ -199,13 +206,22 @@ class Admitted:
         self._records: dict[int, _Record] = {}  # by id(group)
 
     def admit(self, groups: Sequence[Group]) -> None:
-        """Record groups not seen before; forget the ones no longer there."""
+        """Record groups not seen before; forget the ones no longer there.
+
+        A new group dict in the place of a recorded group with the same parameters
+        (``load_state_dict`` makes new dicts) keeps that group's lr and weight decay
+        at admission: a scheduled lr has moved since.
+        """
         old = self._records
+        before = list(old.values())  # in the groups' order
         self._records = {}
-        for group in groups:
+        for k, group in enumerate(groups):
             record = old.get(id(group))
             if record is None or record.group is not group:
-                record = _record(group, group.get("lr"), group.get("weight_decay"))
+                lr, wd = group.get("lr"), group.get("weight_decay")
+                if k < len(before) and _holds(before[k], group["params"]):
+                    lr, wd = before[k].lr, before[k].weight_decay
+                record = _record(group, lr, wd)
             self._records[id(group)] = record
 
     def check(self, groups: Sequence[Group]) -> None:
@@ -215,11 +231,9 @@ class Admitted:
             if record is None or record.group is not group:
                 continue
             params = group["params"]
-            admitted = [r() for r in record.params]
-            if len(admitted) == len(params) and all(
-                a is p for a, p in zip(admitted, params)
-            ):
+            if _holds(record, params):
                 continue  # unchanged
+            admitted = [r() for r in record.params]
             if len(group["lr_scales"]) != len(admitted):
                 continue  # edited by hand too: _check_admitted reports it
             at = {id(a): k for k, a in enumerate(admitted) if a is not None}
