@@ -229,6 +229,18 @@ def test_optimizer_compiles_its_kernels_with_the_hints() -> None:
     assert "std::memcpy(&out" in source
 
 
+def _wrapped_once(owner: type, name: str, install: Callable[[], None]) -> Any:
+    """``owner.name`` after the hints are first entered: wrapped (``__wrapped__``),
+    and not again by a second ``install``."""
+    with codegen_hints:
+        pass
+    wrapped = getattr(owner, name)
+    assert hasattr(wrapped, "__wrapped__")
+    install()  # again: not wrapped twice
+    assert getattr(owner, name) is wrapped
+    return wrapped
+
+
 def test_persistent_block_reductions_are_scoped() -> None:
     """Note [persistent block reductions]: Inductor's persistent-reduction choice is
     wrapped once, acts on rows up to an 8-bit block only under the hints."""
@@ -237,12 +249,11 @@ def test_persistent_block_reductions_are_scoped() -> None:
     from umup_compile import _quant
 
     assert _codegen_hints.PERSISTENT_MAX == _quant.BLOCK
-    with codegen_hints:
-        pass
-    wrapped = InductorChoices.should_use_persistent_reduction
-    assert hasattr(wrapped, "__wrapped__")
-    _codegen_hints._install_persistent()  # again: not wrapped twice
-    assert InductorChoices.should_use_persistent_reduction is wrapped
+    wrapped = _wrapped_once(
+        InductorChoices,
+        "should_use_persistent_reduction",
+        _codegen_hints._install_persistent,
+    )
 
     class Features:
         reduction_numel = 128
@@ -456,12 +467,9 @@ def test_flat_dispatch_is_scoped(monkeypatch: pytest.MonkeyPatch) -> None:
     hints (the user's own combo kernels keep Inductor's chain)."""
     from torch._inductor.codegen.triton_combo_kernel import ComboKernel
 
-    with codegen_hints:
-        pass
-    wrapped = ComboKernel.codegen_kernel
-    assert hasattr(wrapped, "__wrapped__")
-    _codegen_hints._install_flat_dispatch()  # again: not wrapped twice
-    assert ComboKernel.codegen_kernel is wrapped
+    wrapped = _wrapped_once(
+        ComboKernel, "codegen_kernel", _codegen_hints._install_flat_dispatch
+    )
     nested = _chain("sequential", [2] * 9)
     monkeypatch.setattr(wrapped, "__wrapped__", lambda self: nested)
     assert wrapped(None) == nested

@@ -430,6 +430,19 @@ def test_reordered_group_keeps_each_params_scales(name: str, engine: str, how: s
         assert opt.param_groups[0][key] == fresh.param_groups[0][key]
 
 
+def _put_wide_weight_first(opt: torch.optim.Optimizer, b: Tensor, step: int) -> None:
+    """Put a new tagged weight in the first place of ``opt``'s group (an AdamW built
+    at lr 0.01, weight decay 0.1, beside bias ``b``), step, and check its factors are
+    those of an AdamW built with it: scaled with the group's lr at admission."""
+    wide = uc.Parameter(torch.randn(4, 64, dtype=torch.float64), "weight")
+    opt.param_groups[0]["params"][0] = wide
+    _random_grads([wide, b], step)
+    opt.step()
+    fresh = AdamW([wide, b], lr=0.01, weight_decay=0.1)
+    for key in ("lr_scales", "wd_scales"):
+        assert opt.param_groups[0][key] == fresh.param_groups[0][key]
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("tensor_lr", [False, True])
 def test_param_put_in_a_groups_place_gets_its_own_scales(engine: str, tensor_lr: bool):
@@ -448,13 +461,7 @@ def test_param_put_in_a_groups_place_gets_its_own_scales(engine: str, tensor_lr:
         opt.param_groups[0]["lr"].fill_(0.005)
     else:
         opt.param_groups[0]["lr"] = 0.005
-    wide = uc.Parameter(torch.randn(4, 64, dtype=torch.float64), "weight")
-    opt.param_groups[0]["params"][0] = wide
-    _random_grads([wide, b], 2)
-    opt.step()
-    fresh = AdamW([wide, b], lr=0.01, weight_decay=0.1)
-    for key in ("lr_scales", "wd_scales"):
-        assert opt.param_groups[0][key] == fresh.param_groups[0][key]
+    _put_wide_weight_first(opt, b, step=2)
     assert opt.param_groups[0]["lr_scales"][0] == 64**-0.5
     # untagged, without allow_non_unit_scaling_params: the construction's error
     opt.param_groups[0]["params"][0] = nn.Parameter(_randn(4, 64))
@@ -476,13 +483,7 @@ def test_param_put_in_a_group_after_load_state_dict_keeps_admission_lr(engine: s
     opt.step()
     opt.param_groups[0]["lr"] = 0.005  # a scheduler
     opt.load_state_dict(opt.state_dict())  # a resume
-    wide = uc.Parameter(torch.randn(4, 64, dtype=torch.float64), "weight")
-    opt.param_groups[0]["params"][0] = wide
-    _random_grads([wide, b], 1)
-    opt.step()
-    fresh = AdamW([wide, b], lr=0.01, weight_decay=0.1)
-    for key in ("lr_scales", "wd_scales"):
-        assert opt.param_groups[0][key] == fresh.param_groups[0][key]
+    _put_wide_weight_first(opt, b, step=1)
 
 
 def _edit_in_place(opt: torch.optim.Optimizer, pool: list[Tensor], edit: str) -> None:

@@ -312,6 +312,7 @@ def _install_flat_dispatch() -> None:
         return  # missing, changed, or already wrapped
 
     def codegen_kernel(self: Any, *args: Any, **kwargs: Any) -> Any:
+        # read at call time, not closed over: a test stands a source in for it
         source = codegen_kernel.__wrapped__(self, *args, **kwargs)  # type: ignore[attr-defined]
         return flat_dispatch(source) if _depth and isinstance(source, str) else source
 
