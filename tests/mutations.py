@@ -193,6 +193,10 @@ def make_variants(
     out = []
     for name in names:
         params = [nn.Parameter(b.clone()) for b in base]
+        # each variant its own tensor hyper-parameters (a scenario may rebind them)
+        kwargs = {
+            k: x.clone() if isinstance(x, Tensor) else x for k, x in kwargs.items()
+        }
         if prepare is not None:
             prepare(params)
         if name == "torch":
@@ -334,6 +338,18 @@ def rebind_state(k: int, key: str, fn: Callable[[Tensor], Tensor]) -> Mutation:
         t = v.opt.state.get(v.params[k], {}).get(key)
         if t is not None:
             t.data = fn(t.data)
+
+    return mutate
+
+
+def replace_state(k: int, key: str, fn: Callable[[Tensor], Any]) -> Mutation:
+    """``opt.state[params[k]][key] = fn(...)``: a new object in the state dict
+    (no-op before the state exists)."""
+
+    def mutate(s: int, v: Variant) -> None:
+        state = v.opt.state.get(v.params[k], {})
+        if key in state:
+            state[key] = fn(state[key])
 
     return mutate
 

@@ -24,7 +24,7 @@ ALLOWED: dict[str, set[str]] = {
     "_groups": {"_plan", "_rules", "_specs", "_state8"},
     "_checkpoint": {"_plan", "_quant", "_specs", "_state8"},
     "_hypers": {"_prologue", "_rounding", "_specs"},
-    "_gather": {"_hypers", "_plan", "_specs"},
+    "_gather": {"_hypers", "_plan", "_specs", "_tensor_check"},
     "_tensor_check": set(),
     "_steady": {"_gather", "_hypers", "_specs", "_tensor_check"},
     "_layout": set(),

@@ -32,6 +32,7 @@ from tests.mutations import (
     neg_bit,
     rebind_param,
     rebind_state,
+    replace_state,
     run_scenario,
     transposed,
 )
@@ -170,6 +171,32 @@ def _steps_edited(s: int, v: Variant) -> None:
     state = v.opt.state
     state[v.params[0]]["step"].add_(3)
     state[v.params[2]]["step"] = state[v.params[2]]["step"] + 5
+
+
+def _tie(k: int, j: int) -> Callable[[int, Variant], None]:
+    """Parameter ``j`` given parameter ``k``'s memory (``b.data = a.data``)."""
+
+    def mutate(s: int, v: Variant) -> None:
+        v.params[j].data = v.params[k].data
+
+    return mutate
+
+
+def _tied(k: int, j: int) -> Callable[[list[nn.Parameter]], None]:
+    def prepare(params: list[nn.Parameter]) -> None:
+        params[j].data = params[k].data
+
+    return prepare
+
+
+def _lr_rebound(s: int, v: Variant) -> None:
+    """A tensor lr (0-d) given another value through ``.data``, as ``set_`` does."""
+    for group in v.opt.param_groups:
+        group["lr"].data = torch.tensor(0.05 / (s + 1), dtype=torch.float64)
+
+
+# Two pairs of equal shapes: (16, 16) twice (large: a chunk), (8, 8) twice (the pack)
+TWINS = ((16, 16), (16, 16), (12, 20), (8, 8), (8, 8), (7, 3))
 
 
 def _no_grad_for(k: int) -> Callable[[int, Variant], None]:
@@ -523,6 +550,80 @@ SCENARIOS: list[tuple[str, Scenario]] = [
             steps=4,
         ),
     ),
+    # found by the hunt of 2026-12-07: all passed the steady check, or lost an update
+    (
+        "state_replaced_by_transposed_view_pack",
+        Scenario(mutate=at(3, replace_state(3, "exp_avg", lambda t: t.t()))),
+    ),
+    (
+        "state_replaced_by_transposed_view_amsgrad_pack",
+        Scenario(
+            kwargs={"lr": 0.01, "amsgrad": True},
+            mutate=at(3, replace_state(3, "max_exp_avg_sq", lambda t: t.t())),
+        ),
+    ),
+    (
+        "state_replaced_by_negative_view_pack",
+        Scenario(mutate=at(2, replace_state(3, "exp_avg", torch._neg_view))),
+    ),
+    (
+        "sgd_momentum_buffer_replaced_by_transposed_view_pack",
+        Scenario(
+            cls=SGD,
+            kwargs={"lr": 0.05, "momentum": 0.9},
+            mutate=at(3, replace_state(3, "momentum_buffer", lambda t: t.t())),
+        ),
+    ),
+    (
+        "sgd_momentum_buffer_set_to_none_pack",
+        Scenario(
+            cls=SGD,
+            kwargs={"lr": 0.05, "momentum": 0.9},
+            mutate=at(3, replace_state(3, "momentum_buffer", lambda t: None)),
+        ),
+    ),
+    (
+        "sgd_momentum_buffer_set_to_none_chunk",
+        Scenario(
+            cls=SGD,
+            kwargs={"lr": 0.05, "momentum": 0.9},
+            mutate=at(3, replace_state(0, "momentum_buffer", lambda t: None)),
+        ),
+    ),
+    (
+        "params_tied_through_data_pack",
+        Scenario(prepare=_tied(3, 4), shapes=TWINS, layout="default"),
+    ),
+    (
+        "params_tied_through_data_chunk",
+        Scenario(prepare=_tied(0, 1), shapes=TWINS),
+    ),
+    (
+        "params_tied_mid_run_pack_and_unrolled",
+        Scenario(
+            mutate=at(3, each(_tie(3, 4), _tie(0, 1))),
+            shapes=TWINS,
+            layout="unrolled",
+            cls=AdamW,
+            kwargs={"lr": 0.01, "weight_decay": 0.1},
+        ),
+    ),
+    (
+        "params_tied_then_apart_pack",
+        Scenario(
+            prepare=_tied(3, 4),
+            mutate=at(3, rebind_param(4, torch.clone)),
+            shapes=TWINS,
+            layout="default",
+        ),
+    ),
+    (
+        "lr_tensor_rebound_through_data",
+        Scenario(
+            kwargs={"lr": torch.tensor(0.01, dtype=torch.float64)},
+            mutate=at((2, 4), _lr_rebound),
+        ),
+    ),
     *INT8_SCENARIOS,
 ]
 
@@ -653,6 +754,36 @@ def test_state_made_under_inference_mode_raises_outside_it_like_torch(
         assert_unchanged(opt, before)
         with torch.inference_mode():  # inside inference mode the step goes on
             opt.step()
+
+
+@pytest.mark.parametrize("compile_", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("key", ["exp_avg", "exp_avg_sq"])
+def test_state_replaced_by_a_smaller_view_of_itself_raises(
+    compile_: bool, key: str, engine: Any
+) -> None:
+    """A pack member's state replaced by a slice of itself (same first address,
+    another shape): torch raises on the size mismatch; both engines raise the
+    state-shape ValueError before anything changes, the compiled one too (its steady
+    check compared the views' addresses only, and ran the step)."""
+    from tests.edge_helpers import assert_unchanged, snapshot
+
+    with layout("default"):
+        params = [nn.Parameter(torch.randn(8, 8)), nn.Parameter(torch.randn(6))]
+        opt = Adam(
+            params, lr=0.01, allow_non_unit_scaling_params=True, compile=compile_
+        )
+        if compile_:
+            opt._engine = engine  # type: ignore[attr-defined]
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step()
+        state = opt.state[params[0]]
+        state[key] = state[key][:4]
+        before = snapshot(opt)
+        with pytest.raises(ValueError, match=rf"state\['{key}'\].*has shape \(4, 8\)"):
+            opt.step()
+        assert_unchanged(opt, before)
 
 
 def test_every_failing_case_of_the_issue_is_in_the_table() -> None:

@@ -84,3 +84,39 @@ def test_dynamos_check_is_used_on_this_torch() -> None:
     """The fast path is the one CI runs (torch 2.13); the self-test accepted it."""
     if torch.__version__.startswith("2.13"):
         assert _tensor_check._USE_GUARDS
+
+
+def test_overlapping_finds_every_tensor_sharing_memory_and_no_other() -> None:
+    """Against a brute-force check of the elements' addresses: tensors sharing
+    an element are found, views of one buffer that share none are not, and
+    interleaved views (columns of one matrix) count as overlapping (their spans do)."""
+    buf = torch.zeros(64)
+    m = torch.zeros(6, 8)
+    tensors = [
+        buf[:10],
+        buf[10:20],  # adjacent: apart
+        buf[15:18],  # inside the one before
+        m[:, :3],  # columns: span rows 0-5 ...
+        m[:, 5:],  # ... interleaved with these
+        buf[48:56].view(2, 4).t(),  # transposed, alone
+        buf[56:],
+        torch.zeros(3),
+        buf[56:],  # the same view twice
+        torch.zeros(0),
+        torch.zeros(2, device="meta"),
+    ]
+
+    def span(t: Tensor) -> set[int]:
+        if t.numel() == 0 or t.device.type == "meta":
+            return set()
+        last = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+        return set(range(t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()))
+
+    spans = [span(t) for t in tensors]
+    expected = {
+        k
+        for k, a in enumerate(spans)
+        if any(j != k and a & b for j, b in enumerate(spans))
+    }
+    assert _tensor_check.overlapping(tensors) == expected
+    assert expected == {1, 2, 3, 4, 6, 8}

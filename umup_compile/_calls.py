@@ -155,9 +155,15 @@ def plan_bucket(
     """The calls that run ``bucket``: its layout's units, or (``layouts`` is None:
     an engine without layouts) one call over its lists."""
     keys = spec.active_keys(bucket.config)
-    # Sharded (Note [sharded parameters]), complex and mixed-dtype buckets take
-    # the list path.
-    if layouts is None or bucket.sharded or bucket.mixed or bucket.key[1].is_complex:
+    # Sharded (Note [sharded parameters]), complex, mixed-dtype and aliased (Note
+    # [aliased parameters]) buckets take the list path.
+    if (
+        layouts is None
+        or bucket.sharded
+        or bucket.mixed
+        or bucket.aliased
+        or bucket.key[1].is_complex
+    ):
         return BucketPlan(bucket, keys, [bucket_call(bucket, keys, groups)])
     layout = layouts.get(bucket, keys, spec)
     calls = []
@@ -235,7 +241,7 @@ def list_view(bucket: Bucket, tensors: Sequence[Tensor]) -> list[Tensor]:
 def watch_of(plans: Sequence[BucketPlan]) -> Watch:
     """What a steady step must check of ``plans``' tensors, by how their calls reach
     them (Note [what a graph reads])."""
-    watch = Watch([], [], [], [])
+    watch = Watch([], [], [], [], [])
     for plan in plans:
         states = plan.bucket.states
         for call in plan.calls:
@@ -247,6 +253,7 @@ def watch_of(plans: Sequence[BucketPlan]) -> Watch:
             pairs = [(s, key) for s in members for key in plan.keys]
             if call.pack is not None:
                 watch.views += pairs
+                watch.copied += call.params
             else:
                 watch.views += [(s, key) for s, key in pairs if key in stacked]
                 watch.graph_states += [

@@ -21,6 +21,7 @@ from torch import Tensor
 from ._hypers import Position
 from ._plan import as_float, describe_param
 from ._specs import AlgorithmSpec
+from ._tensor_check import overlapping
 
 if torch.distributed.is_available():
     from torch.distributed.tensor import DTensor as DTensor
@@ -63,6 +64,7 @@ class Bucket:
     grads: list[Tensor] = field(default_factory=list)  # this step's
     has_scalars: bool = False
     sharded: bool = False
+    aliased: bool = False  # Note [aliased parameters]
 
     @property
     def device(self) -> torch.device:
@@ -156,7 +158,24 @@ def gather(
         bucket.positions.append(position)
         bucket.states.append(s)
         bucket.fresh.append(fresh)
+    if not traced:
+        _mark_aliased(list(buckets.values()))
     return list(buckets.values())
+
+
+# Note [aliased parameters]: parameters may share memory (``b.weight.data =
+# a.weight.data``, overlapping views of one buffer). torch.optim then updates them in
+# turn, each reading what the one before wrote. A graph over several of them reads
+# them all before it writes, and a pack copies each out of its own row (the last copy
+# wins): one update would be lost. So a bucket with overlapping parameters runs its
+# update eagerly over lists, as the eager engine does (in turn, as torch.optim).
+# Views of one buffer that do not overlap (a flat parameter's members) are not
+# affected. A steady step checks the storage of every parameter it copies or passes to
+# a graph (``_steady``), so memory shared from a later step on is found then.
+def _mark_aliased(buckets: Sequence[Bucket]) -> None:
+    owners = [(b, p) for b in buckets if not b.sharded for p in b.params]
+    for k in overlapping([p for _, p in owners]):
+        owners[k][0].aliased = True
 
 
 # (parameter, its name, group index, its index) -> (lr_scale, wd_scale), scaled with

@@ -165,7 +165,7 @@ class _DeviceTable:
         self.stale = False  # the mirror has values the device tensor lacks
         self.raw: dict[str, list[Any]] = {}  # group key -> the groups' values
         self.lists: set[str] = set()  # keys holding a list (Note [hyper fingerprints])
-        self.tensors: dict[tuple[int, int], Tensor] = {}  # (row, column) -> 0-d view
+        self.tensors: dict[tuple[int, int], Tensor] = {}  # (row, column) -> 0-d
         # where they go (Note [tensor hyper refresh]): 0-d views of the table, or
         # index tensors (rows, columns) to scatter them at
         self.targets: list[Tensor] | tuple[Tensor, Tensor] | None = None
@@ -315,8 +315,11 @@ def _fill(
             del table.tensors[at]
         if not set(map(type, col)) <= _PLAIN:  # C-level: isinstance(Tensor) is slow
             for r, v in enumerate(col):
-                if isinstance(v, Tensor):  # a view: sees in-place fills
-                    table.tensors[(r, j)] = v.reshape(())
+                # Read at each step: in-place fills reach the table, and so does a
+                # 0-d tensor rebound through ``.data`` (a 1-element one is read
+                # through a 0-d view, which follows its fills only).
+                if isinstance(v, Tensor):
+                    table.tensors[(r, j)] = v if v.ndim == 0 else v.reshape(())
             col = [0.0 if isinstance(v, Tensor) else v for v in col]
         # Through an array (plain numbers only: it would call a tensor's __float__,
         # a sync): ~4x faster than torch.tensor(list) on thousands of groups.

@@ -3,8 +3,9 @@
 A work holds the update's positional arguments (parameters, gradients, state lists,
 the hyper-parameter tensor, the factor vectors) and keywords (config, a GradScaler's
 tensors, a pack's row maps, rounding seeds), with a pack's gradients and parameters
-already copied in. Steps that create SGD momentum buffers and mixed-dtype buckets run
-eagerly (``call`` is None); sharded buckets run a list call rebuilt at every step.
+already copied in. Steps that create SGD momentum buffers, mixed-dtype buckets and
+buckets of overlapping parameters run eagerly (``call`` is None); sharded buckets run
+a list call rebuilt at every step.
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ def prepare(
         args = call_args(spec, plan, call, grads, hyper_t)
         kwargs = call_kwargs(spec, base, call)
         return [Work(args, kwargs, device, call, sharded=sharded(bucket, grads))]
-    if bucket.mixed:  # Dynamo refuses parameters whose .grad has another dtype
+    # Dynamo refuses parameters whose .grad has another dtype; overlapping
+    # parameters are updated in turn (Note [aliased parameters] in ``_gather``).
+    if bucket.mixed or bucket.aliased:
         call = plan.calls[0]
         args = call_args(spec, plan, call, grads, hyper_t)
         return [Work(args, call_kwargs(spec, base, call), device, None)]

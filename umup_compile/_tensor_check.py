@@ -136,3 +136,29 @@ def _guards_work() -> bool:
 
 
 _USE_GUARDS = _guards_work()
+
+
+def overlapping(tensors: Sequence[Tensor]) -> set[int]:
+    """The indices of ``tensors`` whose memory overlaps another's: the bytes from a
+    tensor's first element to its last, by its sizes and strides (so interleaved
+    views count as overlapping). Tensors without elements or storage (meta) never do.
+    """
+    spans = sorted(
+        (t.data_ptr(), t.data_ptr() + _extent(t) * t.element_size(), k)
+        for k, t in enumerate(tensors)
+        if t.numel() and t.device.type != "meta"
+    )
+    out: set[int] = set()
+    furthest = -1  # the largest end of the spans before
+    for j, (start, end, k) in enumerate(spans):
+        if start < furthest:
+            out.add(k)
+        if j + 1 < len(spans) and spans[j + 1][0] < end:
+            out.add(k)
+        furthest = max(furthest, end)
+    return out
+
+
+def _extent(t: Tensor) -> int:
+    """Elements from ``t``'s first to its last (its storage span)."""
+    return sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) + 1
