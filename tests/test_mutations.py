@@ -195,6 +195,46 @@ def _lr_rebound(s: int, v: Variant) -> None:
         group["lr"].data = torch.tensor(0.05 / (s + 1), dtype=torch.float64)
 
 
+def _state_shared(key: str, k: int, j: int) -> Callable[[int, Variant], None]:
+    """Parameter ``j``'s ``key`` state made parameter ``k``'s very tensor."""
+
+    def mutate(s: int, v: Variant) -> None:
+        state = v.opt.state
+        if v.params[k] in state and key in state[v.params[k]]:
+            state[v.params[j]][key] = state[v.params[k]][key]
+
+    return mutate
+
+
+def _state_is_param(key: str, k: int) -> Callable[[int, Variant], None]:
+    def mutate(s: int, v: Variant) -> None:
+        v.opt.state[v.params[k]][key] = v.params[k].data
+
+    return mutate
+
+
+def _param_is_state(key: str, k: int, j: int) -> Callable[[int, Variant], None]:
+    """Parameter ``j`` given parameter ``k``'s ``key`` state as its memory."""
+
+    def mutate(s: int, v: Variant) -> None:
+        v.params[j].data = v.opt.state[v.params[k]][key]
+
+    return mutate
+
+
+def _views_of_one_buffer(params: list[nn.Parameter]) -> None:
+    """Parameters 3 and 4 (8x8) as the two halves of one buffer (apart)."""
+    buf = torch.cat([params[3].data.reshape(-1), params[4].data.reshape(-1)])
+    params[3].data, params[4].data = buf[:64].view(8, 8), buf[64:].view(8, 8)
+
+
+def _remapped_over_neighbour(s: int, v: Variant) -> None:
+    """Parameter 3 remapped at its own address with other strides: it now overlaps
+    parameter 4 (its columns interleave with 4's rows)."""
+    p = v.params[3]
+    p.data = p.data.as_strided((8, 8), (16, 1))
+
+
 # Two pairs of equal shapes: (16, 16) twice (large: a chunk), (8, 8) twice (the pack)
 TWINS = ((16, 16), (16, 16), (12, 20), (8, 8), (8, 8), (7, 3))
 
@@ -615,6 +655,52 @@ SCENARIOS: list[tuple[str, Scenario]] = [
             mutate=at(3, rebind_param(4, torch.clone)),
             shapes=TWINS,
             layout="default",
+        ),
+    ),
+    (
+        "state_shared_by_two_params_pack",
+        Scenario(mutate=at(2, _state_shared("exp_avg", 3, 4)), shapes=TWINS),
+    ),
+    (
+        "state_shared_by_two_params_sgd_chunk",
+        Scenario(
+            cls=SGD,
+            kwargs={"lr": 0.05, "momentum": 0.9},
+            mutate=at(2, _state_shared("momentum_buffer", 0, 1)),
+            shapes=TWINS,
+        ),
+    ),
+    (
+        "state_is_its_param_chunk_and_pack",
+        Scenario(
+            mutate=at(
+                3, each(_state_is_param("exp_avg", 0), _state_is_param("exp_avg", 3))
+            )
+        ),
+    ),
+    (
+        "param_is_another_params_state_sgd",
+        Scenario(
+            cls=SGD,
+            kwargs={"lr": 0.05, "momentum": 0.9},
+            mutate=at(
+                2,
+                each(
+                    _param_is_state("momentum_buffer", 1, 0),
+                    _param_is_state("momentum_buffer", 4, 3),
+                ),
+            ),
+            shapes=TWINS,
+        ),
+    ),
+    (
+        "param_remapped_at_its_address_over_a_neighbour_pack",
+        Scenario(
+            prepare=_views_of_one_buffer,
+            mutate=at(2, _remapped_over_neighbour),
+            shapes=TWINS,
+            cls=SGD,
+            kwargs={"lr": 0.1},
         ),
     ),
     (

@@ -164,18 +164,33 @@ def gather(
 
 
 # Note [aliased parameters]: parameters may share memory (``b.weight.data =
-# a.weight.data``, overlapping views of one buffer). torch.optim then updates them in
-# turn, each reading what the one before wrote. A graph over several of them reads
-# them all before it writes, and a pack copies each out of its own row (the last copy
-# wins): one update would be lost. So a bucket with overlapping parameters runs its
-# update eagerly over lists, as the eager engine does (in turn, as torch.optim).
-# Views of one buffer that do not overlap (a flat parameter's members) are not
-# affected. A steady step checks the storage of every parameter it copies or passes to
-# a graph (``_steady``), so memory shared from a later step on is found then.
+# a.weight.data``, overlapping views of one buffer), with each other or with state
+# (two parameters' ``exp_avg`` the same tensor) or a gradient. torch.optim then
+# updates them in turn, each reading what the one before wrote. A graph over several
+# of them reads them all before it writes (Inductor assumes that what it writes
+# overlaps nothing else it reads), and a pack copies each out of its own row (the
+# last copy wins): updates would be lost. So a bucket whose parameters or state
+# overlap anything the step reads or writes runs its update eagerly over lists, as
+# the eager engine does (in turn, as torch.optim; buckets run one after another).
+# Views of one buffer that do not overlap (a flat parameter's members) and gradients
+# that share memory with each other only (read, never written) are not affected.
+# Found at a gather: a steady step checks the storage of the parameters and state it
+# updates (``_steady``), so memory shared through them later is found then, but not a
+# later step's gradient given a parameter's memory (``p.grad = p.data``).
 def _mark_aliased(buckets: Sequence[Bucket]) -> None:
-    owners = [(b, p) for b in buckets if not b.sharded for p in b.params]
-    for k in overlapping([p for _, p in owners]):
-        owners[k][0].aliased = True
+    owners: list[tuple[Bucket | None, Tensor]] = []
+    for b in buckets:
+        if b.sharded:
+            continue
+        owners += [(b, p) for p in b.params]
+        owners += [
+            (b, t) for s in b.states for t in s.values() if isinstance(t, Tensor)
+        ]
+        owners += [(None, g) for g in b.grads]  # read only
+    for k in overlapping([t for _, t in owners]):
+        bucket = owners[k][0]
+        if bucket is not None:
+            bucket.aliased = True
 
 
 # (parameter, its name, group index, its index) -> (lr_scale, wd_scale), scaled with

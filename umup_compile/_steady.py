@@ -180,7 +180,9 @@ class SteadyCheck:
         self._bounds = list(itertools.accumulate(len(b.params) for b in buckets))
         grads = [g for b in buckets for g in b.grads]
         # dtype, device, type, layout, bits (and the gradients' shapes): C++ loops
-        self._members_like = TensorsLike(self._members, sizes=False, strides=False)
+        # (sizes and strides: a parameter the pack copies, remapped at the same
+        # address, may overlap another: Note [aliased parameters] in ``_gather``)
+        self._members_like = TensorsLike(self._members, sizes=True, strides=True)
         self._grads_like = TensorsLike(grads, sizes=True, strides=False)
         # Note [what a graph reads]: graph tensors' layout and storage; views'
         # storage; the list path's identity and dtype.
