@@ -872,6 +872,36 @@ def test_state_replaced_by_a_smaller_view_of_itself_raises(
         assert_unchanged(opt, before)
 
 
+@pytest.mark.parametrize("compile_", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("lay", ["default", "chunks"])
+def test_state_set_to_a_number_raises_a_type_error(
+    compile_: bool, lay: str, engine: Any
+) -> None:
+    """``state["step"] = 10.0``: torch raises (its steps must be tensors); both
+    engines raise a TypeError that names the entry and the fix, before anything
+    changes (they raised an AttributeError on ``float.dtype``)."""
+    from tests.edge_helpers import assert_unchanged, snapshot
+
+    with layout(lay):
+        params = [nn.Parameter(torch.randn(16, 16)), nn.Parameter(torch.randn(6))]
+        opt = Adam(
+            params, lr=0.01, allow_non_unit_scaling_params=True, compile=compile_
+        )
+        if compile_:
+            opt._engine = engine  # type: ignore[attr-defined]
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step()
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.state[params[0]]["step"] = 10.0
+        before = snapshot(opt)
+        with pytest.raises(TypeError, match=r"state\['step'\].*torch.tensor\(10.0\)"):
+            opt.step()
+        assert_unchanged(opt, before)
+
+
 def test_every_failing_case_of_the_issue_is_in_the_table() -> None:
     ids = {i for i, _ in SCENARIOS}
     assert len(ids) == len(SCENARIOS)

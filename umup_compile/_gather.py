@@ -380,6 +380,13 @@ def _check_state(
     for key in spec.state_slots:
         t = s.get(key)
         if not isinstance(t, Tensor):
+            if t is not None:  # torch refuses them too (a float step, say)
+                raise TypeError(
+                    f"state[{key!r}] of {label} is a {type(t).__name__}, but the "
+                    "optimizer's state holds tensors: set a tensor (e.g. "
+                    f"torch.tensor({t!r}) for a step count), or clear the "
+                    "parameter's state (optimizer.state[p].clear()) to start it again."
+                )
             continue
         if check_inference and t.is_inference():
             raise RuntimeError(
