@@ -190,9 +190,11 @@ def _tied(k: int, j: int) -> Callable[[list[nn.Parameter]], None]:
 
 
 def _lr_rebound(s: int, v: Variant) -> None:
-    """A tensor lr (0-d) given another value through ``.data``, as ``set_`` does."""
+    """A tensor lr given another value through ``.data`` (its shape kept), as
+    ``set_`` does."""
     for group in v.opt.param_groups:
-        group["lr"].data = torch.tensor(0.05 / (s + 1), dtype=torch.float64)
+        lr = group["lr"]
+        lr.data = torch.full(lr.shape, 0.05 / (s + 1), dtype=torch.float64)
 
 
 def _state_shared(key: str, k: int, j: int) -> Callable[[int, Variant], None]:
@@ -707,6 +709,13 @@ SCENARIOS: list[tuple[str, Scenario]] = [
         "lr_tensor_rebound_through_data",
         Scenario(
             kwargs={"lr": torch.tensor(0.01, dtype=torch.float64)},
+            mutate=at((2, 4), _lr_rebound),
+        ),
+    ),
+    (
+        "lr_tensor_of_one_element_rebound_through_data",
+        Scenario(
+            kwargs={"lr": torch.tensor([0.01], dtype=torch.float64)},
             mutate=at((2, 4), _lr_rebound),
         ),
     ),

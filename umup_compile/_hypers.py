@@ -165,7 +165,9 @@ class _DeviceTable:
         self.stale = False  # the mirror has values the device tensor lacks
         self.raw: dict[str, list[Any]] = {}  # group key -> the groups' values
         self.lists: set[str] = set()  # keys holding a list (Note [hyper fingerprints])
-        self.tensors: dict[tuple[int, int], Tensor] = {}  # (row, column) -> 0-d
+        # (row, column) -> the group's tensor value (1 element), read at each step
+        self.tensors: dict[tuple[int, int], Tensor] = {}
+        self.shaped = False  # whether one of them is not 0-d (read through reshape)
         # where they go (Note [tensor hyper refresh]): 0-d views of the table, or
         # index tensors (rows, columns) to scatter them at
         self.targets: list[Tensor] | tuple[Tensor, Tensor] | None = None
@@ -260,11 +262,14 @@ class HyperTable:
             # through pinned memory: an asynchronous copy, no sync
             table.hyper_t.copy_(table.host.pin_memory(), non_blocking=True)
             table.stale = False
+        values = list(table.tensors.values())
+        if table.shaped:
+            values = [v.reshape(()) for v in values]
         if isinstance(table.targets, list):
-            for target, value in zip(table.targets, table.tensors.values()):
+            for target, value in zip(table.targets, values):
                 target.copy_(value)
         elif table.targets is not None:
-            values_t = torch.stack(list(table.tensors.values()))
+            values_t = torch.stack(values)
             table.hyper_t.index_put_(
                 table.targets, values_t.to(device=device, dtype=table.hyper_t.dtype)
             )
@@ -316,15 +321,15 @@ def _fill(
         if not set(map(type, col)) <= _PLAIN:  # C-level: isinstance(Tensor) is slow
             for r, v in enumerate(col):
                 # Read at each step: in-place fills reach the table, and so does a
-                # 0-d tensor rebound through ``.data`` (a 1-element one is read
-                # through a 0-d view, which follows its fills only).
+                # tensor rebound through ``.data`` or ``set_``.
                 if isinstance(v, Tensor):
-                    table.tensors[(r, j)] = v if v.ndim == 0 else v.reshape(())
+                    table.tensors[(r, j)] = v
             col = [0.0 if isinstance(v, Tensor) else v for v in col]
         # Through an array (plain numbers only: it would call a tensor's __float__,
         # a sync): ~4x faster than torch.tensor(list) on thousands of groups.
         values_a = array.array("d", col)
         table.host[:, j] = torch.frombuffer(values_a, dtype=torch.float64)
+    table.shaped = any(t.ndim for t in table.tensors.values())
 
 
 # Note [tensor hyper refresh]: a tensor hyper-parameter (a device lr that a scheduler
