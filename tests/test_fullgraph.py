@@ -14,23 +14,34 @@ from tests.helpers import (
 )
 from umup_compile.optim import SGD, AdamW
 
+# (id, class, options, two param groups). SGD's traced config reads the state: with
+# two groups it once met the second group's parameters as state keys first, and
+# recompiled at every step (FailOnRecompileLimitHit at the 9th under fullgraph).
 CASES = [
-    ("adamw", AdamW, {"weight_decay": 0.1, "amsgrad": True}),
-    ("sgd_nesterov", SGD, {"momentum": 0.9, "nesterov": True}),
+    ("adamw", AdamW, {"weight_decay": 0.1, "amsgrad": True}, False),
+    ("sgd_nesterov", SGD, {"momentum": 0.9, "nesterov": True}, False),
+    ("sgd_momentum_two_groups", SGD, {"momentum": 0.9}, True),
 ]
+
+
+def _groups(net: torch.nn.Module, two: bool) -> list[dict[str, object]]:
+    params = list(net.parameters())
+    if not two:
+        return [{"params": params}]
+    return [{"params": params[:2]}, {"params": params[2:], "weight_decay": 0.01}]
 
 
 @needs_traced_step
 @pytest.mark.parametrize(
-    "cls,kwargs", [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+    "cls,kwargs,two_groups", [c[1:] for c in CASES], ids=[c[0] for c in CASES]
 )
 @pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")
-def test_fullgraph_train_step_no_breaks_no_recompiles(cls, kwargs) -> None:  # noqa: ANN001
+def test_fullgraph_train_step_no_breaks_no_recompiles(cls, kwargs, two_groups) -> None:  # noqa: ANN001
     net, ref_net = ToyUmupNet(), ToyUmupNet()
     ref_net.load_state_dict(net.state_dict())
     # A tensor lr, filled in place by the scheduler: no graph constant to recompile on.
-    opt = cls(net.parameters(), lr=torch.tensor(0.05), **kwargs)
-    ref = cls(ref_net.parameters(), lr=0.05, compile=False, **kwargs)
+    opt = cls(_groups(net, two_groups), lr=torch.tensor(0.05), **kwargs)
+    ref = cls(_groups(ref_net, two_groups), lr=0.05, compile=False, **kwargs)
     scheds = [
         torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1 / (1 + s)) for o in (opt, ref)
     ]
@@ -106,4 +117,31 @@ def test_torch_older_than_2_11_runs_the_step_outside_the_users_graph(monkeypatch
             run()
             o.zero_grad()
     for p, q in zip(net.parameters(), ref_net.parameters()):
+        torch.testing.assert_close(p, q, **TOLERANCES[torch.float32])
+
+
+@needs_traced_step
+@pytest.mark.parametrize("fullgraph", [True, False], ids=["fullgraph", "graph_breaks"])
+def test_sgd_with_two_groups_and_new_gradients_compiles_once(fullgraph: bool) -> None:
+    """SGD's traced config looks at the state, which walks all its keys: computed per
+    group, it met the second group's parameters as state keys before their group, so
+    Dynamo guarded their gradients by identity and recompiled at every step (under
+    fullgraph, FailOnRecompileLimitHit at the 9th)."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(4, 4, generator=gen)) for _ in range(3)]
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    kwargs = {"lr": 0.05, "momentum": 0.9, "allow_non_unit_scaling_params": True}
+    opt = SGD([{"params": ps[:2]}, {"params": ps[2:]}], **kwargs)
+    ref = SGD([{"params": qs[:2]}, {"params": qs[2:]}], compile=False, **kwargs)
+    counter = CompileCounter()
+    step = torch.compile(opt.step, backend=counter, fullgraph=fullgraph)
+    for s in range(12):
+        for p, q in zip(ps, qs):  # new gradient tensors at every step
+            p.grad = torch.sin(p.detach() + s)
+            q.grad = torch.sin(q.detach() + s)
+        step()
+        ref.step()
+    assert counter.frame_count == 2  # the first step's, then the steady one
+    for p, q in zip(ps, qs):
         torch.testing.assert_close(p, q, **TOLERANCES[torch.float32])

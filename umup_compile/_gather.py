@@ -96,6 +96,7 @@ def gather(
         All are raised before any state is created or changed.
     """
     checked: list[tuple[Tensor, Tensor, Group, Hashable, Position]] = []
+    found: list[tuple[int, Group, int, list[tuple[int, Tensor, Tensor]]]] = []
     check_inference = not traced and not torch.is_inference_mode_enabled()
     flat = 0
     for g, group in enumerate(groups):
@@ -129,15 +130,18 @@ def gather(
                     p, state.get(p), spec, _describe(p, group, g, i), check_inference
                 )
             entries.append((i, p, grad))
-        # After the gradients: a traced config may look at the state, and Dynamo
-        # must first meet the parameters through the groups (a parameter it first
-        # meets as a state key gets its .grad guarded by identity, and a step
-        # compiled alone would recompile at every call).
+        found.append((g, group, flat, entries))
+        flat += len(group["params"])
+    # After every group's gradients: a traced config may look at the state (which
+    # walks all its keys), and Dynamo must first meet the parameters through the
+    # groups (a parameter it first meets as a state key gets its .grad guarded by
+    # identity, and a step compiled alone would recompile at every call).
+    for g, group, start, entries in found:
         config = spec.traced_config(group, state) if traced else spec.config(group)
         checked += [
-            (p, grad, group, config, Position(g, i, flat + i)) for i, p, grad in entries
+            (p, grad, group, config, Position(g, i, start + i))
+            for i, p, grad in entries
         ]
-        flat += len(group["params"])
     # State is created only once every parameter passed its checks; then the
     # buckets, by the dtypes the state has (a state tensor rebound to another dtype
     # through ``.data`` is updated in its dtype, as torch.optim does).
