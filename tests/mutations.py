@@ -362,8 +362,12 @@ def rebind_param(k: int, fn: Callable[[Tensor], Tensor]) -> Mutation:
 
 
 def edit_grad(k: int, fn: Callable[[Tensor], Tensor]) -> Mutation:
+    """``params[k].grad = fn(...)`` (no-op where an earlier mutation removed it)."""
+
     def mutate(s: int, v: Variant) -> None:
-        v.params[k].grad = fn(v.params[k].grad)  # type: ignore[arg-type]
+        grad = v.params[k].grad
+        if grad is not None:
+            v.params[k].grad = fn(grad)
 
     return mutate
 

@@ -210,7 +210,18 @@ class UmupOptimizer(torch.optim.Optimizer):
 
         Raises:
             ValueError: a sparse gradient, raised before anything is updated.
+            RuntimeError: a closure inside ``torch.compile`` (under ``fullgraph``;
+                otherwise Dynamo runs the step eagerly).
         """
+        if closure is not None and torch.compiler.is_compiling():
+            # A closure's backward breaks the traced graph, and the step then read
+            # wrong gradients (torch's optimizers refuse it too). Raising makes
+            # Dynamo run this step eagerly where it may break the graph.
+            raise RuntimeError(
+                "umup_compile: opt.step(closure) inside torch.compile is not "
+                "supported: call the closure first (loss = closure(); "
+                "opt.step()) or compile the closure's model instead."
+            )
         groups = self._groups()
         if not torch.compiler.is_compiling():
             _refuse_capture(groups, type(self).__name__)

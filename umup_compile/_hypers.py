@@ -189,6 +189,10 @@ class HyperTable:
             (key, operator.itemgetter(key), cols) for key, cols in keys.items()
         ]
         self._tables: dict[torch.device, _DeviceTable] = {}
+        # Set by a traced step's refresh (Note [traced hypers]): the values it read
+        # may differ from those the untraced steps' steady check last compared, so
+        # the next untraced refresh compares every key.
+        self._traced_since = False
 
     def invalidate(self) -> None:
         self._tables.clear()
@@ -226,6 +230,8 @@ class HyperTable:
         self, groups: Sequence[Group], device: torch.device, stable: frozenset[str]
     ) -> _DeviceTable:
         """The device's table, its host mirror holding the groups' current values."""
+        if self._traced_since:
+            stable, self._traced_since = frozenset(), False
         table = self._tables.get(device)
         if table is None or table.hyper_t.shape[0] != len(groups):
             table = self._tables[device] = _DeviceTable(
@@ -382,6 +388,7 @@ def _hyper_values(anchor: Tensor, key: int, groups: int, columns: int) -> Tensor
         )
     owner._opt_called = True  # the step ran (what the untraced step records)
     hyper_t = table.tensor(owner.param_groups, anchor.device)
+    table._traced_since = True
     if hyper_t.shape != (groups, columns):  # Dynamo guards the group count
         raise RuntimeError(
             f"umup_compile: the graph expects {groups} param groups, found "
