@@ -203,3 +203,28 @@ def test_plain_steps_after_a_traced_step_read_their_own_hypers(
         traced() if in_compile else opt.step()
         ref.step()
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12, msg=f"step {s}")
+
+
+@needs_traced_step
+@pytest.mark.parametrize("dampening", [0.0, 0.5])
+def test_sgd_momentum_set_to_zero_between_traced_steps_skips_the_buffer(
+    dampening: float,
+) -> None:
+    """SGD's traced config keeps momentum on where buffers exist (a scheduled
+    momentum is no graph constant); set to 0, torch uses the gradient as it is and
+    keeps the buffer for later. The traced step overwrote the buffer with the
+    gradient (0.06-0.09 off torch)."""
+    torch._dynamo.reset()
+    base = torch.randn(8, 8, dtype=torch.float64)
+    p, q = torch.nn.Parameter(base.clone()), torch.nn.Parameter(base.clone())
+    kwargs = {"lr": 0.05, "momentum": 0.9, "dampening": dampening}
+    opt = SGD([p], allow_non_unit_scaling_params=True, **kwargs)
+    ref = torch.optim.SGD([q], foreach=False, **kwargs)
+    traced = torch.compile(opt.step, fullgraph=True)
+    for s, momentum in enumerate([0.9, 0.9, 0.0, 0.0, 0.9, 0.9]):
+        for o, t in ((opt, p), (ref, q)):
+            o.param_groups[0]["momentum"] = momentum
+            t.grad = torch.sin(t.detach() * 3) + 0.1 * s
+        traced()
+        ref.step()
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12, msg=f"step {s}")

@@ -72,6 +72,10 @@ class SGDConfig:
     nesterov: bool = False
     maximize: bool = False
     weight_decay: bool = False
+    # A traced step keeps momentum on where buffers exist (Note [traced groups] in
+    # ``_specs``); a group's momentum set to 0 then skips them at run time, as
+    # torch's step does (the buffer kept, the gradient used as it is).
+    momentum_may_be_zero: bool = False
 
 
 def _unscale(grad: Tensor, grad_scale_t: Tensor | None, maximize: bool) -> Tensor:
@@ -300,8 +304,15 @@ def sgd_step_(
                     b = grad
                 else:
                     b = buf.to(cdt) * buffer_decays[i] + grad * grad_weights[i]
-                buf.copy_(b)
-                grad = grad + momentums[i] * b if config.nesterov else b
+                if config.momentum_may_be_zero:
+                    on = momentums[i] != 0
+                    b = b.where(on, buf.to(cdt))
+                    buf.copy_(b)
+                    moved = grad + momentums[i] * b if config.nesterov else b
+                    grad = moved.where(on, grad)
+                else:
+                    buf.copy_(b)
+                    grad = grad + momentums[i] * b if config.nesterov else b
             param.copy_(p + grad * neg_lrs[i])
         return
     for i, param in enumerate(params):
@@ -310,7 +321,13 @@ def sgd_step_(
             grad = grad + wds[i] * param
         if skip is not None:
             grad = grad.where(~skip, 0.0)
-        if config.momentum:
+        if config.momentum and config.momentum_may_be_zero:
+            on = momentums[i] != 0
+            buf = momentum_buffers[i]
+            buf.copy_((buf * buffer_decays[i] + grad * grad_weights[i]).where(on, buf))
+            moved = grad + momentums[i] * buf if config.nesterov else buf
+            grad = moved.where(on, grad)
+        elif config.momentum:
             buf = momentum_buffers[i]
             if fresh_buffers and fresh_buffers[i]:
                 buf.copy_(grad)

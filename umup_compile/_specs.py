@@ -323,7 +323,8 @@ def _sgd_config(group: Group) -> SGDConfig:
 
 def _sgd_traced_config(group: Group, state: dict[Tensor, State]) -> SGDConfig:
     # Momentum is on where buffers exist, so that a traced steady step never reads
-    # the (scheduled) momentum; weight decay is always applied (0 * p adds nothing).
+    # the (scheduled) momentum: a momentum of 0 is then seen at run time
+    # (``momentum_may_be_zero``). Weight decay is always applied (0 * p adds nothing).
     buffered = any(
         state[p].get("momentum_buffer") is not None
         for p in group["params"]
@@ -334,6 +335,7 @@ def _sgd_traced_config(group: Group, state: dict[Tensor, State]) -> SGDConfig:
         nesterov=bool(group["nesterov"]),
         maximize=bool(group["maximize"]),
         weight_decay=True,
+        momentum_may_be_zero=buffered,
     )
 
 
