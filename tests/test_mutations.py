@@ -21,6 +21,7 @@ from torch import nn
 
 from tests.mutations import (
     SHAPES,
+    TORCH_CLASSES,
     Scenario,
     Variant,
     at,
@@ -849,6 +850,60 @@ def test_state_made_under_inference_mode_raises_outside_it_like_torch(
         assert_unchanged(opt, before)
         with torch.inference_mode():  # inside inference mode the step goes on
             opt.step()
+
+
+@pytest.mark.parametrize("compile_", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize(
+    "cls,kwargs,middle",
+    [
+        (SGD, {"lr": 0.1, "weight_decay": 0.5}, {"weight_decay": 0.0}),
+        (SGD, {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.5}, {"nesterov": True}),
+        (Adam, {"lr": 0.01, "weight_decay": 0.5}, {"amsgrad": True}),
+    ],
+    ids=["sgd_weight_decay", "sgd_nesterov", "adam_amsgrad"],
+)
+def test_tied_parameters_in_groups_of_other_options_update_in_group_order(
+    compile_: bool,
+    cls: type,
+    kwargs: dict[str, Any],
+    middle: dict[str, Any],
+    engine: Any,
+) -> None:
+    """``p1.data = p0.data`` with p1 in a middle group of other static options (its
+    own bucket): torch.optim updates x, p1, p0 in turn (each reading what the one
+    before wrote); the buckets ran x and p0, then p1 (5e-3 off torch)."""
+
+    def build() -> tuple[list[nn.Parameter], list[dict[str, Any]]]:
+        gen = torch.Generator().manual_seed(0)
+        x, p0 = (nn.Parameter(torch.randn(4, 4, generator=gen).double()) for _ in "xp")
+        p1 = nn.Parameter(torch.empty(4, 4, dtype=torch.float64))
+        p1.data = p0.data
+        return [x, p1, p0], [
+            {"params": [x]},
+            {"params": [p1], **middle},
+            {"params": [p0]},
+        ]
+
+    ours, groups = build()
+    opt = cls(
+        groups,
+        allow_non_unit_scaling_params=True,
+        independent_weight_decay=False,
+        compile=compile_,
+        **kwargs,
+    )
+    if compile_:
+        opt._engine = engine  # type: ignore[attr-defined]
+    theirs, their_groups = build()
+    ref = TORCH_CLASSES[cls](their_groups, foreach=False, **kwargs)
+    for s in range(4):
+        for params in (ours, theirs):
+            for k, p in enumerate(params):
+                p.grad = torch.sin(p.detach() * (k + 2)) + 0.1 * s
+        opt.step()
+        ref.step()
+        for p, q in zip(ours, theirs):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12, msg=f"step {s}")
 
 
 @pytest.mark.parametrize("compile_", [False, True], ids=["eager", "compiled"])

@@ -163,7 +163,7 @@ def gather(
         bucket.states.append(s)
         bucket.fresh.append(fresh)
     if not traced:
-        _mark_aliased(list(buckets.values()))
+        return _in_turn(_mark_aliased(list(buckets.values())))
     return list(buckets.values())
 
 
@@ -175,13 +175,14 @@ def gather(
 # overlaps nothing else it reads), and a pack copies each out of its own row (the
 # last copy wins): updates would be lost. So a bucket whose parameters or state
 # overlap anything the step reads or writes runs its update eagerly over lists, as
-# the eager engine does (in turn, as torch.optim; buckets run one after another).
+# the eager engine does (in turn, as torch.optim; where several buckets are aliased,
+# one parameter per bucket, in the groups' order: ``_in_turn``).
 # Views of one buffer that do not overlap (a flat parameter's members) and gradients
 # that share memory with each other only (read, never written) are not affected.
 # Found at a gather: a steady step checks the storage of the parameters and state it
 # updates (``_steady``), so memory shared through them later is found then, but not a
 # later step's gradient given a parameter's memory (``p.grad = p.data``).
-def _mark_aliased(buckets: Sequence[Bucket]) -> None:
+def _mark_aliased(buckets: list[Bucket]) -> list[Bucket]:
     owners: list[tuple[Bucket | None, Tensor]] = []
     for b in buckets:
         if b.sharded:
@@ -195,6 +196,35 @@ def _mark_aliased(buckets: Sequence[Bucket]) -> None:
         bucket = owners[k][0]
         if bucket is not None:
             bucket.aliased = True
+    return buckets
+
+
+def _in_turn(buckets: list[Bucket]) -> list[Bucket]:
+    """Note [aliased parameters]: where several buckets are aliased (tied parameters
+    in groups of other static options), their parameters run one per bucket, in the
+    groups' order, as torch.optim updates them (the rest of the order is free)."""
+    aliased = [b for b in buckets if b.aliased]
+    if len(aliased) < 2:
+        return buckets
+    singles = [
+        Bucket(
+            b.key,
+            b.config,
+            [p],
+            [position],
+            [s],
+            [fresh],
+            [grad],
+            has_scalars=p.ndim == 0,
+            aliased=True,
+        )
+        for b in aliased
+        for p, position, s, fresh, grad in zip(
+            b.params, b.positions, b.states, b.fresh, b.grads
+        )
+    ]
+    singles.sort(key=lambda b: b.positions[0].flat)
+    return [b for b in buckets if not b.aliased] + singles
 
 
 # (parameter, its name, group index, its index) -> (lr_scale, wd_scale), scaled with
