@@ -238,6 +238,17 @@ def _remapped_over_neighbour(s: int, v: Variant) -> None:
     p.data = p.data.as_strided((8, 8), (16, 1))
 
 
+def _torch_takes_a_one_element_lr() -> bool:
+    """torch 2.6's Adam refuses a ``(1,)`` tensor lr (``addcdiv_``'s value)."""
+    p = nn.Parameter(torch.zeros(2))
+    p.grad = torch.ones(2)
+    try:
+        torch.optim.Adam([p], lr=torch.tensor([0.1])).step()
+    except (TypeError, RuntimeError):
+        return False
+    return True
+
+
 # Two pairs of equal shapes: (16, 16) twice (large: a chunk), (8, 8) twice (the pack)
 TWINS = ((16, 16), (16, 16), (12, 20), (8, 8), (8, 8), (7, 3))
 
@@ -718,6 +729,7 @@ SCENARIOS: list[tuple[str, Scenario]] = [
         Scenario(
             kwargs={"lr": torch.tensor([0.01], dtype=torch.float64)},
             mutate=at((2, 4), _lr_rebound),
+            torch_oracle=_torch_takes_a_one_element_lr(),
         ),
     ),
     *INT8_SCENARIOS,
