@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
@@ -168,6 +170,26 @@ def test_a_closure_inside_the_users_compile_raises() -> None:
     torch.testing.assert_close(p.detach(), before, rtol=0, atol=0)
 
 
+def _side_by_side(
+    opt: torch.optim.Optimizer,
+    traced: Callable[[], object],
+    ref: torch.optim.Optimizer,
+    p: torch.Tensor,
+    q: torch.Tensor,
+    key: str,
+    plan: list[tuple[float, bool]],
+) -> None:
+    """Step ``opt`` (over ``p``; traced where the plan says so) and ``ref`` (over
+    ``q``) with ``key`` set to the plan's value, comparing after every step."""
+    for s, (value, in_compile) in enumerate(plan):
+        for o, t in ((opt, p), (ref, q)):
+            o.param_groups[0][key] = value
+            t.grad = torch.sin(t.detach() * 3) + 0.1 * s
+        traced() if in_compile else opt.step()
+        ref.step()
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12, msg=f"step {s}")
+
+
 @needs_traced_step
 @pytest.mark.parametrize(
     "cls,kwargs,key,values",
@@ -196,13 +218,7 @@ def test_plain_steps_after_a_traced_step_read_their_own_hypers(
         (values[0], False),
         (values[1], False),
     ]
-    for s, (value, in_compile) in enumerate(plan):
-        for o, t in ((opt, p), (ref, q)):
-            o.param_groups[0][key] = value
-            t.grad = torch.sin(t.detach() * 3) + 0.1 * s
-        traced() if in_compile else opt.step()
-        ref.step()
-        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12, msg=f"step {s}")
+    _side_by_side(opt, traced, ref, p, q, key, plan)
 
 
 @needs_traced_step
@@ -221,10 +237,5 @@ def test_sgd_momentum_set_to_zero_between_traced_steps_skips_the_buffer(
     opt = SGD([p], allow_non_unit_scaling_params=True, **kwargs)
     ref = torch.optim.SGD([q], foreach=False, **kwargs)
     traced = torch.compile(opt.step, fullgraph=True)
-    for s, momentum in enumerate([0.9, 0.9, 0.0, 0.0, 0.9, 0.9]):
-        for o, t in ((opt, p), (ref, q)):
-            o.param_groups[0]["momentum"] = momentum
-            t.grad = torch.sin(t.detach() * 3) + 0.1 * s
-        traced()
-        ref.step()
-        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12, msg=f"step {s}")
+    plan = [(momentum, True) for momentum in (0.9, 0.9, 0.0, 0.0, 0.9, 0.9)]
+    _side_by_side(opt, traced, ref, p, q, "momentum", plan)

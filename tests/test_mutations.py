@@ -918,6 +918,21 @@ def test_tied_parameters_in_groups_of_other_options_update_in_group_order(
             torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12, msg=f"step {s}")
 
 
+def _stepped_adam(
+    params: list[nn.Parameter], compile_: bool, engine: Any, steps: int
+) -> Adam:
+    """An Adam over ``params`` (the shared engine where compiled) after ``steps``
+    steps on random gradients."""
+    opt = Adam(params, lr=0.01, allow_non_unit_scaling_params=True, compile=compile_)
+    if compile_:
+        opt._engine = engine  # type: ignore[attr-defined]
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    return opt
+
+
 @pytest.mark.parametrize("compile_", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("key", ["exp_avg", "exp_avg_sq"])
 def test_state_replaced_by_a_smaller_view_of_itself_raises(
@@ -931,15 +946,7 @@ def test_state_replaced_by_a_smaller_view_of_itself_raises(
 
     with layout("default"):
         params = [nn.Parameter(torch.randn(8, 8)), nn.Parameter(torch.randn(6))]
-        opt = Adam(
-            params, lr=0.01, allow_non_unit_scaling_params=True, compile=compile_
-        )
-        if compile_:
-            opt._engine = engine  # type: ignore[attr-defined]
-        for _ in range(3):
-            for p in params:
-                p.grad = torch.randn_like(p)
-            opt.step()
+        opt = _stepped_adam(params, compile_, engine, steps=3)
         state = opt.state[params[0]]
         state[key] = state[key][:4]
         before = snapshot(opt)
@@ -960,15 +967,7 @@ def test_state_set_to_a_number_raises_a_type_error(
 
     with layout(lay):
         params = [nn.Parameter(torch.randn(16, 16)), nn.Parameter(torch.randn(6))]
-        opt = Adam(
-            params, lr=0.01, allow_non_unit_scaling_params=True, compile=compile_
-        )
-        if compile_:
-            opt._engine = engine  # type: ignore[attr-defined]
-        for _ in range(2):
-            for p in params:
-                p.grad = torch.randn_like(p)
-            opt.step()
+        opt = _stepped_adam(params, compile_, engine, steps=2)
         for p in params:
             p.grad = torch.randn_like(p)
         opt.state[params[0]]["step"] = 10.0

@@ -162,9 +162,11 @@ def gather(
         bucket.positions.append(position)
         bucket.states.append(s)
         bucket.fresh.append(fresh)
+    out = list(buckets.values())
     if not traced:
-        return _in_turn(_mark_aliased(list(buckets.values())))
-    return list(buckets.values())
+        _mark_aliased(out)
+        out = _in_turn(out)
+    return out
 
 
 # Note [aliased parameters]: parameters may share memory (``b.weight.data =
@@ -182,7 +184,7 @@ def gather(
 # Found at a gather: a steady step checks the storage of the parameters and state it
 # updates (``_steady``), so memory shared through them later is found then, but not a
 # later step's gradient given a parameter's memory (``p.grad = p.data``).
-def _mark_aliased(buckets: list[Bucket]) -> list[Bucket]:
+def _mark_aliased(buckets: Sequence[Bucket]) -> None:
     owners: list[tuple[Bucket | None, Tensor]] = []
     for b in buckets:
         if b.sharded:
@@ -196,7 +198,6 @@ def _mark_aliased(buckets: list[Bucket]) -> list[Bucket]:
         bucket = owners[k][0]
         if bucket is not None:
             bucket.aliased = True
-    return buckets
 
 
 def _in_turn(buckets: list[Bucket]) -> list[Bucket]:

@@ -188,9 +188,9 @@ class SteadyCheck:
         # storage; the list path's identity and dtype.
         self._params = list(watch.graph_params)
         self._params_like = TensorsLike(self._params, sizes=True, strides=True)
-        self._params_ptrs = list(map(_DATA_PTR, self._params))
-        self._copied = list(watch.copied)
-        self._copied_ptrs = list(map(_DATA_PTR, self._copied))
+        # storage: the graphs' parameters, then those the pack copies
+        self._stored = [*self._params, *watch.copied]
+        self._stored_ptrs = list(map(_DATA_PTR, self._stored))
         self._graph = [_Tensors(*g) for g in _by_key(watch.graph_states)]
         self._graph_like = [
             TensorsLike(g.tensors, sizes=True, strides=True) for g in self._graph
@@ -233,8 +233,7 @@ class SteadyCheck:
             self._grads_like.matches(grads)
             and self._members_like.matches(members)
             and self._params_like.matches(self._params)
-            and list(map(_DATA_PTR, self._params)) == self._params_ptrs
-            and list(map(_DATA_PTR, self._copied)) == self._copied_ptrs
+            and list(map(_DATA_PTR, self._stored)) == self._stored_ptrs
         ):
             return None
         if (
