@@ -73,7 +73,7 @@ def test_int8_checkpoint_round_trips_bitwise_and_resumes(
     state = sd["state"][0]
     assert sorted(state) == ["exp_avg", "exp_avg_scales", "exp_avg_sq", "step"]
     assert state["exp_avg_scales"].dtype == torch.float32
-    assert sd["param_groups"][0]["state_dtype"] == INT8
+    assert sd["param_groups"][0]["state_dtype"] == "int8"  # by name
     resumed = [p.detach().clone() for p in params]
     _run(opt, params, range(3, 6))  # uninterrupted
 

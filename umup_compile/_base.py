@@ -95,7 +95,6 @@ class UmupOptimizer(torch.optim.Optimizer):
         self._runner.clip.max_grad_norm = options.get("max_grad_norm")
 
     def _register_hooks(self) -> None:
-        _checkpoint.register(self)
         self.register_load_state_dict_post_hook(_after_load)
 
     @property
@@ -176,13 +175,22 @@ class UmupOptimizer(torch.optim.Optimizer):
         kept. A ``unit_scaling.optim`` checkpoint (one group per parameter) is
         recognised and its per-parameter state loaded into this optimizer's groups,
         which keep their own hyper-parameters. The conversions run as load hooks (see
-        ``_checkpoint``), so hooks you register see torch's usual sequence.
+        ``_checkpoint.loading``) after your pre-hooks and before your post-hooks: yours
+        see the dict as torch.optim's would, and what they return is loaded.
 
         Raises:
             ValueError: the checkpoint's groups, state shapes or state keys do not
                 match this optimizer's; nothing is changed.
         """
-        super().load_state_dict(state_dict)
+        with _checkpoint.loading(self):
+            super().load_state_dict(state_dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict, with each group's ``state_dtype`` saved by name
+        (``"int8"``, ``"float32"``; ``None`` when unset): plain values and tensors
+        only, as torch.distributed's checkpoint tools require."""
+        with _checkpoint.saving(self):
+            return super().state_dict()
 
     def describe(self) -> str:
         """Tabulate every parameter's u-μP factors, effective lr/weight decay and bucket.

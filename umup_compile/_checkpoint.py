@@ -10,7 +10,9 @@ parameters). Step counters move to the parameters' device.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -43,10 +45,50 @@ StateDict = dict[str, Any]
 _PENDING = "_umup_pending_load"  # the pre-hook's notes for the post-hook
 
 
-def register(optimizer: torch.optim.Optimizer) -> None:
-    """Install the conversion hooks on ``optimizer`` (ours run before the user's)."""
-    optimizer.register_load_state_dict_pre_hook(_pre_load, prepend=True)
-    optimizer.register_load_state_dict_post_hook(_post_load, prepend=True)
+@contextlib.contextmanager
+def loading(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Convert around one ``load_state_dict`` of ``optimizer``.
+
+    Our pre-hook runs after every pre-hook registered on the optimizer: those see the
+    dict as given, as with torch.optim, and may return another, which is what we
+    validate and convert. Our post-hook runs before every post-hook, which then see
+    the converted state. Registered for the call only, so that hooks registered
+    later cannot take either place.
+    """
+    pre = optimizer.register_load_state_dict_pre_hook(_pre_load)
+    post = optimizer.register_load_state_dict_post_hook(_post_load, prepend=True)
+    try:
+        yield
+    finally:
+        pre.remove()
+        post.remove()
+        optimizer.__dict__.pop(_PENDING, None)
+
+
+@contextlib.contextmanager
+def saving(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Around one ``state_dict`` of ``optimizer``: the saved groups' ``state_dtype``
+    becomes its name (``"int8"``), before the post-hooks registered on it run.
+
+    A ``torch.dtype`` is not among the values torch.distributed's state-dict tools
+    take (``get_optimizer_state_dict`` with ``full_state_dict`` or ``cpu_offload``,
+    ``_copy_state_dict``); a string is. Loading keeps this run's state dtype anyway.
+    """
+    handle = optimizer.register_state_dict_post_hook(_name_state_dtypes, prepend=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _name_state_dtypes(
+    optimizer: torch.optim.Optimizer, state_dict: StateDict
+) -> StateDict:
+    for group in state_dict["param_groups"]:  # torch's copies, not the live groups
+        dtype = group.get("state_dtype")
+        if isinstance(dtype, torch.dtype):
+            group["state_dtype"] = str(dtype).removeprefix("torch.")
+    return state_dict
 
 
 def _pre_load(optimizer: torch.optim.Optimizer, state_dict: StateDict) -> StateDict:
@@ -121,8 +163,8 @@ def _restore(
     for k, v in state.items():
         if not isinstance(v, Tensor) or k in CODE_DTYPES and (saved8 or want8):
             continue
-        if k == "step":
-            state[k] = v.to(device=p.device, dtype=step_dtype())
+        if k == "step":  # 0-d as ours are, even where saved as (1,)
+            state[k] = v.to(device=p.device, dtype=step_dtype()).reshape(())
         elif k != SCALES_KEY and v.is_floating_point() and p.is_floating_point():
             v = saved.get(k, v)
             dtype = float_state_dtype(state_dtype, p)
@@ -186,6 +228,8 @@ def check_compatible(param_groups: list[dict[str, Any]], state_dict: StateDict) 
         for key, value in state_dict["state"].get(i, {}).items():
             if key == SCALES_KEY:
                 _check_scales(value, p, k)
+            elif key == "step":  # torch takes any one-element counter
+                continue
             elif isinstance(value, Tensor) and value.ndim and value.shape != p.shape:
                 raise ValueError(
                     f"loaded state dict's {key!r} for parameter {k} has shape "
@@ -214,7 +258,12 @@ def check_state_keys(
     needs (torch fails later, with a ``KeyError`` at the next step)."""
     saved = state_dict["param_groups"]
     for g, (group, theirs) in enumerate(zip(param_groups, saved)):
-        required = spec.required_keys(spec.config(group))
+        # The group as loading leaves it: the checkpoint's options win, as torch's
+        # (amsgrad saved False keeps no maximum), but not its state dtype
+        # (_post_load).
+        loaded = {**group, **theirs, "params": group["params"]}
+        loaded["state_dtype"] = group.get("state_dtype")
+        required = spec.required_keys(spec.config(loaded))
         names = group.get("param_names")
         for i, (p, k) in enumerate(zip(group["params"], theirs["params"])):
             state = state_dict["state"].get(k)
