@@ -138,6 +138,60 @@ def test_rebuilds_and_graphs_are_bounded(threshold: str) -> None:
     assert len(unrolled) == (threshold == "unrolled"), kinds
 
 
+def _saved_bytes(opt: torch.optim.Optimizer) -> int:
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    return buffer.tell()
+
+
+def test_parameters_left_out_of_a_layout_own_their_state(threshold: str) -> None:
+    # Note [released buffers]: a mixture of experts' unrouted parameters kept views
+    # of the pack (and step vectors) of their last step, and so those buffers alive.
+    params = toy_params()
+    ref_params = clone_params(params)
+    opt = AdamW(params, lr=0.01, weight_decay=0.1)
+    use_backend(opt, "aot_eager")
+    ref = AdamW(ref_params, lr=0.01, weight_decay=0.1, compile=False)
+    run_steps([opt, ref], [params, ref_params], 2)
+    saved = _saved_bytes(opt)
+    for s in range(8):
+        set_grads([params, ref_params], seed=40 + s)
+        left_out = {s % len(params), (3 * s + 1) % len(params)}
+        for k in left_out:
+            params[k].grad = ref_params[k].grad = None
+        opt.step()
+        ref.step()
+        for k in left_out:
+            for key, t in opt.state[params[k]].items():
+                assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), (
+                    s,
+                    k,
+                    key,
+                )
+    assert_same(opt, ref)
+    assert _saved_bytes(opt) <= 1.1 * saved
+
+
+def test_static_graph_is_not_recompiled_after_a_dynamic_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A dynamic call (the pack) marked the hyper-parameter table it shares with the
+    # unrolled unit's static graph, which then recompiled at its next Dynamo call.
+    monkeypatch.setattr(_layout, "PACK_MAX_NUMEL", 100)  # an unrolled unit + a pack
+    params = toy_params()
+    opt = Adam(params, lr=0.01)
+    counter = CompileCounter()
+    use_backend(opt, counter)
+    for s, left_out in enumerate([None, 0, None, 0, None]):
+        set_grads([params], seed=s)
+        if left_out is not None:  # another membership: chunks and the pack
+            params[left_out].grad = None
+        opt.step()
+    kinds = {k for _, _, k in opt._engine._cache}
+    assert any(k.startswith("static:") for k in kinds), kinds
+    assert counter.frame_count == len(kinds), (counter.frame_count, kinds)
+
+
 def test_add_param_group_rebuilds_once() -> None:
     params = toy_params()
     ref_params = clone_params(params)

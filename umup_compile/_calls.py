@@ -21,7 +21,7 @@ from ._direct import Site
 from ._gather import Bucket, BucketKey, DTensor, Picker, picker
 from ._hypers import FactorVectors, factor_vectors
 from ._layout import UnrolledKinds
-from ._pack import Layout, Pack, Unit, build_layout
+from ._pack import Layout, Pack, Unit, build_layout, release
 from ._specs import AlgorithmSpec
 from ._steady import Watch, layout_of
 
@@ -117,9 +117,28 @@ class Layouts:
         self.builds = 0
         self.unrolled = UnrolledKinds()
         self.cached: dict[BucketKey, _CachedLayout] = {}
+        self._aliased: set[BucketKey] = set()  # the buckets aliased at the last plan
 
     def clear(self) -> None:
+        for cached in self.cached.values():
+            release(cached.layout)
         self.cached.clear()
+
+    def retain(self, buckets: Sequence[Bucket]) -> None:
+        """Before a plan is made: the members of cached layouts that are no longer in
+        their bucket's layout get their own state (Note [released buffers] in
+        ``_pack``), and the layouts of buckets gone are forgotten."""
+        present = {b.key: b for b in buckets}
+        aliased = {b.key for b in buckets if b.aliased}
+        for key in list(self.cached):
+            bucket = present.get(key)
+            if bucket is None:
+                layout = self.cached.pop(key).layout
+                if key not in self._aliased:
+                    release(layout)
+            elif uses_layout(bucket) and key not in self._aliased:
+                release(self.cached[key].layout, {id(p) for p in bucket.params})
+        self._aliased = aliased
 
     def get(self, bucket: Bucket, keys: tuple[str, ...], spec: AlgorithmSpec) -> Layout:
         """The bucket's layout: the cached one while it still describes the bucket
@@ -146,6 +165,15 @@ class Layouts:
         return cached.layout
 
 
+def uses_layout(bucket: Bucket) -> bool:
+    """Whether the compiled engine lays ``bucket`` out in units. Sharded (Note
+    [sharded parameters]), complex, mixed-dtype and aliased (Note [aliased
+    parameters]) buckets take the list path."""
+    return not (
+        bucket.sharded or bucket.mixed or bucket.aliased or bucket.key[1].is_complex
+    )
+
+
 def plan_bucket(
     bucket: Bucket,
     groups: Sequence[Group],
@@ -155,15 +183,7 @@ def plan_bucket(
     """The calls that run ``bucket``: its layout's units, or (``layouts`` is None:
     an engine without layouts) one call over its lists."""
     keys = spec.active_keys(bucket.config)
-    # Sharded (Note [sharded parameters]), complex, mixed-dtype and aliased (Note
-    # [aliased parameters]) buckets take the list path.
-    if (
-        layouts is None
-        or bucket.sharded
-        or bucket.mixed
-        or bucket.aliased
-        or bucket.key[1].is_complex
-    ):
+    if layouts is None or not uses_layout(bucket):
         return BucketPlan(bucket, keys, [bucket_call(bucket, keys, groups)])
     layout = layouts.get(bucket, keys, spec)
     calls = []

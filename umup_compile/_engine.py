@@ -232,6 +232,26 @@ def _mark_dynamic(args: Iterable[Any]) -> None:
                 torch._dynamo.maybe_mark_dynamic(t, 0)
 
 
+# Dynamo's markings (torch 2.6 to 2.13); absent names are skipped.
+_MARKINGS = (
+    "_dynamo_weak_dynamic_indices",
+    "_dynamo_dynamic_indices",
+    "_has_dynamo_dim_marking",
+)
+
+
+def _unmark_dynamic(args: Iterable[Any]) -> None:
+    """Clear the markings a dynamic call left on tensors a static graph also takes
+    (the hyper-parameter table): a static graph compiled without them guards on
+    their absence, and recompiled at its next call through Dynamo."""
+    for arg in args:
+        for t in arg if isinstance(arg, list) else (arg,):
+            if isinstance(t, torch.Tensor):
+                for name in _MARKINGS:
+                    if name in t.__dict__:
+                        delattr(t, name)
+
+
 class CompiledEngine:
     """Runs functional updates through ``torch.compile``; falls back to eager once.
 
@@ -290,6 +310,8 @@ class CompiledEngine:
         dynamic = not static
         if dynamic:
             _mark_dynamic((*args, *rest.values()))
+        else:
+            _unmark_dynamic((*args, *rest.values()))
         capture.last = None
         try:
             # A first call compiles here, under the code hints (Note [bf16 tiling],

@@ -164,6 +164,8 @@ class StepRunner:
         self._admitted.check(groups)
         buckets = gather(groups, state, self.spec, traced=False, optimizer_name=name)
         layouts = self.layouts if self.engine.packs else None
+        if layouts is not None:  # Note [released buffers] in _pack
+            layouts.retain(buckets)
         plans = [plan_bucket(b, groups, self.spec, layouts) for b in buckets]
         self.plans = plans
         self.clip.new_site()
