@@ -897,8 +897,9 @@ def test_meta_params_step_like_torch(name: str, engine: str):
     [(torch.float32, torch.float64), (torch.float64, torch.float32)],
     ids=["float32_param_float64_grad", "float64_param_float32_grad"],
 )
+@pytest.mark.parametrize("plain", [False, True], ids=["momentum_wd", "plain"])
 def test_sgd_grad_dtype_differs_like_torch(
-    param_dtype, grad_dtype, check: str, engine: str
+    param_dtype, grad_dtype, check: str, engine: str, plain: bool
 ):
     # torch 2.13 lets a parameter's gradient have another dtype (``grad_dtype``);
     # torch's SGD accepts it (foreach and for-loop): its momentum buffer is a clone of
@@ -916,7 +917,10 @@ def test_sgd_grad_dtype_differs_like_torch(
         return ps
 
     params, ref_params = make(), make()
-    ours, ref = _ours_and_torch("sgd", params, ref_params, engine)
+    # plain: the update is the gradient times the lr, which torch scales in the
+    # parameter's wider dtype (ours rounded it to the gradient's)
+    options = {"momentum": 0.0, "nesterov": False, "weight_decay": 0.0} if plain else {}
+    ours, ref = _ours_and_torch("sgd", params, ref_params, engine, **options)
     pairs = list(zip(params, ref_params))
     for step in range(STEPS):
         for side in (params, ref_params):
@@ -929,6 +933,8 @@ def test_sgd_grad_dtype_differs_like_torch(
         if check == "numbers":
             for p, q in pairs:
                 torch.testing.assert_close(p, q, **tolerance(p.dtype))
+                if plain:
+                    continue
                 torch.testing.assert_close(
                     ours.state[p]["momentum_buffer"].double(),
                     ref.state[q]["momentum_buffer"].double(),
@@ -1617,3 +1623,103 @@ def test_betas_given_as_a_list_are_kept_as_a_tuple() -> None:
     step either way: ``test_hyper_edits_equal_in_value_are_still_edits``)."""
     opt = Adam([_p(_randn(3))], betas=[0.8, 0.9], **UMUP)
     assert opt.param_groups[0]["betas"] == (0.8, 0.9)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_sgd_tensor_momentum_and_weight_decay_like_torch(engine: str) -> None:
+    # torch's SGD reads a tensor momentum or weight decay by value (``momentum != 0``);
+    # ours kept that comparison as a tensor in the graph's static config, which a
+    # graph cannot branch on (strict: Unsupported; default: eager with a warning).
+    # Momentum set to 0 in place mid-run: the buffers stay, the update is the gradient.
+    def make() -> list[nn.Parameter]:
+        _GEN.manual_seed(1)
+        return [nn.Parameter(_randn(6, 5)), nn.Parameter(_randn(7))]
+
+    params, ref_params = make(), make()
+    momentum, weight_decay = torch.tensor(0.9, dtype=torch.float64), torch.tensor(0.01)
+    ours, ref = _ours_and_torch(
+        "sgd", params, ref_params, engine, momentum=momentum,
+        weight_decay=weight_decay, nesterov=False, dampening=0.5,
+    )  # fmt: skip
+    for step in range(4):
+        if step == 2:
+            momentum.fill_(0.0)
+        for side in (params, ref_params):
+            for k, p in enumerate(side):
+                p.grad = torch.randn(p.shape, generator=_grad_gen(step, k)).to(p.dtype)
+        ours.step()
+        ref.step()
+        for p, q in zip(params, ref_params):
+            torch.testing.assert_close(p, q, **tolerance(p.dtype))
+            torch.testing.assert_close(
+                ours.state[p]["momentum_buffer"],
+                ref.state[q]["momentum_buffer"],
+                **tolerance(p.dtype),
+            )
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_numpy_scalar_hyper_parameters_like_torch(name: str) -> None:
+    # torch takes numpy scalars (np.float32 is not a float); ours refused them.
+    # (torch's arithmetic on an np.float32 lr stays in float32, so float32 parameters)
+    numpy = pytest.importorskip("numpy")
+    options = {
+        "adam": {"lr": numpy.float32(0.01), "eps": numpy.float64(1e-8)},
+        "adamw": {"lr": numpy.float32(0.01), "weight_decay": numpy.int64(0)},
+        "sgd": {"lr": numpy.float32(0.1), "momentum": numpy.float32(0.9),
+                "dampening": numpy.float32(0.1), "nesterov": False},
+    }[name]  # fmt: skip
+
+    def make() -> list[nn.Parameter]:
+        _GEN.manual_seed(2)
+        return [nn.Parameter(_randn(4, 3).float()), nn.Parameter(_randn(5).float())]
+
+    params, ref_params = make(), make()
+    ours, ref = _ours_and_torch(name, params, ref_params, "eager", **options)
+    for step in range(3):
+        for side in (params, ref_params):
+            for k, p in enumerate(side):
+                p.grad = torch.randn(p.shape, generator=_grad_gen(step, k))
+        ours.step()
+        ref.step()
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p, q, **tolerance(p.dtype))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_group_dicts_passed_are_the_optimizers_groups_as_in_torch(
+    name: str, engine: str
+) -> None:
+    # torch keeps the dict you pass: your later edits (its lr) reach the optimizer,
+    # and a second optimizer built on another's param_groups shares them. Ours
+    # copied it, and both kinds of edit were lost (0.17 off torch after 3 steps).
+    def make() -> list[nn.Parameter]:
+        _GEN.manual_seed(3)
+        return [nn.Parameter(_randn(4, 3)), nn.Parameter(_randn(5))]
+
+    params, ref_params = make(), make()
+    dicts = [{"params": [p], "lr": 0.1} for p in params]
+    ref_dicts = [{"params": [p], "lr": 0.1} for p in ref_params]
+    ours, ref = _ours_and_torch(name, dicts, ref_dicts, engine)
+    assert all(a is b for a, b in zip(ours.param_groups, dicts))
+    assert dicts[0]["params"] == [params[0]] and "lr_scales" in dicts[0]
+    for step in range(3):
+        for side in (params, ref_params):
+            for k, p in enumerate(side):
+                p.grad = torch.randn(p.shape, generator=_grad_gen(step, k)).double()
+        ours.step()
+        ref.step()
+        for d in (dicts[0], ref_dicts[0]):
+            d["lr"] *= 0.5
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p, q, **tolerance(p.dtype))
+
+
+def test_a_refused_group_dict_is_left_as_it_was() -> None:
+    ok = nn.Parameter(_randn(3))
+    opt = Adam([ok], lr=0.01, allow_non_unit_scaling_params=True, compile=False)
+    bad = {"params": (nn.Parameter(_randn(2)),), "lr": -1.0}
+    with pytest.raises(ValueError, match="lr"):
+        opt.add_param_group(bad)
+    assert set(bad) == {"params", "lr"} and isinstance(bad["params"], tuple)

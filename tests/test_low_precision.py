@@ -247,3 +247,22 @@ def test_stochastic_rounding_refuses_fp16() -> None:
     p = uc.Parameter(torch.ones(4, dtype=torch.float16), "norm")
     with pytest.raises(ValueError, match="rounds bfloat16 parameters.*float16"):
         Adam([p], stochastic_rounding=True)
+
+
+@pytest.mark.parametrize("cls", [Adam, SGD], ids=["adam", "sgd"])
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_floating_state_dtype_refuses_complex_params(cls, state_dtype) -> None:  # noqa: ANN001
+    # It accepted them, and the first step failed on a broadcast after creating
+    # real-valued state; the group is refused, naming the parameter and the fix.
+    plain = torch.nn.Parameter(torch.randn(7, 3, dtype=torch.complex64))
+    kwargs = {"momentum": 0.9} if cls is SGD else {}
+    with pytest.raises(ValueError, match=r"index 0 .*complex64; put it in a param"):
+        cls([plain], lr=0.01, state_dtype=state_dtype, **kwargs,
+            allow_non_unit_scaling_params=True)  # fmt: skip
+    opt = cls([plain], lr=0.01, allow_non_unit_scaling_params=True, **kwargs)
+    with pytest.raises(ValueError, match="complex64; put it in a param group"):
+        opt.add_param_group(
+            {"params": [torch.nn.Parameter(torch.randn(2, dtype=torch.complex64))],
+             "state_dtype": state_dtype}
+        )  # fmt: skip
+    assert len(opt.param_groups) == 1

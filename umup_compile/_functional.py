@@ -324,7 +324,11 @@ def sgd_step_(
         if config.momentum and config.momentum_may_be_zero:
             on = momentums[i] != 0
             buf = momentum_buffers[i]
-            buf.copy_((buf * buffer_decays[i] + grad * grad_weights[i]).where(on, buf))
+            if fresh_buffers and fresh_buffers[i]:  # a tensor momentum's first step
+                moved_buf = grad
+            else:
+                moved_buf = buf * buffer_decays[i] + grad * grad_weights[i]
+            buf.copy_(moved_buf.where(on, buf))
             moved = grad + momentums[i] * buf if config.nesterov else buf
             grad = moved.where(on, grad)
         elif config.momentum:
@@ -334,4 +338,10 @@ def sgd_step_(
             else:
                 buf.mul_(buffer_decays[i]).add_(grad * grad_weights[i])
             grad = grad + momentums[i] * buf if config.nesterov else buf
+        if (
+            grad.dtype != param.dtype
+        ):  # a gradient's own dtype (torch 2.13's grad_dtype)
+            # torch's add_(alpha=) scales in the wider of the two: a 0-d coefficient
+            # would keep a narrower gradient's dtype and round the update to it.
+            grad = grad.to(torch.promote_types(grad.dtype, param.dtype))
         param.add_(grad * neg_lrs[i])

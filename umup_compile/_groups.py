@@ -76,7 +76,8 @@ def admit_group(
     spec: AlgorithmSpec,
     options: ScalingOptions,
 ) -> Group:
-    """Validate ``param_group`` and return it with its ``lr_scales``/``wd_scales``.
+    """Validate ``param_group`` and return it, in place, with its params as a list
+    and its ``lr_scales``/``wd_scales`` (unchanged if it raises).
 
     Args:
         param_group: ``{"params": ..., <options>}``; params may be tensors or
@@ -93,8 +94,7 @@ def admit_group(
         raise TypeError(
             f"param_group must be a dict, but got {type(param_group).__name__}"
         )
-    group = dict(param_group)
-    entries = group["params"] if "params" in group else None
+    entries = param_group.get("params")
     if entries is None:
         raise ValueError("param group has no 'params'; pass {'params': [...], ...}.")
     if isinstance(entries, Tensor):
@@ -117,7 +117,7 @@ def admit_group(
     )
     params: list[Tensor] = [e[1] for e in entries] if any(named) else entries
     g = len(existing)
-    merged = {**defaults, **group}
+    merged = {**defaults, **param_group}
     spec.check_group(merged, f"param group {g}")
     _check_low_precision(merged, params, names, g)
     _check_membership(params, names, g, existing, bool(merged.get("differentiable")))
@@ -131,10 +131,10 @@ def admit_group(
         independent_weight_decay=options.independent_weight_decay,
         allow_non_unit_scaling_params=options.allow_non_unit_scaling_params,
     )
-    group["params"] = entries
-    group["lr_scales"] = lr_scales
-    group["wd_scales"] = wd_scales
-    return group
+    # Filled in place, now that nothing can fail: torch keeps the dict you pass, so
+    # your later edits of it (its lr) reach the optimizer.
+    param_group.update(params=entries, lr_scales=lr_scales, wd_scales=wd_scales)
+    return param_group
 
 
 def _check_membership(
@@ -197,6 +197,12 @@ def _check_low_precision(
             f"stochastic_rounding must be a bool, got {rounding!r} (param group {g})."
         )
     for i, p in enumerate(params):
+        if dtype is not None and dtype != torch.int8 and p.is_complex():
+            raise ValueError(
+                f"state_dtype={dtype} sets the state of real parameters, but "
+                f"{describe_param(p, names[i], g, i)} is {p.dtype}; put it in a "
+                "param group with state_dtype=None (state in its own dtype)."
+            )
         if dtype == torch.int8 and p.dtype not in PARAM_DTYPES:
             raise ValueError(
                 f"state_dtype=torch.int8 quantizes the moments of float32, bfloat16 "

@@ -9,6 +9,7 @@ same rules, for use with any other optimizer.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -200,7 +201,8 @@ def as_float(value: float | Tensor, what: str) -> float:
                 f"Tensor {what} must be 1-element, got shape {tuple(value.shape)}."
             )
         return float(value.item())
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    # numbers.Real: numpy's scalars too (np.float32 is no float), as torch takes them
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{what} must be a float or a 1-element Tensor, got {value!r}.")
     return float(value)
 

@@ -313,11 +313,16 @@ def _sgd_check(group: Group, where: str) -> None:
 
 
 def _sgd_config(group: Group) -> SGDConfig:
+    # Read as torch's ``if momentum != 0`` reads them (a tensor's value, not a tensor:
+    # a graph would branch on it). A tensor momentum may be set to 0 in place: seen
+    # at run time, as in traced configs.
+    momentum = group["momentum"]
     return SGDConfig(
-        momentum=group["momentum"] != 0,
+        momentum=bool(momentum != 0),
         nesterov=bool(group["nesterov"]),
         maximize=bool(group["maximize"]),
-        weight_decay=group["weight_decay"] != 0,
+        weight_decay=bool(group["weight_decay"] != 0),
+        momentum_may_be_zero=isinstance(momentum, Tensor) and bool(momentum != 0),
     )
 
 
