@@ -242,5 +242,9 @@ def test_one_element_step_counter_loads_as_with_torch() -> None:
         state["step"] = state["step"].reshape(1)
     ours.load_state_dict(saved)
     assert ours.state[params[0]]["step"].shape == ()
+    bad = copy.deepcopy(ours.state_dict())
+    bad["state"][0]["step"] = torch.zeros(2)
+    with pytest.raises(ValueError, match=r"'step' for parameter 0 has shape \(2,\)"):
+        ours.load_state_dict(bad)
     run_steps([ours, ref], [params, ref_params], 2)
     assert_states_close(ours, ref, **TOLERANCES[torch.float64])

@@ -229,7 +229,11 @@ def check_compatible(param_groups: list[dict[str, Any]], state_dict: StateDict) 
             if key == SCALES_KEY:
                 _check_scales(value, p, k)
             elif key == "step":  # torch takes any one-element counter
-                continue
+                if isinstance(value, Tensor) and value.numel() != 1:
+                    raise ValueError(
+                        f"loaded state dict's 'step' for parameter {k} has shape "
+                        f"{tuple(value.shape)}; a step counter has one element."
+                    )
             elif isinstance(value, Tensor) and value.ndim and value.shape != p.shape:
                 raise ValueError(
                     f"loaded state dict's {key!r} for parameter {k} has shape "
