@@ -1723,3 +1723,90 @@ def test_a_refused_group_dict_is_left_as_it_was() -> None:
     with pytest.raises(ValueError, match="lr"):
         opt.add_param_group(bad)
     assert set(bad) == {"params", "lr"} and isinstance(bad["params"], tuple)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_param_moved_to_the_neighbouring_group_takes_its_options(engine: str) -> None:
+    # The steady check compared the parameters in group order only: moving the first
+    # parameter of group 1 to the end of group 0 keeps that order, and it kept group
+    # 1's lr (0.27 off torch after 3 steps), in both engines.
+    def make() -> list[nn.Parameter]:
+        _GEN.manual_seed(4)
+        return [
+            nn.Parameter(_randn(3)),
+            nn.Parameter(_randn(4)),
+            nn.Parameter(_randn(5)),
+        ]
+
+    sides = []
+    for maker in (make, make):
+        a, b, c = maker()
+        sides.append(([{"params": [a]}, {"params": [b, c], "lr": 0.01}], [a, b, c]))
+    (groups, params), (ref_groups, ref_params) = sides
+    ours, ref = _ours_and_torch("adam", groups, ref_groups, engine, lr=0.1)
+    for step in range(5):
+        if step == 2:
+            for opt, (a, b, c) in ((ours, params), (ref, ref_params)):
+                opt.param_groups[0]["params"] = [a, b]
+                opt.param_groups[1]["params"] = [c]
+        for side in (params, ref_params):
+            for k, p in enumerate(side):
+                p.grad = torch.randn(p.shape, generator=_grad_gen(step, k)).double()
+        ours.step()
+        ref.step()
+        for p, q in zip(params, ref_params):
+            torch.testing.assert_close(p, q, **tolerance(p.dtype))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("edit", ["append", "assign_list", "replace_one"])
+def test_groups_put_in_param_groups_directly_step_like_torch(
+    edit: str, engine: str
+) -> None:
+    # torch.optim steps a group dict appended to (or put in) param_groups without
+    # add_param_group; ours raised KeyError: 'lr_scales' at the next gather. It is now
+    # scaled as add_param_group would have.
+    def make() -> list[nn.Parameter]:
+        _GEN.manual_seed(5)
+        return [nn.Parameter(_randn(3)) for _ in range(4)]
+
+    params, ref_params = make(), make()
+    first = slice(None) if edit == "replace_one" else slice(1)
+    ours, ref = _ours_and_torch(
+        "adam", [{"params": params[:2]}, {"params": params[2:]}][first],
+        [{"params": ref_params[:2]}, {"params": ref_params[2:]}][first], engine,
+    )  # fmt: skip
+    for step in range(6):
+        if step == 2:
+            for opt, side in ((ours, params), (ref, ref_params)):
+                new = {**opt.defaults, "params": side[2:], "lr": 0.05}
+                if edit == "append":
+                    opt.param_groups.append(new)
+                elif edit == "assign_list":
+                    opt.param_groups = [opt.param_groups[0], new]
+                else:
+                    opt.param_groups[1] = new
+        for side in (params, ref_params):
+            for k, p in enumerate(side):
+                p.grad = torch.randn(p.shape, generator=_grad_gen(step, k)).double()
+        if step == 4:  # a gather: one parameter without a gradient
+            params[3].grad = ref_params[3].grad = None
+        ours.step()
+        ref.step()
+        for p, q in zip(params, ref_params):
+            torch.testing.assert_close(p, q, **tolerance(p.dtype))
+
+
+def test_zero_element_params_take_the_rule_where_it_is_defined():
+    # A (0, 16) weight has fan-in 16: unit_scaling scales it by 1/4, ours took 1
+    # (its update after p.data is set was 4x unit_scaling's). Only where the rule
+    # divides by zero (fan-in 0) or gives 0 does it keep 1.
+    weight = uc.Parameter(torch.randn(0, 16, dtype=torch.float64), "weight")
+    fan_in_0 = uc.Parameter(torch.randn(3, 0, dtype=torch.float64), "weight")
+    bias = uc.Parameter(torch.randn(3, 0, dtype=torch.float64), "bias")
+    adam = Adam([weight, fan_in_0], lr=0.1, compile=False)
+    assert adam.param_groups[0]["lr_scales"] == [uso.lr_scale_func_adam(weight), 1.0]
+    assert adam.param_groups[0]["lr_scales"][0] == 0.25
+    sgd = SGD([bias], lr=0.1, readout_constraint="to_output_scale", compile=False)
+    expected = uso.lr_scale_func_sgd("to_output_scale")(bias)
+    assert sgd.param_groups[0]["lr_scales"] == [expected] and expected == 3.0

@@ -298,3 +298,23 @@ def test_optimizer_accepts_unit_scaling_parameters(opt_cls: type) -> None:
     for p, q, p0 in zip(theirs, ours, initial):
         assert not torch.equal(p, p0)
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [("mup_scaling_depth", 4.0), ("mup_type", None)],
+    ids=["float_depth", "no_type"],
+)
+def test_tags_edited_after_creation_survive_copies_and_checkpoints(edit) -> None:  # noqa: ANN001
+    # Copies rebuilt the parameter through Parameter(), whose tag check refused what
+    # the user had set since: torch.save worked and torch.load of its file raised
+    # (unit_scaling's load and copy them as they are).
+    p = uc.Parameter(torch.randn(3, 4), "weight", 2)
+    setattr(p, *edit)
+    buffer = io.BytesIO()
+    torch.save({"p": p}, buffer)
+    buffer.seek(0)
+    copies = [torch.load(buffer, weights_only=False)["p"], copy.deepcopy(p),
+              pickle.loads(pickle.dumps(p))]  # fmt: skip
+    for q in copies:
+        assert getattr(q, edit[0]) == edit[1] and torch.equal(q, p)

@@ -331,3 +331,19 @@ def test_optimizer_group_scales_match_unit_scaling_groups(
                 their["weight_decay"] / group["weight_decay"], rel=1e-14
             )
     assert next(their_groups, None) is None
+
+
+def test_scaled_parameters_takes_named_parameters_as_torch_optimizers_do() -> None:
+    # torch's optimizers take named_parameters(); scaled_parameters failed on the
+    # pairs ("dictionary update sequence element #0 has length 1"), and read a lone
+    # tensor as rows of parameters.
+    params = toy_params(torch.float64)
+    named = [(f"p{i}", p) for i, p in enumerate(params)]
+    plain = uo.scaled_parameters(params, uo.lr_scale_func_adam, lr=0.1)
+    groups = uo.scaled_parameters(named, uo.lr_scale_func_adam, lr=0.1)
+    assert [g["lr"] for g in groups] == [g["lr"] for g in plain]
+    assert [g["params"] for g in groups] == [[pair] for pair in named]
+    opt = torch.optim.AdamW(groups)
+    assert [g["param_names"] for g in opt.param_groups] == [[n] for n, _ in named]
+    with pytest.raises(TypeError, match="iterable of Tensors or dicts"):
+        uo.scaled_parameters(params[0], uo.lr_scale_func_adam, lr=0.1)

@@ -294,8 +294,13 @@ class Admitted:
             self._records[id(group)] = record
 
     def check(self, groups: Sequence[Group]) -> None:
-        """Make each group's factors follow its parameters (see the class)."""
+        """Make each group's factors follow its parameters (see the class), and scale
+        a group put in ``param_groups`` directly (appended, or in another's place),
+        which torch.optim accepts, as ``add_param_group`` would have."""
         for g, group in enumerate(groups):
+            if "lr_scales" not in group:
+                self._admit_direct(group, g)
+                continue
             record = self._records.get(id(group))
             if record is None or record.group is not group:
                 continue
@@ -319,6 +324,23 @@ class Admitted:
             group["lr_scales"] = [lr for lr, _ in scales]
             group["wd_scales"] = [wd for _, wd in scales]
             self._records[id(group)] = _record(group, record.lr, record.weight_decay)
+
+    def _admit_direct(self, group: Group, g: int) -> None:
+        lr, wd = group["lr"], group["weight_decay"]
+        scales = [
+            self.rescale(
+                p,
+                _name(group, i),
+                g,
+                i,
+                lr=as_float(lr, "lr"),
+                weight_decay=as_float(wd, "weight_decay"),
+            )
+            for i, p in enumerate(group["params"])
+        ]  # all of them before the group changes: rescale may raise
+        group["lr_scales"] = [lr for lr, _ in scales]
+        group["wd_scales"] = [wd for _, wd in scales]
+        self._records[id(group)] = _record(group, lr, wd)
 
 
 def _check_admitted(group: Group, g: int) -> None:

@@ -9,10 +9,12 @@ same rules, for use with any other optimizer.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ._rules import LrScaleFunc
@@ -95,15 +97,19 @@ def group_scales(
             p, label, allow_non_unit_scaling_params=allow_non_unit_scaling_params
         )
         try:
-            # A zero-element parameter has nothing to update: its fan-in or width
-            # may be 0, where the rules divide by zero, so it keeps scale 1.
-            scale = (
-                float(lr_scale_func(p))  # type: ignore[arg-type]
-                if tagged and p.numel() > 0
-                else 1.0
-            )
+            scale = float(lr_scale_func(p)) if tagged else 1.0  # type: ignore[arg-type]
         except ValueError as e:
             raise ValueError(f"{label}: {e}") from None
+        except ZeroDivisionError:
+            if p.numel():
+                raise
+            scale = 0.0
+        if not p.numel() and not (math.isfinite(scale) and scale):
+            # A zero-element parameter (nothing to update) whose fan-in or width is
+            # 0: the rules divide by zero or give 0, where unit_scaling raises (or
+            # divides weight decay by it). Scale 1; other zero-element shapes take
+            # the rule, as unit_scaling's (which matters if the data is set later).
+            scale = 1.0
         lr_scales.append(scale)
         if not independent_weight_decay:
             wd_scales.append(1.0)
@@ -149,10 +155,16 @@ def scaled_parameters(
     Raises:
         ValueError: no lr, invalid tags, or untagged parameters (see above).
     """
+    if isinstance(params, Tensor):
+        raise TypeError(
+            "scaled_parameters: params should be an iterable of Tensors or dicts (as "
+            f"a torch optimizer takes), but got {torch.typename(params)}"
+        )
     result: list[dict[str, Any]] = []
     for g, entry in enumerate(params):
+        # A tensor, a (name, tensor) pair of named_parameters(), or a group
         group: dict[str, Any] = (
-            {"params": [entry]} if isinstance(entry, Tensor) else dict(entry)  # type: ignore[call-overload]
+            {"params": [entry]} if isinstance(entry, (Tensor, tuple)) else dict(entry)  # type: ignore[call-overload]
         )
         group.setdefault("lr", lr)
         group.setdefault("weight_decay", weight_decay)
@@ -164,11 +176,14 @@ def scaled_parameters(
         group_params = group["params"]
         if isinstance(group_params, Tensor):
             group_params = [group_params]
-        group_params = list(group_params)
+        entries = list(group_params)
+        named = [isinstance(e, tuple) for e in entries]
+        names = [e[0] if n else None for e, n in zip(entries, named)]
+        group_params = [e[1] if n else e for e, n in zip(entries, named)]
         base_lr = group["lr"]
         lr_scales, _ = group_scales(
             group_params,
-            [None] * len(group_params),
+            names,
             g,
             lr=float(base_lr),
             weight_decay=float(group["weight_decay"]),
@@ -179,7 +194,7 @@ def scaled_parameters(
         rest = {
             k: v for k, v in group.items() if k not in ("params", "lr", "weight_decay")
         }
-        for p, scale in zip(group_params, lr_scales):
+        for p, scale in zip(entries, lr_scales):  # pairs stay pairs (torch takes them)
             # Tensor lrs are cloned so that each group's lr can be scheduled on its own.
             p_lr = (
                 base_lr.clone() * scale

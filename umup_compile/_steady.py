@@ -170,6 +170,9 @@ class SteadyCheck:
         # Every parameter in group order, and pickers of the members (bucket order)
         # and of the rest (which must stay without gradients) from it.
         self._flat = [p for g in groups for p in g["params"]]
+        # ... and where each group ends: moving a parameter to the neighbouring group
+        # keeps that order, not its group's hyper-parameters.
+        self._lengths = [len(g["params"]) for g in groups]
         at = {id(p): k for k, p in enumerate(self._flat)}
         member_at = [at[id(p)] for p in self._members]
         member_set = set(member_at)
@@ -221,7 +224,11 @@ class SteadyCheck:
             return None  # gather checks inference tensors (Note [what a graph reads])
         members = self._members
         flat = list(itertools.chain.from_iterable(map(_PARAMS, groups)))
-        if len(flat) != len(self._flat) or not all(map(operator.is_, flat, self._flat)):
+        if (
+            len(flat) != len(self._flat)
+            or not all(map(operator.is_, flat, self._flat))
+            or list(map(len, map(_PARAMS, groups))) != self._lengths
+        ):
             return None  # membership changed (params lists edited in place)
         every = list(map(_GRAD, flat))
         grads = self._pick_members(every)

@@ -68,7 +68,7 @@ def check_tags(mup_type: object, mup_scaling_depth: object, where: str) -> None:
 def _deepcopy_tagged(self: nn.Parameter, memo: dict[int, Any]) -> nn.Parameter:
     if id(self) in memo:
         return memo[id(self)]  # type: ignore[no-any-return]
-    result = Parameter(
+    result = _tagged(
         self.data.clone(memory_format=torch.preserve_format),
         self.mup_type,  # type: ignore[attr-defined]
         self.mup_scaling_depth,  # type: ignore[attr-defined]
@@ -82,7 +82,7 @@ def _deepcopy_tagged(self: nn.Parameter, memo: dict[int, Any]) -> nn.Parameter:
 
 
 def _rebuild_tagged(data: Tensor, requires_grad: bool, state: dict[str, Any]) -> Tensor:
-    result = Parameter(
+    result = _tagged(
         data, state["mup_type"], state["mup_scaling_depth"], requires_grad=requires_grad
     )
     for key, value in state.items():
@@ -120,6 +120,15 @@ def Parameter(  # noqa: N802 - a factory named like the class it returns, as in 
         ValueError: ``mup_type`` or ``mup_scaling_depth`` is invalid.
     """
     check_tags(mup_type, mup_scaling_depth, f"Parameter of shape {tuple(data.shape)}")
+    return _tagged(data, mup_type, mup_scaling_depth, requires_grad)
+
+
+def _tagged(
+    data: Tensor, mup_type: object, mup_scaling_depth: object, requires_grad: bool
+) -> nn.Parameter:
+    """The tagged parameter, its tags unchecked: copies and unpickling keep the tags
+    as they are by then (a user may have set them to anything since, as with
+    unit_scaling's; the optimizer checks them when it is given the parameter)."""
     p = nn.Parameter(data, requires_grad=requires_grad)
     p.mup_type = mup_type  # type: ignore[attr-defined]
     p.mup_scaling_depth = mup_scaling_depth  # type: ignore[attr-defined]
