@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import Tensor
 from torch._dynamo.testing import CompileCounter
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.helpers import (
@@ -189,12 +190,17 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class _PassThrough(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize(
     "context",
     [
         lambda: torch.compiler.set_stance("force_eager"),
         _CountOps,
-        lambda: torch.device("cpu"),  # a torch function mode
+        _PassThrough,  # a torch function mode (other than a default device)
     ],
     ids=["stance", "dispatch-mode", "function-mode"],
 )
@@ -368,4 +374,26 @@ def test_dynamo_reset_makes_the_next_call_compile_again() -> None:
     run_steps([opt, ref], [params, ref_params], 2)
     assert counter.frame_count == 2  # compiled again, then direct again
     assert _direct_calls(opt) == 3
+    assert_states_close(opt, ref, **TOLERANCES[torch.float32])
+
+
+@pytest.mark.parametrize("how", ["with_device", "set_default_device"])
+def test_a_default_device_keeps_direct_calls(how: str) -> None:
+    # torch.set_default_device("cuda") is a torch function mode for the whole run:
+    # every step went through Dynamo's guards. The update gives every tensor it makes
+    # its device, so its graphs compute the same under one (Inductor's too).
+    params, ref_params, opt, ref = _pair(Adam, backend="inductor", lr=0.01)
+    run_steps([opt, ref], [params, ref_params], 3)
+    (site,) = _sites(opt)
+    calls = site.direct_calls
+    if how == "with_device":
+        with torch.device("cpu"):
+            run_steps([opt, ref], [params, ref_params], 3)
+    else:
+        torch.set_default_device("cpu")
+        try:
+            run_steps([opt, ref], [params, ref_params], 3)
+        finally:
+            torch.set_default_device(None)
+    assert site.direct_calls == calls + 3
     assert_states_close(opt, ref, **TOLERANCES[torch.float32])
