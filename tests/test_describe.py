@@ -76,3 +76,15 @@ def test_describe_rejects_untagged_like_the_optimizers() -> None:
     assert "total: 1 tensors" in describe(
         [nn.Parameter(torch.randn(2))], allow_non_unit_scaling_params=True
     )
+
+
+def test_describe_options_as_the_optimizers_name_them() -> None:
+    # "adamw" was refused, and a readout constraint given with Adam's rule ignored.
+    net = ToyUmupNet()
+    assert describe(net, optimizer="adamw", lr=0.01) == describe(net, lr=0.01)
+    with pytest.raises(ValueError, match="readout_constraint='bogus' is SGD's option"):
+        describe(net, optimizer="adam", readout_constraint="bogus")
+    with pytest.raises(ValueError, match="'adam', 'adamw' or 'sgd'"):
+        describe(net, optimizer="lamb")
+    # a tensor lr is shown as a number, not as tensor(...)
+    assert describe(net, lr=torch.tensor(0.01)) == describe(net, lr=0.01)

@@ -89,7 +89,7 @@ def describe(
         model_or_params: a module (names come from ``named_parameters()``), parameters,
             or ``(name, parameter)`` pairs.
         lr, weight_decay: the base values the effective columns are computed from.
-        optimizer: ``"adam"`` (Adam and AdamW) or ``"sgd"``.
+        optimizer: ``"adam"`` or ``"adamw"`` (the same rule) or ``"sgd"``.
         readout_constraint: SGD's readout constraint (see ``lr_scale_func_sgd``).
         independent_weight_decay, allow_non_unit_scaling_params: as the optimizers.
 
@@ -100,14 +100,19 @@ def describe(
     Raises:
         ValueError: as the optimizers would for these parameters or options.
     """
-    if optimizer not in ("adam", "sgd"):
+    if optimizer not in ("adam", "adamw", "sgd"):
         raise ValueError(
-            f"optimizer={optimizer!r} is not supported; use 'adam' or 'sgd'."
+            f"optimizer={optimizer!r} is not supported; use 'adam', 'adamw' or 'sgd'."
+        )
+    if optimizer != "sgd" and readout_constraint is not None:
+        raise ValueError(
+            f"readout_constraint={readout_constraint!r} is SGD's option; Adam and "
+            "AdamW have none: leave it None or pass optimizer='sgd'."
         )
     rule = (
-        lr_scale_func_adam
-        if optimizer == "adam"
-        else lr_scale_func_sgd(readout_constraint)
+        lr_scale_func_sgd(readout_constraint)
+        if optimizer == "sgd"
+        else lr_scale_func_adam
     )
     if isinstance(model_or_params, nn.Module):
         entries: list[Any] = list(model_or_params.named_parameters())
@@ -115,12 +120,13 @@ def describe(
         entries = list(model_or_params)
     names = [e[0] if isinstance(e, tuple) else None for e in entries]
     params = [e[1] if isinstance(e, tuple) else e for e in entries]
+    lr, weight_decay = as_float(lr, "lr"), as_float(weight_decay, "weight_decay")
     lr_scales, wd_scales = group_scales(
         params,
         names,
         0,
-        lr=as_float(lr, "lr"),
-        weight_decay=as_float(weight_decay, "weight_decay"),
+        lr=lr,
+        weight_decay=weight_decay,
         lr_scale_func=rule,
         independent_weight_decay=independent_weight_decay,
         allow_non_unit_scaling_params=allow_non_unit_scaling_params,
