@@ -1810,3 +1810,24 @@ def test_zero_element_params_take_the_rule_where_it_is_defined():
     sgd = SGD([bias], lr=0.1, readout_constraint="to_output_scale", compile=False)
     expected = uso.lr_scale_func_sgd("to_output_scale")(bias)
     assert sgd.param_groups[0]["lr_scales"] == [expected] and expected == 3.0
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_groups_differentiable_flag_leaves_grad_mode_to_the_defaults(engine: str):
+    # torch.optim steps under the defaults' differentiable (_use_grad_for_differentiable);
+    # ours enabled grad for any group's, and a group switched to it mid-run raised
+    # "a leaf Variable that requires grad is being used in an in-place operation".
+    def run(toggle: bool) -> list[Tensor]:
+        _GEN.manual_seed(6)
+        params = [nn.Parameter(_randn(3)), nn.Parameter(_randn(4))]
+        opt = build(Adam, params, engine, lr=0.1, **UMUP)
+        for step in range(4):
+            if toggle and step == 2:
+                opt.param_groups[0]["differentiable"] = True
+            for k, p in enumerate(params):
+                p.grad = torch.randn(p.shape, generator=_grad_gen(step, k)).double()
+            opt.step()
+        return params
+
+    for p, q in zip(run(True), run(False)):
+        assert torch.equal(p, q)

@@ -91,6 +91,7 @@ class UmupOptimizer(torch.optim.Optimizer):
             Structure.of(self._spec, defaults),
             rescale=functools.partial(param_scales, options=self._scaling),
         )
+        self._runner.differentiable = bool(defaults.get("differentiable"))
         self._runner.hypers.bind(self)  # Note [traced hypers]
         self._runner.clip.max_grad_norm = options.get("max_grad_norm")
 

@@ -60,7 +60,9 @@ class StepRunner:
         self._structure = structure
         self.plans: list[BucketPlan] | None = None
         self._check: SteadyCheck | None = None
-        self._differentiable = False
+        # Grad mode during a step: the defaults' differentiable, as torch.optim's
+        # (``_use_grad_for_differentiable``), not a group's (set by the optimizer)
+        self.differentiable = False
         # The optimizer's param_groups and whether they ask for capturable=True (see
         # set_groups).
         self.groups: Sequence[Group] = []
@@ -110,7 +112,7 @@ class StepRunner:
                     "2.11; compile the forward and backward only, or use "
                     "fullgraph=False"
                 )
-            with torch.set_grad_enabled(any(g["differentiable"] for g in groups)):
+            with torch.set_grad_enabled(self.differentiable):
                 traced_step(
                     self.spec,
                     self.hypers,
@@ -131,7 +133,7 @@ class StepRunner:
         if grads is None or plans is None:
             plans, grads = self._gather(groups, state, name)
         hyper: dict[torch.device, tuple[Hypers, dict[str, Tensor]]] = {}
-        with torch.set_grad_enabled(self._differentiable):
+        with torch.set_grad_enabled(self.differentiable):
             works: list[Work] = []
             for plan, bucket_grads in zip(plans, grads):
                 device = plan.bucket.device
@@ -172,7 +174,6 @@ class StepRunner:
         self._check = SteadyCheck(
             groups, buckets, self._structure, state, watch_of(plans)
         )
-        self._differentiable = any(g["differentiable"] for g in groups)
         return plans, [b.grads for b in buckets]
 
     def _execute(self, work: Work) -> None:
