@@ -14,6 +14,7 @@ from torch import Tensor
 from torch._inductor import config as inductor_config
 from torch._inductor.utils import run_and_get_code
 
+from tests.edge_helpers import assert_engines_agree
 from umup_compile import _codegen_hints
 from umup_compile._codegen_hints import codegen_hints
 from umup_compile._rounding import stochastic_round_bf16
@@ -388,7 +389,8 @@ def test_prefetch_changes_no_value_of_the_8bit_update(
     assert "__builtin_prefetch(" in code
     assert "__builtin_prefetch(" not in plain_code
     for a, b, c in zip(eager, hinted, plain):
-        assert torch.equal(a, b) and torch.equal(a, c)
+        assert torch.equal(b, c)  # the prefetches change no bit
+        assert_engines_agree(a, b)
 
 
 def test_8bit_kernels_keep_float32_lanes_with_bf16_parameters(
