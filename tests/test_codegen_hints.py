@@ -477,3 +477,17 @@ def test_flat_dispatch_is_scoped(monkeypatch: pytest.MonkeyPatch) -> None:
     assert wrapped(None) == nested
     with codegen_hints:
         assert wrapped(None) == _codegen_hints.flat_dispatch(nested) != nested
+
+
+def test_hints_are_open_in_the_entering_thread_only() -> None:
+    # Inductor generates code in the compiling thread; another thread's compile (the
+    # user's own model) must not get the optimizer's hints. The depth was a global.
+    import threading
+
+    seen: list[bool] = []
+    with codegen_hints:
+        assert _codegen_hints.active() or not _codegen_hints._installed
+        worker = threading.Thread(target=lambda: seen.append(_codegen_hints.active()))
+        worker.start()
+        worker.join()
+    assert seen == [False]

@@ -112,14 +112,22 @@ import functools
 import hashlib
 import re
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-# Open codegen_hints contexts (Inductor generates code in the caller's thread).
-_depth = 0
+
+class _Open(threading.local):
+    """The codegen_hints contexts open in this thread (Inductor generates code in
+    the caller's thread: another thread's compile, the user's, gets no hints)."""
+
+    depth = 0
+
+
+_open = _Open()
 _installed: bool | None = None  # None: not tried yet
 # Same-size pairs whose vectors reinterpret cleanly (AVX2, AVX-512, the scalar ISA).
 _BITCASTABLE = {torch.float32, torch.int32, torch.float64, torch.int64}
@@ -178,7 +186,7 @@ def _install_tiling(cpp: Any) -> None:
     meta_key = getattr(getattr(cpp, "OptimizationContext", None), "key", None)
 
     def select_tiling(self: Any, fn_list: Any, var_sizes_list: Any) -> Any:
-        if _depth == 0:
+        if _open.depth == 0:
             return original(self, fn_list, var_sizes_list)
         bodies = cpp._get_loop_body(fn_list)
         found = {lowp_of(body)[0] for body in bodies}
@@ -215,7 +223,7 @@ def _install_bitcast(cpp: Any) -> None:
     def to_dtype_bitcast(x: Any, dtype: torch.dtype, src_dtype: torch.dtype) -> Any:
         kernel = V.kernel
         if (
-            _depth
+            _open.depth
             and getattr(x, "is_vec", False)
             and isinstance(kernel, cpp.CppVecKernel)
             and {dtype, src_dtype} <= _BITCASTABLE
@@ -261,7 +269,7 @@ def _install_persistent() -> None:
         features: Any, cooperative_reduction: bool
     ) -> bool:
         if (
-            _depth
+            _open.depth
             and config.triton.persistent_reductions
             and V.graph.sizevars.statically_known_leq(
                 features.reduction_numel, PERSISTENT_MAX
@@ -314,7 +322,9 @@ def _install_flat_dispatch() -> None:
     def codegen_kernel(self: Any, *args: Any, **kwargs: Any) -> Any:
         # read at call time, not closed over: a test stands a source in for it
         source = codegen_kernel.__wrapped__(self, *args, **kwargs)  # type: ignore[attr-defined]
-        return flat_dispatch(source) if _depth and isinstance(source, str) else source
+        return (
+            flat_dispatch(source) if _open.depth and isinstance(source, str) else source
+        )
 
     codegen_kernel.__wrapped__ = original  # type: ignore[attr-defined]
     ComboKernel.codegen_kernel = codegen_kernel  # type: ignore[method-assign]
@@ -368,7 +378,7 @@ def _install_read_expr_guard() -> None:
         try:
             return original(self, buffer_name)
         except KeyError:
-            if not _depth:
+            if not _open.depth:
                 raise
             import sympy  # type: ignore[import-untyped]
 
@@ -383,7 +393,7 @@ def _install_loop_split_guard(cpp: Any) -> None:
     original: Callable[..., Any] = cpp.CppScheduling.try_loop_split
 
     def try_loop_split(self: Any, nodes: list[Any]) -> Any:
-        if _depth:
+        if _open.depth:
             try:
                 dims = {len(n.node.get_default_sizes_body()[0][0]) for n in nodes}
             except (AttributeError, TypeError, IndexError):  # another layout
@@ -401,7 +411,7 @@ def _install_prefetch(cpp: Any) -> None:
     original: Callable[..., Any] = cpp.CppScheduling.define_kernel
 
     def define_kernel(self: Any, src_code: str, *args: Any, **kwargs: Any) -> Any:
-        if _depth and isinstance(src_code, str):
+        if _open.depth and isinstance(src_code, str):
             src_code = prefetch_rows(src_code)
         return original(self, src_code, *args, **kwargs)
 
@@ -438,7 +448,7 @@ class _CodegenHints:
     """See :data:`codegen_hints`; a class, not a generator: entered at every step."""
 
     def __enter__(self) -> None:
-        global _depth, _installed
+        global _installed
         if _installed is None:
             cpp = _cpp_backend()
             _installed = cpp is not None
@@ -454,11 +464,10 @@ class _CodegenHints:
                 _install_read_expr_guard()
             _install_persistent()
             _install_flat_dispatch()
-        _depth += 1
+        _open.depth += 1
 
     def __exit__(self, *exc: object) -> None:
-        global _depth
-        _depth -= 1
+        _open.depth -= 1
 
 
 codegen_hints = _CodegenHints()
@@ -472,4 +481,4 @@ where Inductor lacks the hooks."""
 
 def active() -> bool:
     """Whether the hooks are installed and a ``codegen_hints`` block is open."""
-    return bool(_installed) and _depth > 0
+    return bool(_installed) and _open.depth > 0
