@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ._plan import as_float, group_scales
+from ._plan import as_float, group_scales, split_named
 from ._rules import fan_in, lr_scale_func_adam, lr_scale_func_sgd
 
 COLUMNS = (
@@ -118,8 +118,7 @@ def describe(
         entries: list[Any] = list(model_or_params.named_parameters())
     else:
         entries = list(model_or_params)
-    names = [e[0] if isinstance(e, tuple) else None for e in entries]
-    params = [e[1] if isinstance(e, tuple) else e for e in entries]
+    names, params = split_named(entries)
     lr, weight_decay = as_float(lr, "lr"), as_float(weight_decay, "weight_decay")
     lr_scales, wd_scales = group_scales(
         params,

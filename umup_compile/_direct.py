@@ -127,6 +127,20 @@ def _meta(t: Tensor) -> tuple[Any, ...]:
     return (t.dtype, t.device, t.shape, t.stride())
 
 
+# Looked up once: _device_modes_only runs at every direct call under a default device.
+# Private names of torch 2.6 to 2.13; without them every torch function mode counts.
+_function_modes: Callable[[], list[Any]] | None = getattr(
+    torch.overrides, "_get_current_function_mode_stack", None
+)
+_DEVICE_MODES: tuple[type, ...]
+try:
+    from torch.utils._device import DeviceContext
+
+    _DEVICE_MODES = (DeviceContext,)
+except ImportError:  # pragma: no cover - torch 2.6 to 2.13 have it
+    _DEVICE_MODES = ()
+
+
 def _plain_context() -> bool:
     """Whether the call runs where its graph was compiled for: Dynamo's stance left
     at "default" (``force_eager`` is honoured), no dispatch mode (a
@@ -146,13 +160,10 @@ def _device_modes_only() -> bool:
     gives every tensor it makes its device, so its graphs compute the same under
     one, and a step keeps its direct calls (through Dynamo's guards, ~0.3 ms a
     step). Any other mode must see the ops."""
-    try:
-        from torch.overrides import _get_current_function_mode_stack
-        from torch.utils._device import DeviceContext
-    except ImportError:  # pragma: no cover - torch 2.6 to 2.13 have both
+    if _function_modes is None or not _DEVICE_MODES:  # pragma: no cover
         return False
-    modes = _get_current_function_mode_stack()  # type: ignore[no-untyped-call]
-    return bool(modes) and all(isinstance(m, DeviceContext) for m in modes)
+    modes = _function_modes()
+    return bool(modes) and all(isinstance(m, _DEVICE_MODES) for m in modes)
 
 
 class _Plan:

@@ -338,10 +338,9 @@ def sgd_step_(
             else:
                 buf.mul_(buffer_decays[i]).add_(grad * grad_weights[i])
             grad = grad + momentums[i] * buf if config.nesterov else buf
-        if (
-            grad.dtype != param.dtype
-        ):  # a gradient's own dtype (torch 2.13's grad_dtype)
-            # torch's add_(alpha=) scales in the wider of the two: a 0-d coefficient
-            # would keep a narrower gradient's dtype and round the update to it.
+        # A gradient of its own dtype (torch 2.13's grad_dtype): torch's add_(alpha=)
+        # scales in the wider of the two, where a 0-d coefficient would keep a
+        # narrower gradient's dtype and round the update to it.
+        if grad.dtype != param.dtype:
             grad = grad.to(torch.promote_types(grad.dtype, param.dtype))
         param.add_(grad * neg_lrs[i])

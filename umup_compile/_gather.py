@@ -298,8 +298,8 @@ class Admitted:
         a group put in ``param_groups`` directly (appended, or in another's place),
         which torch.optim accepts, as ``add_param_group`` would have."""
         for g, group in enumerate(groups):
-            if "lr_scales" not in group:
-                self._admit_direct(group, g)
+            if "lr_scales" not in group:  # as add_param_group would have scaled it
+                self._scale(group, g, group["lr"], group["weight_decay"], {})
                 continue
             record = self._records.get(id(group))
             if record is None or record.group is not group:
@@ -310,37 +310,41 @@ class Admitted:
             admitted = [r() for r in record.params]
             if len(group["lr_scales"]) != len(admitted):
                 continue  # edited by hand too: _check_admitted reports it
-            at = {id(a): k for k, a in enumerate(admitted) if a is not None}
-            scales = []
-            for i, p in enumerate(params):
-                k = at.get(id(p))
-                if k is not None:
-                    scales.append((group["lr_scales"][k], group["wd_scales"][k]))
-                    continue
-                lr = as_float(record.lr, "lr")
-                wd = as_float(record.weight_decay, "weight_decay")
-                name = _name(group, i)
-                scales.append(self.rescale(p, name, g, i, lr=lr, weight_decay=wd))
-            group["lr_scales"] = [lr for lr, _ in scales]
-            group["wd_scales"] = [wd for _, wd in scales]
-            self._records[id(group)] = _record(group, record.lr, record.weight_decay)
+            kept = {
+                id(a): (group["lr_scales"][k], group["wd_scales"][k])
+                for k, a in enumerate(admitted)
+                if a is not None
+            }
+            self._scale(group, g, record.lr, record.weight_decay, kept)
 
-    def _admit_direct(self, group: Group, g: int) -> None:
-        lr, wd = group["lr"], group["weight_decay"]
-        scales = [
-            self.rescale(
-                p,
-                _name(group, i),
-                g,
-                i,
-                lr=as_float(lr, "lr"),
-                weight_decay=as_float(wd, "weight_decay"),
-            )
-            for i, p in enumerate(group["params"])
-        ]  # all of them before the group changes: rescale may raise
-        group["lr_scales"] = [lr for lr, _ in scales]
-        group["wd_scales"] = [wd for _, wd in scales]
-        self._records[id(group)] = _record(group, lr, wd)
+    def _scale(
+        self,
+        group: Group,
+        g: int,
+        lr: Any,
+        weight_decay: Any,
+        kept: dict[int, tuple[float, float]],
+    ) -> None:
+        """Set the group's factors: ``kept``'s for the parameters it holds (by id),
+        the others scaled from their tags with ``lr`` and ``weight_decay`` (the
+        group's at admission); then record it. All are computed before the group
+        changes: ``rescale`` may raise."""
+        scales = []
+        for i, p in enumerate(group["params"]):
+            old = kept.get(id(p))
+            if old is None:
+                old = self.rescale(
+                    p,
+                    _name(group, i),
+                    g,
+                    i,
+                    lr=as_float(lr, "lr"),
+                    weight_decay=as_float(weight_decay, "weight_decay"),
+                )
+            scales.append(old)
+        group["lr_scales"] = [s for s, _ in scales]
+        group["wd_scales"] = [s for _, s in scales]
+        self._records[id(group)] = _record(group, lr, weight_decay)
 
 
 def _check_admitted(group: Group, g: int) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._plan import as_float, describe_param, group_scales
+from ._plan import as_float, describe_param, group_scales, split_named
 from ._rules import LrScaleFunc
 from ._specs import AlgorithmSpec
 from ._state8 import PARAM_DTYPES
@@ -106,16 +106,12 @@ def admit_group(
             "list instead."
         )
     entries = list(entries)
-    named = [isinstance(e, tuple) for e in entries]
-    if any(named) and not all(named):
+    if len({isinstance(e, tuple) for e in entries}) > 1:
         raise ValueError(
             "all optimizer params should be with/without names. Some param names "
             "are missing"
         )
-    names: list[str | None] = (
-        [e[0] for e in entries] if any(named) else [None] * len(entries)
-    )
-    params: list[Tensor] = [e[1] for e in entries] if any(named) else entries
+    names, params = split_named(entries)
     g = len(existing)
     merged = {**defaults, **param_group}
     spec.check_group(merged, f"param group {g}")

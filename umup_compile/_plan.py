@@ -21,6 +21,14 @@ from ._rules import LrScaleFunc
 from .parameter import MUP_TYPES, check_tags, has_parameter_data
 
 
+def split_named(entries: Sequence[Any]) -> tuple[list[str | None], list[Tensor]]:
+    """Names (None where unnamed) and tensors of ``entries``: tensors or the
+    ``(name, tensor)`` pairs of ``named_parameters()``."""
+    named = [isinstance(e, tuple) for e in entries]
+    names = [e[0] if n else None for e, n in zip(entries, named)]
+    return names, [e[1] if n else e for e, n in zip(entries, named)]
+
+
 def describe_param(p: Tensor, name: str | None, group: int, index: int) -> str:
     """Name a parameter for error messages: its name if known, else group and index."""
     where = repr(name) if name else f"group {group}, index {index}"
@@ -177,9 +185,7 @@ def scaled_parameters(
         if isinstance(group_params, Tensor):
             group_params = [group_params]
         entries = list(group_params)
-        named = [isinstance(e, tuple) for e in entries]
-        names = [e[0] if n else None for e, n in zip(entries, named)]
-        group_params = [e[1] if n else e for e, n in zip(entries, named)]
+        names, group_params = split_named(entries)
         base_lr = group["lr"]
         lr_scales, _ = group_scales(
             group_params,

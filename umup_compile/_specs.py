@@ -317,12 +317,13 @@ def _sgd_config(group: Group) -> SGDConfig:
     # a graph would branch on it). A tensor momentum may be set to 0 in place: seen
     # at run time, as in traced configs.
     momentum = group["momentum"]
+    on = bool(momentum != 0)  # one read: a device tensor's is a sync
     return SGDConfig(
-        momentum=bool(momentum != 0),
+        momentum=on,
         nesterov=bool(group["nesterov"]),
         maximize=bool(group["maximize"]),
         weight_decay=bool(group["weight_decay"] != 0),
-        momentum_may_be_zero=isinstance(momentum, Tensor) and bool(momentum != 0),
+        momentum_may_be_zero=on and isinstance(momentum, Tensor),
     )
 
 

@@ -223,11 +223,12 @@ class SteadyCheck:
         if torch.is_inference_mode_enabled() != self._inference:
             return None  # gather checks inference tensors (Note [what a graph reads])
         members = self._members
-        flat = list(itertools.chain.from_iterable(map(_PARAMS, groups)))
+        lists = list(map(_PARAMS, groups))
+        flat = list(itertools.chain.from_iterable(lists))
         if (
             len(flat) != len(self._flat)
             or not all(map(operator.is_, flat, self._flat))
-            or list(map(len, map(_PARAMS, groups))) != self._lengths
+            or list(map(len, lists)) != self._lengths
         ):
             return None  # membership changed (params lists edited in place)
         every = list(map(_GRAD, flat))
