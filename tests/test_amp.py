@@ -93,3 +93,32 @@ def test_amp_skips_without_host_sync_in_the_core() -> None:
         torch.Tensor.item = original  # type: ignore[method-assign]
     assert all(s["step"].item() == 0 for s in opt.state.values())
     assert calls == []
+
+
+@pytest.mark.parametrize("engine", ["eager", "aot_eager"])
+@pytest.mark.parametrize("dampening", [0.0, 0.5])
+def test_sgd_buffers_start_after_a_skipped_first_step_as_torch(
+    engine: str, dampening: float
+) -> None:
+    # Note [skipped first step]: the scaler skips torch's step outright, so no buffer
+    # exists after it, and the next step starts the buffer as the gradient itself.
+    params = [nn.Parameter(torch.randn(p.shape)) for p in toy_params()]
+    ref_params = copy.deepcopy(params)
+    kwargs = {"lr": 0.1, "momentum": 0.9, "dampening": dampening}
+    opt = SGD(
+        params, allow_non_unit_scaling_params=True, compile=engine != "eager", **kwargs
+    )
+    if engine != "eager":
+        use_backend(opt, engine)
+    ref = torch.optim.SGD(ref_params, foreach=False, **kwargs)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**8) for _ in range(2)]
+    for step in range(4):
+        for o, s, ps in ((opt, scalers[0], params), (ref, scalers[1], ref_params)):
+            gen = torch.Generator().manual_seed(step)
+            loss = sum((p * torch.randn(p.shape, generator=gen)).sum() for p in ps)
+            o.zero_grad()
+            s.scale(loss * (float("inf") if step == 0 else 1.0)).backward()
+            s.step(o)
+            s.update()
+        assert len(opt.state) == len(ref.state), step
+        assert_states_close(opt, ref, **TOLERANCES[torch.float32])

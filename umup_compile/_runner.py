@@ -153,6 +153,41 @@ class StepRunner:
             )
             for work in works:
                 self._execute(work)
+        found_inf = amp.get("found_inf_t")
+        if fresh_step and found_inf is not None:
+            self._forget_skipped_state(plans, state, found_inf)
+
+    def _forget_skipped_state(
+        self,
+        plans: Sequence[BucketPlan],
+        state: dict[Tensor, State],
+        found_inf: Tensor,
+    ) -> None:
+        """Note [skipped first step]: a GradScaler does not call the step of a
+        torch.optim optimizer that it skips (an inf or nan in the gradients), so torch
+        creates no state there. SGD's buffers created at such a step would hold zeros
+        and the next step would damp the gradient into them, where torch starts the
+        buffer as the gradient itself (Note [first SGD step]). So the buffers made at
+        a skipped step are dropped again: one host read of ``found_inf`` at a step
+        that creates SGD buffers, never at a steady step. (A step traced into the
+        user's graph cannot read it: there the buffers keep their zeros.)"""
+        made = [
+            (p, s)
+            for plan in plans
+            if self.spec.fresh_matters(plan.bucket.config)
+            for p, s, fresh in zip(
+                plan.bucket.params, plan.bucket.states, plan.bucket.fresh
+            )
+            if fresh
+        ]
+        if not made or not bool(found_inf.item()):
+            return
+        for p, s in made:
+            for key in self.spec.state_slots:
+                s.pop(key, None)
+            if not s:
+                state.pop(p, None)
+        self.invalidate()
 
     @property
     def _compiled_engine(self) -> Engine | None:
