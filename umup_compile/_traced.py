@@ -49,6 +49,8 @@ def traced_step(
     ``capturable``: whether the optimizer asked for it (in a trace, Dynamo sets
     every group's flag).
     """
+    if not capturable:  # Note [edits in the traced frame]
+        _comptime(_break_on_edited_groups)
     buckets = gather(groups, state, spec, traced=True, optimizer_name=name)
     hyper: dict[torch.device, Tensor] = {}
     amp_kw: dict[torch.device, dict[str, Tensor]] = {}
@@ -76,3 +78,34 @@ def traced_step(
     clip(works, amp_kw, None)
     for work in works:
         spec.update(*work.args, **work.kwargs)
+
+
+# Note [edits in the traced frame]: the custom op reads the groups' values when the
+# graph runs, but Dynamo writes the traced frame's own dict edits (``g["lr"] = ...``
+# before ``opt.step()`` in one compiled function, or in a step pre-hook) back only
+# after the graph: the step used the last values (0.13 off torch after 5 steps). So
+# while tracing, a group edited in the frame breaks the graph before the step (the
+# step then runs after the edits); under ``fullgraph=True`` that raises, naming the
+# fix. Dynamo's internals, feature-detected: without them, no check.
+def _comptime(fn: Any) -> None:
+    try:
+        from torch._dynamo.comptime import comptime
+    except ImportError:  # pragma: no cover - every supported torch has it
+        return
+    comptime(fn)
+
+
+def _break_on_edited_groups(ctx: Any) -> None:
+    try:
+        tx = ctx._i_will_not_complain_if_bc_breaks_InstructionTranslator()
+        groups = ctx.get_local("groups", stacklevel=1)._ComptimeVar__variable
+        edited = any(map(tx.output.side_effects.is_modified, groups.items))
+    except Exception:  # noqa: BLE001 - Dynamo internals moved: no check
+        return
+    if edited:
+        ctx.graph_break(
+            "umup_compile: a param group was edited in the compiled function before "
+            "opt.step(); the step reads the groups when the graph runs, before "
+            "Dynamo writes the edit back. Edit the groups outside the compiled "
+            "function (or use fullgraph=False, which breaks the graph here)."
+        )
