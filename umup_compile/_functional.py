@@ -25,6 +25,7 @@ float32/float64 training keeps the in-place loop below (no temporaries when eage
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -208,7 +209,7 @@ def adam_step_(
             if config.weight_decay == "decoupled":
                 p = p * decays[i]
             m = exp_avgs[i].to(cdt).lerp(grad, one_minus_beta1s[i])
-            v = exp_avg_sqs[i].to(cdt).lerp(grad.square(), one_minus_beta2s[i])
+            v = _second_moment(exp_avg_sqs[i].to(cdt), grad, one_minus_beta2s[i])
             exp_avgs[i].copy_(m)
             exp_avg_sqs[i].copy_(v)
             if config.amsgrad:
@@ -217,24 +218,55 @@ def adam_step_(
             p = p.addcdiv(m, v.sqrt() * root_scales[i] + eps_scaleds[i])
             _store(param, p, noise[i] if noise else None)
         return
+    keep = _kept if torch.is_grad_enabled() else _same  # Note [differentiable steps]
     for i, param in enumerate(params):
         grad = _unscale(grads[i], grad_scale_t, config.maximize)
         if config.weight_decay == "l2":
-            grad = grad + l2s[i] * param
+            grad = grad + l2s[i] * keep(param)
         if skip is not None:
             grad = grad.where(~skip, 0.0)  # drop the infs and nans
         if config.weight_decay == "decoupled":
             param.mul_(decays[i])
         exp_avgs[i].lerp_(grad, one_minus_beta1s[i])
-        exp_avg_sqs[i].lerp_(grad.square(), one_minus_beta2s[i])
+        exp_avg_sqs[i].copy_(
+            _second_moment(keep(exp_avg_sqs[i]), grad, one_minus_beta2s[i])
+        )
         second = exp_avg_sqs[i]
         if config.amsgrad:
             # Not ``out=``: Dynamo refuses a non-contiguous out (a strided parameter).
-            max_exp_avg_sqs[i].copy_(torch.maximum(max_exp_avg_sqs[i], second))
+            max_exp_avg_sqs[i].copy_(
+                torch.maximum(keep(max_exp_avg_sqs[i]), keep(second))
+            )
             second = max_exp_avg_sqs[i]
         # mul, not mul_: autograd keeps sqrt's output (differentiable=True)
         denom = second.sqrt().mul(root_scales[i]).add_(eps_scaleds[i])
-        param.addcdiv_(exp_avgs[i], denom)
+        param.addcdiv_(keep(exp_avgs[i]), denom)
+
+
+def _second_moment(v: Tensor, grad: Tensor, weight: Tensor) -> Tensor:
+    """``v`` moved toward ``grad**2`` by ``weight``, as ``lerp``; an infinite ``v``
+    stays infinite.
+
+    Note [infinite second moment]: a gradient above ~1.8e19 once squares to inf in
+    float32. torch's ``beta2 * v + (1 - beta2) * g * g`` keeps that element's ``v``
+    inf (its updates are 0 from then on); lerp's ``v + w * (g * g - v)`` made it
+    inf - inf = nan at the next step, and the parameter with it.
+    """
+    return v.lerp(grad.square(), weight).where(v != math.inf, v)
+
+
+# Note [differentiable steps]: with ``differentiable=True`` (grad mode on; the eager
+# engine) autograd saves the inputs of an op whose backward needs them. A state tensor
+# or parameter saved so, then updated in place (the next step's ``lerp_``, this step's
+# ``copy_``), fails the backward ("modified by an inplace operation"): those reads
+# take a copy, as torch's differentiable paths do. Grad mode off (every other step,
+# and every traced one): the tensors themselves, no copy.
+def _kept(t: Tensor) -> Tensor:
+    return t.clone()
+
+
+def _same(t: Tensor) -> Tensor:
+    return t
 
 
 def sgd_step_(
@@ -315,29 +347,30 @@ def sgd_step_(
                     grad = grad + momentums[i] * b if config.nesterov else b
             param.copy_(p + grad * neg_lrs[i])
         return
+    keep = _kept if torch.is_grad_enabled() else _same  # Note [differentiable steps]
     for i, param in enumerate(params):
         grad = _unscale(grads[i], grad_scale_t, config.maximize)
         if config.weight_decay:
-            grad = grad + wds[i] * param
+            grad = grad + wds[i] * keep(param)
         if skip is not None:
             grad = grad.where(~skip, 0.0)
         if config.momentum and config.momentum_may_be_zero:
             on = momentums[i] != 0
             buf = momentum_buffers[i]
             if fresh_buffers and fresh_buffers[i]:  # a tensor momentum's first step
-                moved_buf = grad
+                moved_buf = grad.detach()  # as torch's clone(grad).detach()
             else:
-                moved_buf = buf * buffer_decays[i] + grad * grad_weights[i]
-            buf.copy_(moved_buf.where(on, buf))
-            moved = grad + momentums[i] * buf if config.nesterov else buf
+                moved_buf = keep(buf) * buffer_decays[i] + grad * grad_weights[i]
+            buf.copy_(moved_buf.where(on, keep(buf)))
+            moved = grad + momentums[i] * keep(buf) if config.nesterov else keep(buf)
             grad = moved.where(on, grad)
         elif config.momentum:
             buf = momentum_buffers[i]
             if fresh_buffers and fresh_buffers[i]:
-                buf.copy_(grad)
+                buf.copy_(grad.detach())  # as torch's clone(grad).detach()
             else:
                 buf.mul_(buffer_decays[i]).add_(grad * grad_weights[i])
-            grad = grad + momentums[i] * buf if config.nesterov else buf
+            grad = grad + momentums[i] * keep(buf) if config.nesterov else keep(buf)
         # A gradient of its own dtype (torch 2.13's grad_dtype): torch's add_(alpha=)
         # scales in the wider of the two, where a 0-d coefficient would keep a
         # narrower gradient's dtype and round the update to it.

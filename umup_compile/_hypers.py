@@ -173,6 +173,18 @@ class _DeviceTable:
         self.targets: list[Tensor] | tuple[Tensor, Tensor] | None = None
 
 
+def _tracked(table: _DeviceTable, values: list[Tensor]) -> Tensor:
+    """A copy of the table holding ``values``, for autograd (``differentiable=True``
+    with a hyper-parameter that requires grad, e.g. a learned lr). Written in place,
+    the table would join every step's graph into one: a chain of copies that grows
+    with the steps, and a second tensor's copy into a view failed ("a leaf Variable
+    that requires grad is being used in an in-place operation")."""
+    out = table.hyper_t.clone()
+    for (row, column), value in zip(table.tensors, values):
+        out[row, column] = value
+    return out
+
+
 class HyperTable:
     """The ``(groups, hypers)`` tensor of an optimizer, per device (Note [hyper tensor]).
 
@@ -271,6 +283,8 @@ class HyperTable:
         values = list(table.tensors.values())
         if table.shaped:
             values = [v.reshape(()) for v in values]
+        if torch.is_grad_enabled() and any(v.requires_grad for v in values):
+            return _tracked(table, values)
         if isinstance(table.targets, list):
             for target, value in zip(table.targets, values):
                 target.copy_(value)
