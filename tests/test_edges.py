@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -1191,20 +1192,33 @@ def test_odd_inputs_rejected_naming_param_before_any_change(
 def test_fused_true_accepts_meta_params_until_the_step(name: str, engine: str):
     """The meta-device workflow: build the model on ``meta``, the optimizer with
     ``fused=True`` (a habit), then ``to_empty`` onto a real device and train, with
-    torch's numbers; torch checks ``fused``'s rule at the step, and so do we."""
+    torch's numbers; torch checks ``fused``'s rule at the step, and so do we. (The
+    parameters must stay the optimizer's: ``to_empty`` swaps their contents under
+    ``swap_module_params_on_conversion``; without it, it makes new parameters and
+    neither optimizer would update the model.)"""
     results = []
+    swap = torch.__future__.get_swap_module_params_on_conversion()
     for make in _makers(name, engine):
         with torch.device("meta"):
             model = nn.Linear(4, 3)
         opt = make(list(model.named_parameters()), **KWARGS[name], fused=True)
-        model.to_empty(device="cpu")
+        torch.__future__.set_swap_module_params_on_conversion(True)
+        try:
+            model.to_empty(device="cpu")
+        finally:
+            torch.__future__.set_swap_module_params_on_conversion(swap)
+        assert [p for g in opt.param_groups for p in g["params"]] == list(
+            model.parameters()
+        )
         torch.manual_seed(0)
         for p in model.parameters():
             p.data.copy_(torch.randn(p.shape))
+        start = [p.detach().clone() for p in model.parameters()]
         for s in range(2):
             _random_grads(list(model.parameters()), s)
             opt.step()
         results.append([p.detach().clone() for p in model.parameters()])
+        assert not any(map(torch.equal, start, results[-1]))
     for ours, theirs in zip(*results):
         torch.testing.assert_close(ours, theirs, **tolerance(torch.float32))
 
@@ -1253,6 +1267,69 @@ def test_differentiable_adam_gradients_through_the_step_match_torch(name: str):
     torch.testing.assert_close(value, expected, rtol=1e-14, atol=0)
     for a, b in zip(grads, expected_grads):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
+def _hypergradients(cls: type, steps: int, **kwargs: Any) -> tuple[Tensor, ...]:
+    """Meta-learning: ``steps`` differentiable steps of a quadratic from ``w0`` with
+    a learned lr; the gradients of a final loss with respect to ``w0`` and the lr."""
+    gen = torch.Generator().manual_seed(5)
+    h = torch.rand(6, dtype=torch.float64, generator=gen) + 0.5
+    targets = torch.randn(steps + 1, 6, dtype=torch.float64, generator=gen)
+    w0 = torch.randn(6, dtype=torch.float64, generator=gen).requires_grad_()
+    lr = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+    w = w0.clone()
+    opt = cls([w], lr=lr, differentiable=True, **kwargs)
+    for k in range(steps):
+        w.grad = h * (w - targets[k])
+        opt.step()
+    return torch.autograd.grad((w - targets[-1]).square().sum(), [w0, lr])
+
+
+# (name, options, whether torch's own differentiable step runs the case)
+DIFFERENTIABLE = [
+    ("adam", {"weight_decay": 0.1}, True),
+    ("adamw", {"weight_decay": 0.1}, True),
+    ("adam", {"amsgrad": True}, False),
+    ("sgd", {"momentum": 0.9, "nesterov": True, "weight_decay": 0.1}, True),
+    ("sgd", {"momentum": 0.9, "dampening": 0.3}, False),
+    ("sgd", {"momentum": torch.tensor(0.9, dtype=torch.float64)}, False),
+]
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,torch_runs", DIFFERENTIABLE, ids=range(len(DIFFERENTIABLE))
+)
+def test_differentiable_steps_give_the_hypergradients(
+    name: str, kwargs: Any, torch_runs: bool
+) -> None:
+    # Note [differentiable steps]: a second step changed in place what autograd had
+    # saved at the first ("modified by an inplace operation"), and a second tensor
+    # hyper-parameter failed to enter the hyper table. Against torch where its
+    # differentiable step runs (its float32 bias corrections: ~5e-6 off), and always
+    # against finite differences of our own steps.
+    ours_cls, torch_cls, _ = OPTIMIZERS[name]
+    options = {**kwargs, "independent_weight_decay": False, **UMUP}
+    grads = _hypergradients(ours_cls, 3, **options, compile=False)
+    if torch_runs:
+        for a, b in zip(grads, _hypergradients(torch_cls, 3, **kwargs)):
+            torch.testing.assert_close(a, b, rtol=0, atol=2e-5 * b.abs().max().item())
+
+    def final_loss(lr: float) -> float:
+        gen = torch.Generator().manual_seed(5)
+        h = torch.rand(6, dtype=torch.float64, generator=gen) + 0.5
+        targets = torch.randn(4, 6, dtype=torch.float64, generator=gen)
+        w = torch.randn(6, dtype=torch.float64, generator=gen)
+        opt = ours_cls(
+            [w], lr=torch.tensor(lr, dtype=torch.float64), **options, compile=False
+        )
+        for k in range(3):
+            w.grad = h * (w - targets[k])
+            opt.step()
+        return (w - targets[-1]).square().sum().item()
+
+    eps = 1e-6
+    finite = (final_loss(0.05 + eps) - final_loss(0.05 - eps)) / (2 * eps)
+    torch.testing.assert_close(grads[1].item(), finite, rtol=1e-6, atol=0)
 
 
 def test_non_leaf_params_accepted_where_torch_accepts_them():
@@ -1656,6 +1733,105 @@ def test_sgd_tensor_momentum_and_weight_decay_like_torch(engine: str) -> None:
                 ref.state[q]["momentum_buffer"],
                 **tolerance(p.dtype),
             )
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize(
+    "name,key",
+    [("sgd", "momentum"), ("sgd", "weight_decay"), ("adam", "weight_decay"),
+     ("adamw", "weight_decay")],
+)  # fmt: skip
+def test_tensor_option_of_zero_filled_in_place_turns_it_on_like_torch(
+    name: str, key: str, engine: str
+) -> None:
+    # Note [options off by a tensor's zero]: torch reads the tensor at every step; our
+    # config had read it once, so decay or momentum stayed off (1e-3 to 3e-2 off torch).
+    def make() -> list[nn.Parameter]:
+        _GEN.manual_seed(3)
+        return [nn.Parameter(_randn(6, 5)), nn.Parameter(_randn(7))]
+
+    params, ref_params = make(), make()
+    value = torch.tensor(0.0, dtype=torch.float64)
+    extra = {"dampening": 0.5, "nesterov": False} if key == "momentum" else {}
+    ours, ref = _ours_and_torch(
+        name, params, ref_params, engine, **{key: value}, **extra
+    )
+    for step in range(5):
+        if step == 2:
+            value.fill_(0.9 if key == "momentum" else 0.1)
+        for side in (params, ref_params):
+            for k, p in enumerate(side):
+                p.grad = torch.randn(p.shape, generator=_grad_gen(step, k)).to(p.dtype)
+        ours.step()
+        ref.step()
+        assert len(ours.state[params[0]]) == len(ref.state[ref_params[0]]), step
+        for p, q in zip(params, ref_params):
+            torch.testing.assert_close(p, q, **tolerance(p.dtype))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_one_element_step_set_by_hand_steps_as_torch(engine: str) -> None:
+    # torch takes state["step"] = torch.tensor([n]); the eager engine's stack of step
+    # counts crashed on a (1,) beside 0-d ones. More elements: refused, state intact.
+    def make() -> list[nn.Parameter]:
+        _GEN.manual_seed(4)
+        return [nn.Parameter(_randn(6, 5)), nn.Parameter(_randn(7))]
+
+    params, ref_params = make(), make()
+    ours, ref = _ours_and_torch("adam", params, ref_params, engine)
+    for step in range(4):
+        for side in (params, ref_params):
+            for k, p in enumerate(side):
+                p.grad = torch.randn(p.shape, generator=_grad_gen(step, k)).to(p.dtype)
+        if step == 2:
+            ours.state[params[0]]["step"] = torch.tensor([2.0])
+            ref.state[ref_params[0]]["step"] = torch.tensor([2.0])
+        ours.step()
+        ref.step()
+        for p, q in zip(params, ref_params):
+            torch.testing.assert_close(p, q, **tolerance(p.dtype))
+    ours.state[params[1]]["step"] = torch.tensor([4.0, 4.0])
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match=r"state\['step'\] .* has shape \(2,\)"):
+        ours.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_gradient_whose_square_overflows_leaves_the_others_finite(
+    engine: str, dtype: torch.dtype
+) -> None:
+    # Note [infinite second moment]: one gradient of 1e20 made its element's v inf,
+    # and lerp made it nan at the next step, and the parameter with it (torch: finite,
+    # its v = b2 * v + ((1 - b2) * g) * g still below float32's max; ours stays inf,
+    # so that element only decays). The other elements step as torch's.
+    def make() -> list[nn.Parameter]:
+        _GEN.manual_seed(6)
+        return [nn.Parameter(_randn(6, 5).to(dtype)), nn.Parameter(_randn(7).to(dtype))]
+
+    params, ref_params = make(), make()
+    ours = build(AdamW, params, engine, **KWARGS["adamw"], **UMUP,
+                 state_dtype=torch.float32)  # fmt: skip
+    ref = torch.optim.AdamW(ref_params, **KWARGS["adamw"], fused=True)
+    for step in range(4):
+        for side in (params, ref_params):
+            for k, p in enumerate(side):
+                g = torch.randn(p.shape, generator=_grad_gen(step, k)).to(p.dtype)
+                if step == 1 and k == 0:
+                    g.view(-1)[3] = 1e20
+                p.grad = g
+        ours.step()
+        ref.step()
+        for k, (p, q) in enumerate(zip(params, ref_params)):
+            assert p.isfinite().all(), step
+            if k == 0:
+                p, q = p.view(-1)[4:], q.view(-1)[4:]
+            if dtype == torch.bfloat16:  # torch's state is bf16 there, ours float32
+                torch.testing.assert_close(p, q, rtol=2e-2, atol=1e-2)
+            else:
+                torch.testing.assert_close(p, q, **tolerance(dtype))
+    assert ours.state[params[0]]["exp_avg_sq"].view(-1)[3] == math.inf
 
 
 @pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])

@@ -266,3 +266,20 @@ def test_floating_state_dtype_refuses_complex_params(cls, state_dtype) -> None: 
              "state_dtype": state_dtype}
         )  # fmt: skip
     assert len(opt.param_groups) == 1
+
+
+def test_sgd_refuses_a_stochastic_rounding_group_key() -> None:
+    # SGD's constructor has no stochastic_rounding; a group key asking for it was
+    # accepted and ignored (bf16 parameters stayed at 1.0 over 100 steps of 1e-3).
+    p = nn.Parameter(torch.ones(8, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"stochastic_rounding=True .* not by SGD"):
+        SGD(
+            [{"params": [p], "stochastic_rounding": True}],
+            lr=1e-3,
+            allow_non_unit_scaling_params=True,
+        )
+    opt = SGD([p], lr=1e-3, allow_non_unit_scaling_params=True)
+    q = nn.Parameter(torch.ones(8, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"stochastic_rounding=True .* not by SGD"):
+        opt.add_param_group({"params": [q], "stochastic_rounding": True})
+    assert len(opt.param_groups) == 1

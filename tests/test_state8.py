@@ -406,19 +406,24 @@ def test_int8_step_inside_users_fullgraph_compile(small_min: None) -> None:
             assert torch.equal(opt.state[p]["exp_avg"], ref.state[q]["exp_avg"])
 
 
-def test_int8_capturable_accepted_and_cpu_refused_as_with_float_state() -> None:
-    """capturable=True needs a graph-capture device; on the CPU both state dtypes
-    refuse the step with the same error (the CUDA capture is the GPU suite's)."""
-    messages = []
-    for state_dtype in (None, INT8):
+def test_int8_capturable_on_cpu_steps_as_without_it() -> None:
+    """capturable=True on the CPU (Dynamo sets it on traced optimizers' groups): the
+    same codes and parameters as without it (the CUDA capture is the GPU suite's)."""
+    runs = []
+    for capturable in (True, False):
         params = _params()
-        opt = AdamW(params, lr=torch.tensor(0.01), capturable=True,
-                    state_dtype=state_dtype, allow_non_unit_scaling_params=True)  # fmt: skip
-        _grads(params, 0)
-        with pytest.raises(ValueError, match="capturable=True") as err:
+        opt = AdamW(params, lr=torch.tensor(0.01), capturable=capturable,
+                    state_dtype=INT8, allow_non_unit_scaling_params=True,
+                    compile=False)  # fmt: skip
+        for step in range(2):
+            _grads(params, step)
             opt.step()
-        messages.append(str(err.value))
-    assert messages[0] == messages[1]
+        runs.append((params, opt))
+    (a, oa), (b, ob) = runs
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+        for key, value in oa.state[p].items():
+            assert torch.equal(value, ob.state[q][key]), key
 
 
 def test_int8_thousands_of_tensors_and_groups() -> None:
@@ -511,3 +516,41 @@ def test_int8_describe_shows_state_bytes() -> None:
     assert rows[2].split()[-1] == str(2 * 8192 + 64 * 8 + 4)
     assert rows[3].split()[-1] == str(32 * 8 + 4)
     assert re.search(r"state 17,160 B \(2\.09 B per element\)", rows[-1]), rows[-1]
+
+
+@pytest.mark.parametrize("engine", ["eager", "aot_eager"])
+@pytest.mark.parametrize("to_int8", [True, False], ids=["to-int8", "from-int8"])
+def test_state_dtype_edited_between_steps_converts_the_state(
+    engine: str, to_int8: bool
+) -> None:
+    """Note [state dtype edited]: the existing moments follow a group's edited
+    state_dtype (they kept theirs, silently), as a checkpoint loaded into an
+    optimizer with that state_dtype converts them: the same state, one warning."""
+    start, end = (None, INT8) if to_int8 else (INT8, None)
+    edited, loaded = _params(), _params()
+    opt = _opt(edited, engine, state_dtype=start)
+    for step in range(2):
+        _grads(edited, step)
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    with torch.no_grad():
+        for p, q in zip(edited, loaded):
+            q.copy_(p)
+    other = _opt(loaded, engine, state_dtype=end)
+    with pytest.warns(UserWarning, match="converted"):
+        other.load_state_dict(saved)
+    for g in opt.param_groups:
+        g["state_dtype"] = end
+    for step in range(2, 4):
+        for ps, o in ((edited, opt), (loaded, other)):
+            _grads(ps, step)
+            if step == 2 and o is opt:
+                with pytest.warns(UserWarning, match="converted to its group's"):
+                    o.step()
+            else:
+                o.step()
+    for p, q in zip(edited, loaded):
+        assert torch.equal(p, q)
+        assert opt.state[p].keys() == other.state[q].keys()
+        for key, value in opt.state[p].items():
+            assert torch.equal(value, other.state[q][key]), key

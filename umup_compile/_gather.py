@@ -10,7 +10,7 @@ while nothing structural changed.
 from __future__ import annotations
 
 import operator
-import weakref
+import warnings
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -34,8 +34,10 @@ State = dict[str, Any]
 # those of the state tensors the config uses, in the spec's order.
 BucketKey = tuple[torch.device, torch.dtype, Hashable, Any, torch.dtype]
 
-# Devices whose kernels can be captured into graphs (torch.optim's list, less xla).
-CAPTURABLE_DEVICES = ("cuda", "xpu", "hpu")
+# Devices whose kernels can be captured into graphs (torch.optim's list, less xla),
+# and the CPU: torch's fused CPU kernels take capturable=True, and Dynamo writes it
+# into the groups of the optimizers it traces, which a later untraced step meets.
+CAPTURABLE_DEVICES = ("cuda", "xpu", "hpu", "cpu")
 
 Picker = Callable[[Sequence[Any]], list[Any]]
 
@@ -146,9 +148,15 @@ def gather(
     # buckets, by the dtypes the state has (a state tensor rebound to another dtype
     # through ``.data`` is updated in its dtype, as torch.optim does).
     buckets: dict[BucketKey, Bucket] = {}
+    converted: set[str] = set()
     for p, grad, group, config, position in checked:
         s = state[p]
+        if s and not traced and (done := spec.follow_state_dtype(p, s, group)):
+            converted.add(done)  # Note [state dtype edited] in _state8
         fresh = spec.init_state(p, grad, s, group)
+        for k in spec.scalar_keys:  # a (1,) step (torch.tensor([n.])), 0-d as ours
+            if isinstance(t := s.get(k), Tensor) and t.ndim:
+                s[k] = t.reshape(())
         own = spec.state_config(config, s)  # e.g. 8-bit moments (Note [8-bit state])
         state_dtypes = tuple(s[k].dtype for k in spec.active_keys(own))
         key = (p.device, p.dtype, own, state_dtypes, grad.dtype)
@@ -162,6 +170,13 @@ def gather(
         bucket.positions.append(position)
         bucket.states.append(s)
         bucket.fresh.append(fresh)
+    if converted:
+        warnings.warn(
+            f"umup_compile: {optimizer_name}'s existing state was converted to its "
+            f"group's state_dtype ({', '.join(sorted(converted))}).",
+            UserWarning,
+            stacklevel=4,
+        )
     out = list(buckets.values())
     if not traced:
         _mark_aliased(out)
@@ -234,10 +249,16 @@ Rescale = Callable[..., tuple[float, float]]
 
 
 class _Record(NamedTuple):
-    """A group as admitted: its parameters (weakly held), lr and weight decay."""
+    """A group as admitted: its parameters, lr and weight decay.
+
+    The parameters are held, not weakly: ``torch.utils.swap_tensors`` (``to_empty``
+    or ``to()`` under ``swap_module_params_on_conversion``, after the optimizer was
+    built on the meta device) refuses a tensor with a weak reference. One removed from
+    the group's list is released when the next step's check records the group again.
+    """
 
     group: Group
-    params: list[weakref.ref[Tensor]]
+    params: list[Tensor]
     lr: Any
     weight_decay: Any
 
@@ -247,19 +268,19 @@ def _record(group: Group, lr: Any, weight_decay: Any) -> _Record:
     lr, weight_decay = (
         v.detach().clone() if isinstance(v, Tensor) else v for v in (lr, weight_decay)
     )
-    return _Record(group, [weakref.ref(p) for p in group["params"]], lr, weight_decay)
+    return _Record(group, list(group["params"]), lr, weight_decay)
 
 
 def _holds(record: _Record, params: Sequence[Tensor]) -> bool:
     """Whether ``record`` was taken of exactly ``params`` (in order)."""
     return len(record.params) == len(params) and all(
-        r() is p for r, p in zip(record.params, params)
+        r is p for r, p in zip(record.params, params)
     )
 
 
 class Admitted:
     """Which parameters each group's ``lr_scales``/``wd_scales`` were computed for,
-    in order (weakly held), recorded when the group is admitted.
+    in order, recorded when the group is admitted.
 
     Note [admitted order]: the factors are lists aligned with ``group["params"]``,
     but torch keys everything by the parameter, and a user may reorder a group's
@@ -307,13 +328,12 @@ class Admitted:
             params = group["params"]
             if _holds(record, params):
                 continue  # unchanged
-            admitted = [r() for r in record.params]
+            admitted = record.params
             if len(group["lr_scales"]) != len(admitted):
                 continue  # edited by hand too: _check_admitted reports it
             kept = {
                 id(a): (group["lr_scales"][k], group["wd_scales"][k])
                 for k, a in enumerate(admitted)
-                if a is not None
             }
             self._scale(group, g, record.lr, record.weight_decay, kept)
 
@@ -456,6 +476,12 @@ def _check_state(
                 "torch.inference_mode() (e.g. by a step taken there); step outside "
                 "inference mode from the start, or clear the parameter's state "
                 "(optimizer.state[p].clear()) to start it again."
+            )
+        if key in spec.scalar_keys and t.numel() != 1:
+            raise ValueError(
+                f"state[{key!r}] of {label} has shape {tuple(t.shape)}, but a step "
+                "count is one number: set a 0-d tensor (torch.tensor(n)), or clear "
+                "the parameter's state (optimizer.state[p].clear()) to start it again."
             )
         if key in spec.scalar_keys or key in spec.block_keys:
             continue  # their shapes are the spec's to check

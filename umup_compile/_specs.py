@@ -34,6 +34,7 @@ from ._state8 import (
     adam_update_,
     check_state8,
     float_state_dtype,
+    follow_state_dtype,
     init_state8_,
 )
 
@@ -80,6 +81,11 @@ class AlgorithmSpec:
         block_keys: state keys holding one row per block of :attr:`block` elements
             (not shaped like the parameter).
         block: the elements per block of :attr:`block_keys` (0: none).
+        off_tensors: a group's tensor hyper-parameters whose value 0 turned an
+            option of its config off (Note [options off by a tensor's zero]).
+        follow_state_dtype: convert a parameter's existing state to its group's
+            ``state_dtype``; return what was done, or None (Note [state dtype
+            edited] in ``_state8``).
     """
 
     name: str
@@ -102,6 +108,10 @@ class AlgorithmSpec:
     check_state: Callable[[Tensor, State, str], None] = lambda p, state, label: None
     block_keys: frozenset[str] = frozenset()
     block: int = 0
+    off_tensors: Callable[[Group], list[Tensor]] = lambda group: []
+    follow_state_dtype: Callable[[Tensor, State, Group], str | None] = (
+        lambda p, state, group: None
+    )
 
     def predict_state(self, p: Tensor, group: Group) -> State | None:
         """The state a first step makes for ``p`` (tensors on the meta device, the
@@ -207,6 +217,22 @@ def _adam_config(group: Group) -> AdamConfig:
     )
 
 
+# Note [options off by a tensor's zero]: torch reads ``weight_decay != 0`` (and SGD's
+# ``momentum != 0``) at every step, so a 0-d tensor of 0 filled in place later (as
+# torch's schedulers fill a tensor hyper-parameter) turns decay or momentum on at that
+# step. A config reads them once; the steady check compares these tensors' values with
+# 0 at every step (a host read each, only while such a tensor is 0) and gathers again
+# when one is not, where the config turns the option on (a fresh SGD buffer starts as
+# the gradient, as torch's). A tensor that turns 0 needs nothing: 0 decays nothing, and
+# a zero momentum is seen at run time (``momentum_may_be_zero``).
+def _zero_tensors(group: Group, keys: tuple[str, ...]) -> list[Tensor]:
+    return [
+        value
+        for key in keys
+        if isinstance(value := group[key], Tensor) and not bool(value != 0)
+    ]
+
+
 def _adam_traced_config(group: Group, state: dict[Tensor, State]) -> AdamConfig:
     # Weight decay always applied: a zero decay adds 0 * p, the same numbers.
     mode: WeightDecayMode = "decoupled" if group["decoupled_weight_decay"] else "l2"
@@ -286,6 +312,8 @@ ADAM = AlgorithmSpec(
     check_state=check_state8,
     block_keys=frozenset({SCALES_KEY}),
     block=BLOCK,
+    off_tensors=lambda group: _zero_tensors(group, ("weight_decay",)),
+    follow_state_dtype=follow_state_dtype,
 )
 
 
@@ -309,6 +337,11 @@ def _sgd_check(group: Group, where: str) -> None:
             f"state_dtype=torch.int8 (8-bit moments) is supported by Adam and AdamW, "
             f"not by SGD ({where}); pass state_dtype=None or a floating dtype such as "
             "torch.bfloat16 for SGD's momentum buffer."
+        )
+    if group.get("stochastic_rounding"):  # the constructor has no such argument
+        raise ValueError(
+            f"stochastic_rounding=True is supported by Adam and AdamW, not by SGD "
+            f"({where}); drop the key (SGD rounds bfloat16 parameters to nearest)."
         )
 
 
@@ -387,4 +420,5 @@ SGD = AlgorithmSpec(
     check_group=_sgd_check,
     fresh_matters=lambda config: bool(config.momentum),
     rounds=lambda config: False,
+    off_tensors=lambda group: _zero_tensors(group, ("momentum", "weight_decay")),
 )

@@ -307,6 +307,29 @@ def dequantize_moments(p: Tensor, state: State, dtype: torch.dtype) -> State:
     return out
 
 
+def follow_state_dtype(p: Tensor, state: State, group: dict[str, Any]) -> str | None:
+    """Note [state dtype edited]: existing moments follow a group's ``state_dtype``
+    edited between steps, as a checkpoint's do at loading: quantized when it turns
+    to ``torch.int8``, dequantized when it turns from it. Return what was done (for
+    one warning), or None. Float state of another float dtype is left as it is
+    (state rebound through ``.data`` is updated in its own dtype, as in torch)."""
+    if "exp_avg" not in state or "exp_avg_sq" not in state:
+        return None
+    state_dtype = group.get("state_dtype")
+    want8 = state_dtype == INT8 and p.is_floating_point() and keeps_float(p) is None
+    if want8 == (SCALES_KEY in state):
+        return None
+    if want8:
+        dtype = state["exp_avg"].dtype
+        state.pop("max_exp_avg_sq", None)  # 8-bit state has no amsgrad maximum
+        state.update(quantize_moments(p, state["exp_avg"], state["exp_avg_sq"]))
+        return f"{dtype} -> 8-bit (quantized)"
+    dtype = float_state_dtype(state_dtype, p)
+    state.update(dequantize_moments(p, state, dtype))
+    del state[SCALES_KEY]
+    return f"8-bit -> {dtype} (dequantized)"
+
+
 def place_scales(p: Tensor, scales: Tensor) -> Tensor:
     """Saved scales in the layout ``p`` takes (``(blocks, 2)``, or sharded like a
     ``DTensor`` parameter): a checkpoint from FSDP2 loads into one process and back;

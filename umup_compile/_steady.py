@@ -165,6 +165,8 @@ class SteadyCheck:
         self._state_values = list(state.values())
         self._raw = structure.raw(groups)
         self._derived = structure.derived(groups)
+        # Note [options off by a tensor's zero] in _specs
+        self._off = [t for g in groups for t in structure.spec.off_tensors(g)]
         self._inference = torch.is_inference_mode_enabled()
         self._members = [p for b in buckets for p in b.params]
         # Every parameter in group order, and pickers of the members (bucket order)
@@ -220,6 +222,8 @@ class SteadyCheck:
             self._raw = raw
         else:
             self.stable = self._structure.covered
+        if self._off and any(bool(t != 0) for t in self._off):
+            return None  # Note [options off by a tensor's zero] in _specs
         if torch.is_inference_mode_enabled() != self._inference:
             return None  # gather checks inference tensors (Note [what a graph reads])
         members = self._members
