@@ -1310,7 +1310,7 @@ def test_differentiable_steps_give_the_hypergradients(
     ours_cls, torch_cls, _ = OPTIMIZERS[name]
     options = {**kwargs, "independent_weight_decay": False, **UMUP}
     grads = _hypergradients(ours_cls, 3, **options, compile=False)
-    if torch_runs:
+    if torch_runs and TORCH >= "2.11":  # torch 2.6's own fails these too
         for a, b in zip(grads, _hypergradients(torch_cls, 3, **kwargs)):
             torch.testing.assert_close(a, b, rtol=0, atol=2e-5 * b.abs().max().item())
 
