@@ -224,12 +224,16 @@ def _adam_config(group: Group) -> AdamConfig:
 # 0 at every step (a host read each, only while such a tensor is 0) and gathers again
 # when one is not, where the config turns the option on (a fresh SGD buffer starts as
 # the gradient, as torch's). A tensor that turns 0 needs nothing: 0 decays nothing, and
-# a zero momentum is seen at run time (``momentum_may_be_zero``).
+# a zero momentum is seen at run time (``momentum_may_be_zero``). Only CPU tensors are
+# watched: a device tensor's read is a sync, which a capturable step must not make
+# (its zero is read when the step gathers, as before).
 def _zero_tensors(group: Group, keys: tuple[str, ...]) -> list[Tensor]:
     return [
         value
         for key in keys
-        if isinstance(value := group[key], Tensor) and not bool(value != 0)
+        if isinstance(value := group[key], Tensor)
+        and value.device.type == "cpu"
+        and not bool(value != 0)
     ]
 
 
