@@ -88,3 +88,14 @@ def test_describe_options_as_the_optimizers_name_them() -> None:
         describe(net, optimizer="lamb")
     # a tensor lr is shown as a number, not as tensor(...)
     assert describe(net, lr=torch.tensor(0.01)) == describe(net, lr=0.01)
+
+
+def test_describe_with_a_state_entry_that_is_not_a_tensor() -> None:
+    # torch keeps what a checkpoint holds (an old SGD's momentum_buffer None, a note
+    # of the user's); describe() raised AttributeError on .dtype
+    p = nn.Parameter(torch.randn(4, 3))
+    opt = SGD([p], lr=0.1, momentum=0.9, allow_non_unit_scaling_params=True)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    opt.state[p]["note"] = 3
+    assert "momentum_buffer" in opt.describe()

@@ -1834,6 +1834,65 @@ def test_a_gradient_whose_square_overflows_leaves_the_others_finite(
     assert ours.state[params[0]]["exp_avg_sq"].view(-1)[3] == math.inf
 
 
+@needs_mixed_grad_dtype
+@pytest.mark.parametrize("engine", ENGINES)
+def test_sgd_refuses_a_complex_gradient_of_a_real_parameter(engine: str) -> None:
+    # (torch 2.13's grad_dtype=None lets one be set) it moved the parameters before
+    # it, then a cast failed, or, first in its bucket, dropped the imaginary part
+    # silently; torch raises
+    params = [_p(_randn(4, 3)), _p(_randn(5)), _p(_randn(4, 4))]
+    ours = build(SGD, params, engine, lr=0.1, momentum=0.9, **UMUP)
+    for k, p in enumerate(params):
+        p.grad = torch.randn(p.shape, generator=_grad_gen(0, k)).to(p.dtype)
+    params[-1].grad_dtype = None
+    params[-1].grad = params[-1].grad.to(torch.complex128)
+    before = snapshot(ours)
+    with pytest.raises(TypeError, match=r"index 2 .* a real parameter needs a real"):
+        ours.step()
+    assert_unchanged(ours, before)
+
+
+EDITED = [  # (key, value, error, message)
+    ("lr", None, TypeError, r"param group 0's 'lr' is None, .* set a number"),
+    ("lr", "0.01", TypeError, r"'lr' is '0.01'"),
+    ("lr", torch.tensor([0.1, 0.2]), TypeError, r"'lr' is tensor"),
+    ("betas", (0.9,), TypeError, r"'betas' is \(0.9,\), .* set 2 numbers"),
+    ("betas", (1.0, 0.999), ValueError, r"betas are \(1.0, 0.999\): each beta"),
+    ("betas", (0.9, 1.5), ValueError, r"each beta must be in \[0, 1\)"),
+    ("eps", None, TypeError, r"'eps' is None"),
+]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize(
+    "key,value,error,message", EDITED, ids=[f"{k}={v!r}" for k, v, *_ in EDITED]
+)
+def test_a_group_value_edited_to_a_bad_one_is_refused_naming_it(
+    key: str, value: Any, error: type, message: str, engine: str
+) -> None:
+    # Note [edited values]: Python's own errors (or silent infs and nans for betas at
+    # 1 or above) before; the next good step is the step never refused
+    params = [_p(_randn(4, 3)), _p(_randn(5))]
+    refs = [_p(p.detach().clone()) for p in params]
+    ours = build(Adam, params, engine, lr=0.01, **UMUP)
+    ref = build(Adam, refs, engine, lr=0.01, **UMUP)
+    for step in range(3):
+        for side in (params, refs):
+            _random_grads(side, step)
+        if step == 1:
+            good = ours.param_groups[0][key]
+            ours.param_groups[0][key] = value
+            before = snapshot(ours)
+            with pytest.raises(error, match=message):
+                ours.step()
+            assert_unchanged(ours, before)
+            ours.param_groups[0][key] = good
+        ours.step()
+        ref.step()
+    for p, q in zip(params, refs):
+        assert torch.equal(p, q)
+
+
 @pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
 def test_numpy_scalar_hyper_parameters_like_torch(name: str) -> None:
     # torch takes numpy scalars (np.float32 is not a float); ours refused them.

@@ -175,8 +175,10 @@ def optimizer_table(
             own = state.get(p) or predict(p, group)
             nbytes = None if own is None else _nbytes(own)
             total += nbytes or 0
-            dtypes = tuple(
-                (k, t.dtype) for k, t in sorted((own or {}).items()) if k != "step"
+            dtypes = tuple(  # tensors only: a torch checkpoint may hold a None
+                (k, t.dtype)
+                for k, t in sorted((own or {}).items())
+                if k != "step" and isinstance(t, Tensor)
             )
             key = (p.device, p.dtype, state_config(group_config, own or {}), dtypes)
             bucket = buckets.setdefault(key, len(buckets))

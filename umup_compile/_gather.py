@@ -394,6 +394,11 @@ def _check_grad(p: Tensor, grad: Tensor, spec: AlgorithmSpec, label: str) -> Non
             f"{label} is on {p.device} but its gradient is on {grad.device}; move "
             "the gradient to the parameter's device."
         )
+    if grad.is_complex() and not p.is_complex():  # SGD would drop its imaginary part
+        raise TypeError(
+            f"{label} is {p.dtype} but its gradient is {grad.dtype}; a real "
+            "parameter needs a real gradient (set .grad to a real tensor)."
+        )
     if grad.dtype != p.dtype and not spec.grad_dtype_may_differ:
         raise TypeError(
             f"{label} is {p.dtype} but its gradient is {grad.dtype}; {spec.name} "

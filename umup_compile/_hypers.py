@@ -41,6 +41,7 @@ from __future__ import annotations
 import array
 import inspect
 import itertools
+import numbers
 import operator
 import weakref
 from collections.abc import Sequence
@@ -255,12 +256,18 @@ class HyperTable:
             if key in stable and key in table.raw:
                 continue
             values = list(map(get, groups))
-            if key in VOLATILE_KEYS:  # Note [hyper fingerprints]
-                same = _unchanged(values, table.raw.get(key), key in table.lists)
-            else:
-                same = values == table.raw.get(key)
+            try:
+                if key in VOLATILE_KEYS:  # Note [hyper fingerprints]
+                    same = _unchanged(values, table.raw.get(key), key in table.lists)
+                else:
+                    same = values == table.raw.get(key)
+                if not same:
+                    _fill(table, values, columns)
+                    _check_filled(table, key, columns)
+            except Exception as e:  # Note [edited values]
+                del self._tables[device]  # half-filled: built afresh next step
+                raise _edited(key, values, columns) or e from e
             if not same:
-                _fill(table, values, columns)
                 table.raw[key] = values
                 if key == "betas" and list in set(map(type, values)):  # the sequence
                     table.lists.add(key)
@@ -350,6 +357,53 @@ def _fill(
         values_a = array.array("d", col)
         table.host[:, j] = torch.frombuffer(values_a, dtype=torch.float64)
     table.shaped = any(t.ndim for t in table.tensors.values())
+
+
+# Note [edited values]: a group's value edited between steps is checked when the
+# table takes it, not at every step: malformed values (None, a string, a tensor of
+# several elements, one beta) raise an error naming the group, the key and the fix
+# (Python's own named neither), and betas outside [0, 1), which the constructor
+# refuses, raise too (torch's step divides by 1 - beta1**t, or takes the square
+# root of 1 - beta2**t: an error or silent infs and nans). Other values out of the
+# constructor's ranges step as torch's do (a negative lr ascends).
+def _check_filled(
+    table: _DeviceTable, key: str, columns: list[tuple[int, int | None]]
+) -> None:
+    if key != "betas":
+        return
+    betas = table.host[:, [j for j, _ in columns]]
+    if bool(((betas < 0) | (betas >= 1)).any()):
+        g = int(((betas < 0) | (betas >= 1)).any(1).nonzero()[0])
+        raise ValueError(
+            f"param group {g}'s betas are {tuple(betas[g].tolist())}: each beta must "
+            "be in [0, 1) (as the constructor checks); set them in that range."
+        )
+
+
+def _edited(
+    key: str, values: list[Any], columns: list[tuple[int, int | None]]
+) -> Exception | None:
+    """A clear error for the first group whose ``key`` the table cannot take (Note
+    [edited values]); None where every value is well formed."""
+    for g, value in enumerate(values):
+        try:
+            for _, item in columns:
+                v = value if item is None else value[item]
+                if isinstance(v, Tensor) and v.numel() != 1:
+                    raise ValueError
+                if not isinstance(v, (Tensor, numbers.Real)):
+                    raise TypeError
+            if any(item is not None for _, item in columns) and len(value) != len(
+                columns
+            ):
+                raise ValueError
+        except (TypeError, ValueError, IndexError, KeyError):
+            what = f"{len(columns)} numbers" if len(columns) > 1 else "a number"
+            return TypeError(
+                f"param group {g}'s {key!r} is {value!r}, which a step cannot use: "
+                f"set {what} (floats, or tensors of one element each)."
+            )
+    return None
 
 
 # Note [tensor hyper refresh]: a tensor hyper-parameter (a device lr that a scheduler
