@@ -310,7 +310,7 @@ def test_low_precision_pack_norm_is_the_sum_of_its_members_norms(dtype):
     sides = [[nn.Parameter(b.clone()) for b in base] for _ in range(3)]
     opts = [build(SGD, ps, e, lr=0.1, max_grad_norm=1.0, **UMUP)
             for ps, e in zip(sides[:2], ["aot_eager", "eager"])]  # fmt: skip
-    for step in range(2):
+    for _ in range(2):
         grads = [
             torch.randn(s, generator=gen).to(b.dtype) for s, b in zip(shapes, base)
         ]
