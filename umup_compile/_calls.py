@@ -46,6 +46,24 @@ def local_shard(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def shard_places(params: Sequence[Tensor]) -> list[Any] | None:
+    """Per parameter, (its full shape, its local shard's offset) for a ``DTensor``,
+    else None (Note [shard streams] in ``_functional``); None without torch's
+    helper (an internal API: the shards then count from 0, as before)."""
+    try:
+        from torch.distributed.tensor._utils import (
+            compute_local_shape_and_global_offset as place,
+        )
+    except ImportError:  # pragma: no cover - every supported torch has it
+        return None
+    return [
+        (tuple(p.shape), tuple(place(p.shape, p.device_mesh, p.placements)[1]))
+        if isinstance(p, DTensor)
+        else None
+        for p in params
+    ]
+
+
 def placed_like(params: Sequence[Tensor], grads: Sequence[Tensor]) -> list[Tensor]:
     """``grads``, each placed as its parameter (Note [sharded parameters]); FSDP2's
     already are."""

@@ -92,12 +92,15 @@ def _noise(
     segment_t: Tensor | None,
     local_index_t: Tensor | None,
     params: Sequence[Tensor],
+    shards: Sequence[ShardPlace | None] | None = None,
 ) -> list[tuple[Tensor, Tensor, Tensor]] | None:
     """Per parameter, the (index, k1, k2) of its stochastic-rounding stream.
 
     A parameter's stream is keyed by its own seed and step, and indexed by the
     element's position in the parameter, so the bits do not depend on how the engine
-    laid the parameters out (Note [stochastic rounding] in ``_rounding``).
+    laid the parameters out (Note [stochastic rounding] in ``_rounding``). ``shards``:
+    per parameter, where its local shard sits in the full parameter (None: it is
+    whole), so that a shard draws the full parameter's bits (Note [shard streams]).
     """
     if sr_seeds_t is None:
         return None
@@ -112,16 +115,39 @@ def _noise(
     k1s, k2s = keys.unbind()
     return [
         (
-            torch.arange(
-                p.numel(),
-                dtype=torch.int32 if p.numel() < 2**31 else torch.int64,
-                device=p.device,
-            ).view(p.shape),
+            _positions(p, shards[i] if shards else None),
             k1s[i],
             k2s[i],
         )
         for i, p in enumerate(params)
     ]
+
+
+# A local shard's place in its full parameter: (the full shape, the shard's offset).
+ShardPlace = tuple[tuple[int, ...], tuple[int, ...]]
+
+
+def _positions(p: Tensor, shard: ShardPlace | None) -> Tensor:
+    """Each element's flat position in its full parameter, shaped like ``p``.
+
+    Note [shard streams]: an FSDP2 or tensor-parallel step updates local shards
+    (Note [sharded parameters] in ``_calls``); counted from 0 in each shard, every
+    shard of a parameter drew the same bits, unlike one process. The position is
+    the sum over dims of (local index + the shard's offset) times the full shape's
+    stride, built by broadcasting (no full-size tensor).
+    """
+    full = p.shape if shard is None else shard[0]
+    dtype = torch.int32 if math.prod(full) < 2**31 else torch.int64
+    if shard is None or len(full) != p.ndim:
+        return torch.arange(p.numel(), dtype=dtype, device=p.device).view(p.shape)
+    index = torch.zeros((), dtype=dtype, device=p.device)
+    stride = 1
+    for d in reversed(range(p.ndim)):
+        n = p.shape[d]
+        along = (torch.arange(n, dtype=dtype, device=p.device) + shard[1][d]) * stride
+        index = index + along.view([n if k == d else 1 for k in range(p.ndim)])
+        stride *= full[d]
+    return index.expand(p.shape)
 
 
 def _store(
@@ -151,6 +177,7 @@ def adam_step_(
     sr_seeds_t: Tensor | None = None,
     grad_scale_t: Tensor | None = None,
     found_inf_t: Tensor | None = None,
+    shards: Sequence[ShardPlace | None] | None = None,
 ) -> None:
     """Apply one u-μP Adam (or AdamW) step in place.
 
@@ -174,6 +201,7 @@ def adam_step_(
             (see Note [low precision]); ``None``: round to nearest.
         grad_scale_t, found_inf_t: a GradScaler's scale (gradients are divided by
             it) and inf flag (the step is skipped, see Note [skipped steps]).
+        shards: per parameter, where its local shard sits (Note [shard streams]).
     """
     if not params:
         return
@@ -198,7 +226,7 @@ def adam_step_(
     )
 
     if cdt != params[0].dtype or any(d != cdt for d in dtypes):  # Note [low precision]
-        noise = _noise(sr_seeds_t, step, segment_t, local_index_t, params)
+        noise = _noise(sr_seeds_t, step, segment_t, local_index_t, params, shards)
         for i, param in enumerate(params):
             grad = _unscale(grads[i].to(cdt), grad_scale_t, config.maximize)
             p = param.to(cdt)

@@ -17,7 +17,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._calls import BucketPlan, Call, bucket_call, list_view, placed_like
+from ._calls import (
+    BucketPlan,
+    Call,
+    bucket_call,
+    list_view,
+    placed_like,
+    shard_places,
+)
 from ._gather import Bucket
 from ._pack import pack_in, unit_lists
 from ._prologue import Hypers
@@ -65,6 +72,8 @@ def prepare(
         call = bucket_call(bucket, plan.keys, groups)
         args = call_args(spec, plan, call, grads, hyper_t)
         kwargs = call_kwargs(spec, base, call)
+        if "sr_seeds_t" in kwargs:  # Note [shard streams] in _functional
+            kwargs["shards"] = shard_places(bucket.params)
         return [Work(args, kwargs, device, call, sharded=sharded(bucket, grads))]
     # Dynamo refuses parameters whose .grad has another dtype; overlapping
     # parameters are updated in turn (Note [aliased parameters] in ``_gather``).

@@ -61,7 +61,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._functional import AdamConfig, _noise, _store, _unscale
+from ._functional import AdamConfig, ShardPlace, _noise, _store, _unscale
 from ._prologue import Hypers, adam_prologue
 from ._quant import (
     BLOCK,
@@ -94,6 +94,7 @@ def adam8_step_(
     sr_seeds_t: Tensor | None = None,
     grad_scale_t: Tensor | None = None,
     found_inf_t: Tensor | None = None,
+    shards: Sequence[ShardPlace | None] | None = None,
 ) -> None:
     """Apply one u-μP Adam (or AdamW) step in place, with 8-bit moments.
 
@@ -117,6 +118,7 @@ def adam8_step_(
         row_widths_t: for a pack, each row's count of its parameter's elements
             (the rest is padding, whose gradient is taken as 0: Note [pack
             padding]).
+        shards: as for ``adam_step_`` (Note [shard streams]).
 
     Raises:
         ValueError: for ``amsgrad``.
@@ -141,7 +143,7 @@ def adam8_step_(
     )
     # Views of the prologue's realized table (Note [realized coefficients])
     weight1s, weight2s, root_scales, eps_scaleds, l2s, decays = coefficients
-    noise = _noise(sr_seeds_t, step, segment_t, local_index_t, params)
+    noise = _noise(sr_seeds_t, step, segment_t, local_index_t, params, shards)
     for i, param in enumerate(params):
         n = param.numel()
         keys = noise[i][1:] if noise else ()

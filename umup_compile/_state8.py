@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._functional import AdamConfig, adam_step_
+from ._functional import AdamConfig, ShardPlace, adam_step_
 from ._prologue import Hypers
 from ._quant import BLOCK, dequantize, num_blocks, quantize_
 from ._quant_step import adam8_step_
@@ -211,6 +211,7 @@ def adam_update_(
     sr_seeds_t: Tensor | None = None,
     grad_scale_t: Tensor | None = None,
     found_inf_t: Tensor | None = None,
+    shards: Sequence[ShardPlace | None] | None = None,
 ) -> None:
     """The Adam spec's update: :func:`~umup_compile._functional.adam_step_`, or
     with ``config.int8_state`` :func:`~umup_compile._quant_step.adam8_step_` over
@@ -240,6 +241,7 @@ def adam_update_(
             sr_seeds_t=sr_seeds_t,
             grad_scale_t=grad_scale_t,
             found_inf_t=found_inf_t,
+            shards=shards,
         )
         return
     copies: list[tuple[Tensor, Tensor]] = []
@@ -262,6 +264,7 @@ def adam_update_(
         sr_seeds_t=sr_seeds_t,
         grad_scale_t=grad_scale_t,
         found_inf_t=found_inf_t,
+        shards=shards,
     )
     for t, c in copies:
         t.copy_(c)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.torch_version import TorchVersion
 
-from ._calls import BucketPlan, bucket_call
+from ._calls import BucketPlan, bucket_call, shard_places
 from ._gather import gather
 from ._hypers import HyperTable
 from ._prepare import Work, amp_kwargs, call_args, call_kwargs, sharded
@@ -71,6 +71,8 @@ def traced_step(
         kwargs = call_kwargs(spec, base, call)
         if spec.fresh_matters(bucket.config) and any(bucket.fresh):
             kwargs["fresh_buffers"] = list(bucket.fresh)
+        if bucket.sharded and "sr_seeds_t" in kwargs:  # Note [shard streams]
+            kwargs["shards"] = shard_places(bucket.params)
         args = call_args(spec, plan, call, bucket.grads, hyper[device])
         works.append(
             Work(args, kwargs, device, None, sharded=sharded(bucket, bucket.grads))

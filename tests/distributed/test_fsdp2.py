@@ -83,3 +83,49 @@ def test_fsdp2_matches_single_process_compiled(engine: str, cases: list[str]) ->
 def test_fsdp2_checkpoint_round_trips_compiled() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         launch(_checkpoint_round_trips, "aot_eager", os.path.join(tmp, "ckpt"))
+
+
+def _sr_shards_draw_the_full_parameters_bits(rank: int, engine: str) -> None:
+    """Note [shard streams]: bf16 parameters with stochastic rounding, gradients set
+    by hand (no reduce-scatter rounding): each rank's shard rounds as the same rows
+    of the whole parameter do in one process, bitwise."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from umup_compile.optim import AdamW
+
+    def params() -> torch.nn.Module:
+        gen = torch.Generator().manual_seed(0)
+        module = torch.nn.Module()
+        row = torch.randn(1, 512, generator=gen)  # equal rows: equal updates but for SR
+        module.w = torch.nn.Parameter(row.repeat(6, 1).to(torch.bfloat16))
+        return module
+
+    def grads(step: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(10 + step)
+        return torch.randn(1, 512, generator=gen).repeat(6, 1).to(torch.bfloat16)
+
+    options = {"lr": 0.01, "stochastic_rounding": True,
+               "state_dtype": torch.float32, "allow_non_unit_scaling_params": True}  # fmt: skip
+    sharded, whole = params(), params()
+    fully_shard(sharded)
+    opts = [make_optimizer(m, engine, AdamW, **options) for m in (sharded, whole)]
+    for step in range(3):
+        full_grad = grads(step)
+        w = sharded.w
+        local = full_grad[w.to_local().shape[0] * rank :][: w.to_local().shape[0]]
+        w.grad = DTensor.from_local(local, w.device_mesh, w.placements)
+        whole.w.grad = full_grad
+        for opt in opts:
+            opt.step()
+    gathered = sharded.w.full_tensor()
+    assert torch.equal(gathered, whole.w.detach()), rank
+    assert not torch.equal(gathered[0], gathered[-1])  # rows drew their own bits
+    dist.barrier()
+
+
+@pytest.mark.parametrize("engine", ["eager", "aot_eager"])
+def test_fsdp2_stochastic_rounding_draws_the_full_parameters_bits(engine: str) -> None:
+    launch(_sr_shards_draw_the_full_parameters_bits, engine)
