@@ -296,33 +296,3 @@ def test_new_max_grad_norm_never_recompiles():
             frames = counter.frame_count
     assert frames is not None and counter.frame_count == frames
     assert_pair_close(ours, ref, list(zip(ps, qs)))
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_pack_norm_is_the_sum_of_its_members_norms(dtype):
-    """Note [pack norms]: the compiled engine took one norm of a bf16 pack (2e-3 off
-    torch's sum of per-tensor norms, each rounded to bf16); now the eager engine's,
-    bitwise, and torch's norm."""
-    gen = torch.Generator().manual_seed(0)
-    shapes = [(17, 13)] * 60 + [(64, 64)]
-    base = [torch.randn(s, generator=gen).to(dtype) for s in shapes[:-1]]
-    base.append(torch.randn(shapes[-1], generator=gen))
-    sides = [[nn.Parameter(b.clone()) for b in base] for _ in range(3)]
-    opts = [build(SGD, ps, e, lr=0.1, max_grad_norm=1.0, **UMUP)
-            for ps, e in zip(sides[:2], ["aot_eager", "eager"])]  # fmt: skip
-    for _ in range(2):
-        grads = [
-            torch.randn(s, generator=gen).to(b.dtype) for s, b in zip(shapes, base)
-        ]
-        for side in sides:
-            for p, g in zip(side, grads):
-                p.grad = g.clone()
-        for opt in opts:
-            opt.step()
-        expected = torch.nn.utils.clip_grad_norm_(sides[2], 1.0)
-        assert torch.equal(opts[0].last_grad_norm, opts[1].last_grad_norm)
-        torch.testing.assert_close(
-            opts[0].last_grad_norm.double(), expected.double(), rtol=1e-6, atol=0
-        )
-        for p, q in zip(*sides[:2]):
-            assert torch.equal(p, q)

@@ -262,8 +262,8 @@ class HyperTable:
                 else:
                     same = values == table.raw.get(key)
                 if not same:
+                    _check_filled(key, values)
                     _fill(table, values, columns)
-                    _check_filled(table, key, columns)
             except Exception as e:  # Note [edited values]
                 del self._tables[device]  # half-filled: built afresh next step
                 raise _edited(key, values, columns) or e from e
@@ -366,17 +366,17 @@ def _fill(
 # refuses, raise too (torch's step divides by 1 - beta1**t, or takes the square
 # root of 1 - beta2**t: an error or silent infs and nans). Other values out of the
 # constructor's ranges step as torch's do (a negative lr ascends).
-def _check_filled(
-    table: _DeviceTable, key: str, columns: list[tuple[int, int | None]]
-) -> None:
+def _check_filled(key: str, values: list[Any]) -> None:
     if key != "betas":
         return
-    betas = table.host[:, [j for j, _ in columns]]
-    if bool(((betas < 0) | (betas >= 1)).any()):
-        g = int(((betas < 0) | (betas >= 1)).any(1).nonzero()[0])
+    flat = list(itertools.chain.from_iterable(values))
+    if not set(map(type, flat)) <= _PLAIN:  # tensor betas: read as they are
+        return
+    if flat and (min(flat) < 0 or max(flat) >= 1):  # C-level, on plain numbers
+        g = next(g for g, v in enumerate(values) if not all(0 <= b < 1 for b in v))
         raise ValueError(
-            f"param group {g}'s betas are {tuple(betas[g].tolist())}: each beta must "
-            "be in [0, 1) (as the constructor checks); set them in that range."
+            f"param group {g}'s betas are {tuple(values[g])}: each beta must be in "
+            "[0, 1) (as the constructor checks); set them in that range."
         )
 
 

@@ -95,7 +95,7 @@ class StepClip:
         """One device, compiled engine: the per-tensor norms eagerly (one
         ``_foreach_norm``), the rest one compiled call."""
         ((device, amp_kw),) = amp.items()
-        norms = _work_norms(works)
+        norms = tensor_norms([g for w in works for g in w.grads])
         cached = self._max_norm_t
         if cached is None or cached[0] != max_norm or cached[1].device != device:
             # full, not tensor: a fill kernel, no host copy (capture-safe); in the
@@ -121,31 +121,3 @@ class StepClip:
         self.last_grad_norm = norm.view(())
         for work in works:
             work.kwargs["grad_scale_t"] = divisor.view(())
-
-
-def _work_norms(works: list[Work]) -> Tensor:
-    """Each gradient's norm, as ``clip_grad_norm_`` takes them: one per parameter.
-
-    Note [pack norms]: a pack's gradients arrive as one buffer, whose single norm
-    serves in float32 (the per-tensor norms' squares sum to its square, to float32
-    rounding). In bf16 or fp16 it does not: torch's per-tensor norms are each rounded
-    to the gradients' dtype, a norm of the whole pack once, 2e-3 off theirs (200
-    small bf16 gradients), which moved every parameter's clipped update by as much.
-    So a low-precision pack's norms are its members' own: each row's squares summed
-    in float32, added up per member, rooted and rounded to the gradients' dtype.
-    """
-    plain: list[Tensor] = []
-    own: list[Tensor] = []
-    for work in works:
-        pack = None if work.call is None else work.call.pack
-        grad = work.grads[0] if work.grads else None
-        if pack is None or grad is None or grad.dtype.itemsize >= 4:
-            plain += work.grads
-            continue
-        rows = grad.float().square().sum(1)
-        squares = rows.new_zeros(len(pack.params)).index_add_(0, pack.segment_t, rows)
-        own.append(squares.sqrt().to(grad.dtype))
-    if not own:
-        return tensor_norms(plain)
-    parts = [tensor_norms(plain)] if plain else []
-    return torch.cat([*parts, *(n.to(parts[0].dtype) if parts else n for n in own)])
