@@ -1859,6 +1859,7 @@ EDITED = [  # (key, value, error, message)
     ("betas", (0.9,), TypeError, r"'betas' is \(0.9,\), .* set 2 numbers"),
     ("betas", (1.0, 0.999), ValueError, r"betas are \(1.0, 0.999\): each beta"),
     ("betas", (0.9, 1.5), ValueError, r"each beta must be in \[0, 1\)"),
+    ("betas", (float("nan"), 0.999), ValueError, r"each beta must be in \[0, 1\)"),
     ("eps", None, TypeError, r"'eps' is None"),
 ]
 

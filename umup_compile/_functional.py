@@ -273,12 +273,14 @@ def adam_step_(
 
 def _keep_inf(v: Tensor) -> None:
     """Note [infinite second moment]: a gradient above ~1.8e19 once squares to inf
-    in float32. torch's ``beta2 * v + (1 - beta2) * g * g`` keeps that element's
-    ``v`` inf (its updates are 0 from then on); lerp's ``v + w * (g * g - v)`` made
-    it inf - inf = nan at the next step, and the parameter with it. So a nan second
-    moment is read as inf, in place (one pass, fused when compiled; a ``where`` on
-    the old value cost the eager engine ~40 % of its step). A nan gradient still
-    makes its parameter nan, as in torch, through the first moment."""
+    in float32, and lerp's ``v + w * (g * g - v)`` then made ``v`` inf - inf = nan at
+    the next step, and the parameter with it. So a nan second moment is read as inf,
+    in place (one pass, fused when compiled; a ``where`` on the old value cost the
+    eager engine ~40 % of its step): that element's updates are 0 from then on.
+    torch's ``beta2 * v + ((1 - beta2) * g) * g`` overflows later, past ~5.8e20
+    (below, its ``v`` stays finite and the element keeps updating); squaring first
+    is what lets the update fuse as it does. A nan gradient still makes its
+    parameter nan, as in torch, through the first moment."""
     v.nan_to_num_(nan=math.inf, posinf=math.inf)
 
 

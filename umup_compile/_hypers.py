@@ -41,6 +41,7 @@ from __future__ import annotations
 import array
 import inspect
 import itertools
+import math
 import numbers
 import operator
 import weakref
@@ -364,15 +365,17 @@ def _fill(
 # several elements, one beta) raise an error naming the group, the key and the fix
 # (Python's own named neither), and betas outside [0, 1), which the constructor
 # refuses, raise too (torch's step divides by 1 - beta1**t, or takes the square
-# root of 1 - beta2**t: an error or silent infs and nans). Other values out of the
-# constructor's ranges step as torch's do (a negative lr ascends).
+# root of 1 - beta2**t: an error or silent infs and nans); tensor betas are read as
+# they are. Other values out of the constructor's ranges step as torch's do (a
+# negative lr ascends).
 def _check_filled(key: str, values: list[Any]) -> None:
     if key != "betas":
         return
     flat = list(itertools.chain.from_iterable(values))
     if not set(map(type, flat)) <= _PLAIN:  # tensor betas: read as they are
         return
-    if flat and (min(flat) < 0 or max(flat) >= 1):  # C-level, on plain numbers
+    # C-level on plain numbers; fsum is nan if one is (min and max may skip a nan)
+    if flat and (min(flat) < 0 or max(flat) >= 1 or math.isnan(math.fsum(flat))):
         g = next(g for g, v in enumerate(values) if not all(0 <= b < 1 for b in v))
         raise ValueError(
             f"param group {g}'s betas are {tuple(values[g])}: each beta must be in "
