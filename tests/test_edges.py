@@ -60,6 +60,19 @@ def _grad_gen(step: int, k: int) -> torch.Generator:
     return torch.Generator().manual_seed(1000 * step + k)
 
 
+def _twin_params(
+    seed: int,
+    shapes: Sequence[tuple[int, ...]] = ((6, 5), (7,)),
+    dtype: torch.dtype = torch.float64,
+) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """Two equal lists of parameters (ours and the reference's), drawn from ``seed``."""
+    sides = []
+    for _ in range(2):
+        _GEN.manual_seed(seed)
+        sides.append([nn.Parameter(_randn(*shape).to(dtype)) for shape in shapes])
+    return sides[0], sides[1]
+
+
 def _random_grads(params: Sequence[Tensor], step: int) -> None:
     """Deterministic gradients in each parameter's dtype (same for both sides);
     complex parameters get complex gradients (real and imaginary parts random)."""
@@ -1708,11 +1721,7 @@ def test_sgd_tensor_momentum_and_weight_decay_like_torch(engine: str) -> None:
     # ours kept that comparison as a tensor in the graph's static config, which a
     # graph cannot branch on (strict: Unsupported; default: eager with a warning).
     # Momentum set to 0 in place mid-run: the buffers stay, the update is the gradient.
-    def make() -> list[nn.Parameter]:
-        _GEN.manual_seed(1)
-        return [nn.Parameter(_randn(6, 5)), nn.Parameter(_randn(7))]
-
-    params, ref_params = make(), make()
+    params, ref_params = _twin_params(1)
     momentum, weight_decay = torch.tensor(0.9, dtype=torch.float64), torch.tensor(0.01)
     ours, ref = _ours_and_torch(
         "sgd", params, ref_params, engine, momentum=momentum,
@@ -1722,8 +1731,7 @@ def test_sgd_tensor_momentum_and_weight_decay_like_torch(engine: str) -> None:
         if step == 2:
             momentum.fill_(0.0)
         for side in (params, ref_params):
-            for k, p in enumerate(side):
-                p.grad = torch.randn(p.shape, generator=_grad_gen(step, k)).to(p.dtype)
+            _random_grads(side, step)
         ours.step()
         ref.step()
         for p, q in zip(params, ref_params):
@@ -1746,11 +1754,7 @@ def test_tensor_option_of_zero_filled_in_place_turns_it_on_like_torch(
 ) -> None:
     # Note [options off by a tensor's zero]: torch reads the tensor at every step; our
     # config had read it once, so decay or momentum stayed off (1e-3 to 3e-2 off torch).
-    def make() -> list[nn.Parameter]:
-        _GEN.manual_seed(3)
-        return [nn.Parameter(_randn(6, 5)), nn.Parameter(_randn(7))]
-
-    params, ref_params = make(), make()
+    params, ref_params = _twin_params(3)
     value = torch.tensor(0.0, dtype=torch.float64)
     extra = {"dampening": 0.5, "nesterov": False} if key == "momentum" else {}
     ours, ref = _ours_and_torch(
@@ -1760,8 +1764,7 @@ def test_tensor_option_of_zero_filled_in_place_turns_it_on_like_torch(
         if step == 2:
             value.fill_(0.9 if key == "momentum" else 0.1)
         for side in (params, ref_params):
-            for k, p in enumerate(side):
-                p.grad = torch.randn(p.shape, generator=_grad_gen(step, k)).to(p.dtype)
+            _random_grads(side, step)
         ours.step()
         ref.step()
         assert len(ours.state[params[0]]) == len(ref.state[ref_params[0]]), step
@@ -1773,16 +1776,11 @@ def test_tensor_option_of_zero_filled_in_place_turns_it_on_like_torch(
 def test_a_one_element_step_set_by_hand_steps_as_torch(engine: str) -> None:
     # torch takes state["step"] = torch.tensor([n]); the eager engine's stack of step
     # counts crashed on a (1,) beside 0-d ones. More elements: refused, state intact.
-    def make() -> list[nn.Parameter]:
-        _GEN.manual_seed(4)
-        return [nn.Parameter(_randn(6, 5)), nn.Parameter(_randn(7))]
-
-    params, ref_params = make(), make()
+    params, ref_params = _twin_params(4)
     ours, ref = _ours_and_torch("adam", params, ref_params, engine)
     for step in range(4):
         for side in (params, ref_params):
-            for k, p in enumerate(side):
-                p.grad = torch.randn(p.shape, generator=_grad_gen(step, k)).to(p.dtype)
+            _random_grads(side, step)
         if step == 2:
             ours.state[params[0]]["step"] = torch.tensor([2.0])
             ref.state[ref_params[0]]["step"] = torch.tensor([2.0])
@@ -1806,21 +1804,15 @@ def test_a_gradient_whose_square_overflows_leaves_the_others_finite(
     # and lerp made it nan at the next step, and the parameter with it (torch: finite,
     # its v = b2 * v + ((1 - b2) * g) * g still below float32's max; ours stays inf,
     # so that element only decays). The other elements step as torch's.
-    def make() -> list[nn.Parameter]:
-        _GEN.manual_seed(6)
-        return [nn.Parameter(_randn(6, 5).to(dtype)), nn.Parameter(_randn(7).to(dtype))]
-
-    params, ref_params = make(), make()
+    params, ref_params = _twin_params(6, dtype=dtype)
     ours = build(AdamW, params, engine, **KWARGS["adamw"], **UMUP,
                  state_dtype=torch.float32)  # fmt: skip
     ref = torch.optim.AdamW(ref_params, **KWARGS["adamw"], fused=True)
     for step in range(4):
         for side in (params, ref_params):
-            for k, p in enumerate(side):
-                g = torch.randn(p.shape, generator=_grad_gen(step, k)).to(p.dtype)
-                if step == 1 and k == 0:
-                    g.view(-1)[3] = 1e20
-                p.grad = g
+            _random_grads(side, step)
+            if step == 1:
+                side[0].grad.view(-1)[3] = 1e20
         ours.step()
         ref.step()
         for k, (p, q) in enumerate(zip(params, ref_params)):
@@ -1906,16 +1898,11 @@ def test_numpy_scalar_hyper_parameters_like_torch(name: str) -> None:
                 "dampening": numpy.float32(0.1), "nesterov": False},
     }[name]  # fmt: skip
 
-    def make() -> list[nn.Parameter]:
-        _GEN.manual_seed(2)
-        return [nn.Parameter(_randn(4, 3).float()), nn.Parameter(_randn(5).float())]
-
-    params, ref_params = make(), make()
+    params, ref_params = _twin_params(2, ((4, 3), (5,)), torch.float32)
     ours, ref = _ours_and_torch(name, params, ref_params, "eager", **options)
     for step in range(3):
         for side in (params, ref_params):
-            for k, p in enumerate(side):
-                p.grad = torch.randn(p.shape, generator=_grad_gen(step, k))
+            _random_grads(side, step)
         ours.step()
         ref.step()
     for p, q in zip(params, ref_params):
@@ -1930,11 +1917,7 @@ def test_group_dicts_passed_are_the_optimizers_groups_as_in_torch(
     # torch keeps the dict you pass: your later edits (its lr) reach the optimizer,
     # and a second optimizer built on another's param_groups shares them. Ours
     # copied it, and both kinds of edit were lost (0.17 off torch after 3 steps).
-    def make() -> list[nn.Parameter]:
-        _GEN.manual_seed(3)
-        return [nn.Parameter(_randn(4, 3)), nn.Parameter(_randn(5))]
-
-    params, ref_params = make(), make()
+    params, ref_params = _twin_params(3, ((4, 3), (5,)))
     dicts = [{"params": [p], "lr": 0.1} for p in params]
     ref_dicts = [{"params": [p], "lr": 0.1} for p in ref_params]
     ours, ref = _ours_and_torch(name, dicts, ref_dicts, engine)
@@ -1942,8 +1925,7 @@ def test_group_dicts_passed_are_the_optimizers_groups_as_in_torch(
     assert dicts[0]["params"] == [params[0]] and "lr_scales" in dicts[0]
     for step in range(3):
         for side in (params, ref_params):
-            for k, p in enumerate(side):
-                p.grad = torch.randn(p.shape, generator=_grad_gen(step, k)).double()
+            _random_grads(side, step)
         ours.step()
         ref.step()
         for d in (dicts[0], ref_dicts[0]):
@@ -1986,8 +1968,7 @@ def test_param_moved_to_the_neighbouring_group_takes_its_options(engine: str) ->
                 opt.param_groups[0]["params"] = [a, b]
                 opt.param_groups[1]["params"] = [c]
         for side in (params, ref_params):
-            for k, p in enumerate(side):
-                p.grad = torch.randn(p.shape, generator=_grad_gen(step, k)).double()
+            _random_grads(side, step)
         ours.step()
         ref.step()
         for p, q in zip(params, ref_params):
@@ -2002,11 +1983,7 @@ def test_groups_put_in_param_groups_directly_step_like_torch(
     # torch.optim steps a group dict appended to (or put in) param_groups without
     # add_param_group; ours raised KeyError: 'lr_scales' at the next gather. It is now
     # scaled as add_param_group would have.
-    def make() -> list[nn.Parameter]:
-        _GEN.manual_seed(5)
-        return [nn.Parameter(_randn(3)) for _ in range(4)]
-
-    params, ref_params = make(), make()
+    params, ref_params = _twin_params(5, [(3,)] * 4)
     first = slice(None) if edit == "replace_one" else slice(1)
     ours, ref = _ours_and_torch(
         "adam", [{"params": params[:2]}, {"params": params[2:]}][first],
@@ -2023,8 +2000,7 @@ def test_groups_put_in_param_groups_directly_step_like_torch(
                 else:
                     opt.param_groups[1] = new
         for side in (params, ref_params):
-            for k, p in enumerate(side):
-                p.grad = torch.randn(p.shape, generator=_grad_gen(step, k)).double()
+            _random_grads(side, step)
         if step == 4:  # a gather: one parameter without a gradient
             params[3].grad = ref_params[3].grad = None
         ours.step()

@@ -70,6 +70,16 @@ def _opt(params: list[Any], engine: str = "eager", cls: type = AdamW, **kw: Any)
     return opt
 
 
+def _assert_same_runs(
+    params: list[Any], opt: Any, others: list[Any], other: Any
+) -> None:
+    """Bitwise: the parameters, and every state tensor of ``opt``'s in ``other``."""
+    for p, q in zip(params, others):
+        assert torch.equal(p, q)
+        for key, value in opt.state[p].items():
+            assert torch.equal(value, other.state[q][key]), key
+
+
 def _decoded(state: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     """The float64 values of 8-bit moments, flattened."""
     scales = state["exp_avg_scales"].reshape(-1, 2)
@@ -236,10 +246,7 @@ def test_int8_compiled_layouts_equal_eager_bitwise(
                 _grads(ps, step)
             oe.step()
             oc.step()
-    for p, q in zip(pe, pc):
-        assert torch.equal(p, q)
-        for key, value in oe.state[p].items():
-            assert torch.equal(value, oc.state[q][key]), key
+    _assert_same_runs(pe, oe, pc, oc)
 
 
 @pytest.mark.parametrize("engine", ["aot_eager", "strict"])
@@ -419,11 +426,7 @@ def test_int8_capturable_on_cpu_steps_as_without_it() -> None:
             _grads(params, step)
             opt.step()
         runs.append((params, opt))
-    (a, oa), (b, ob) = runs
-    for p, q in zip(a, b):
-        assert torch.equal(p, q)
-        for key, value in oa.state[p].items():
-            assert torch.equal(value, ob.state[q][key]), key
+    _assert_same_runs(*runs[0], *runs[1])
 
 
 def test_int8_thousands_of_tensors_and_groups() -> None:
@@ -486,11 +489,7 @@ def _assert_engines_equal(
             _grads(params, step)
             opt.step()
         out.append((params, opt))
-    (pe, oe), (pc, oc) = out
-    for p, q in zip(pe, pc):
-        assert torch.equal(p, q)
-        for key, value in oe.state[p].items():
-            assert torch.equal(value, oc.state[q][key]), key
+    _assert_same_runs(*out[0], *out[1])
 
 
 def test_int8_bf16_sr_eager_equals_compiled_bitwise(small_min: None) -> None:
@@ -550,7 +549,5 @@ def test_state_dtype_edited_between_steps_converts_the_state(
             else:
                 o.step()
     for p, q in zip(edited, loaded):
-        assert torch.equal(p, q)
         assert opt.state[p].keys() == other.state[q].keys()
-        for key, value in opt.state[p].items():
-            assert torch.equal(value, other.state[q][key]), key
+    _assert_same_runs(edited, opt, loaded, other)

@@ -263,7 +263,7 @@ class HyperTable:
                 else:
                     same = values == table.raw.get(key)
                 if not same:
-                    _check_filled(key, values)
+                    _check_values(key, values)
                     _fill(table, values, columns)
             except Exception as e:  # Note [edited values]
                 del self._tables[device]  # half-filled: built afresh next step
@@ -368,7 +368,7 @@ def _fill(
 # root of 1 - beta2**t: an error or silent infs and nans); tensor betas are read as
 # they are. Other values out of the constructor's ranges step as torch's do (a
 # negative lr ascends).
-def _check_filled(key: str, values: list[Any]) -> None:
+def _check_values(key: str, values: list[Any]) -> None:
     if key != "betas":
         return
     flat = list(itertools.chain.from_iterable(values))
