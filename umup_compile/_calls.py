@@ -25,6 +25,13 @@ from ._pack import Layout, Pack, Unit, build_layout, release
 from ._specs import AlgorithmSpec
 from ._steady import Watch, layout_of
 
+try:  # an internal helper of torch's (Note [shard streams] in ``_functional``)
+    from torch.distributed.tensor._utils import (
+        compute_local_shape_and_global_offset as _shard_offset,
+    )
+except ImportError:  # pragma: no cover - no torch.distributed, or the helper moved
+    _shard_offset = None
+
 Group = dict[str, Any]
 
 
@@ -50,14 +57,10 @@ def shard_places(params: Sequence[Tensor]) -> list[Any] | None:
     """Per parameter, (its full shape, its local shard's offset) for a ``DTensor``,
     else None (Note [shard streams] in ``_functional``); None without torch's
     helper (an internal API: the shards then count from 0, as before)."""
-    try:
-        from torch.distributed.tensor._utils import (
-            compute_local_shape_and_global_offset as place,
-        )
-    except ImportError:  # pragma: no cover - every supported torch has it
+    if _shard_offset is None:
         return None
     return [
-        (tuple(p.shape), tuple(place(p.shape, p.device_mesh, p.placements)[1]))
+        (tuple(p.shape), tuple(_shard_offset(p.shape, p.device_mesh, p.placements)[1]))
         if isinstance(p, DTensor)
         else None
         for p in params
