@@ -1716,6 +1716,32 @@ def test_betas_given_as_a_list_are_kept_as_a_tuple() -> None:
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("kind", ["numpy", "tensor"])
+def test_betas_as_an_array_or_a_1d_tensor_step_as_torch(kind: str, engine: str) -> None:
+    """torch indexes betas: a numpy array (its items are floats) or a 1-d tensor of
+    two elements (0-d tensor betas) constructs and steps; both were refused as not
+    a pair, in the constructor and in ``add_param_group``."""
+    np = pytest.importorskip("numpy")
+    dtype = torch.float64  # the parameters' (float32 tensor betas differ by ~1e-8)
+
+    def betas() -> Any:
+        pair = [0.8, 0.99]
+        return np.array(pair) if kind == "numpy" else torch.tensor(pair, dtype=dtype)
+
+    params, refs = _twin_params(3)
+    ours = build(AdamW, params[:1], engine, lr=0.1, betas=betas(), **UMUP)
+    ref = torch.optim.AdamW(refs[:1], lr=0.1, betas=betas(), weight_decay=0)
+    ours.add_param_group({"params": params[1:], "betas": betas()})
+    ref.add_param_group({"params": refs[1:], "betas": betas()})
+    for step in range(4):
+        _random_grads(params, step)
+        _random_grads(refs, step)
+        ours.step()
+        ref.step()
+        assert_pair_close(ours, ref, list(zip(params, refs)), where=f"step {step}: ")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_sgd_tensor_momentum_and_weight_decay_like_torch(engine: str) -> None:
     # torch's SGD reads a tensor momentum or weight decay by value (``momentum != 0``);
     # ours kept that comparison as a tensor in the graph's static config, which a

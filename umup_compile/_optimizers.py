@@ -98,8 +98,9 @@ class Adam(UmupOptimizer, torch.optim.Adam):
     ) -> None:
         defaults = {
             "lr": lr,
-            # a tuple, as torch's (a list could be edited in place)
-            "betas": tuple(betas) if isinstance(betas, list) else betas,
+            # a tuple, as torch's (a list could be edited in place; torch also takes
+            # a numpy array or a 1-d tensor, each beta then a 0-d tensor)
+            "betas": _specs.as_pair(betas) or betas,
             "eps": eps,
             "weight_decay": weight_decay,
             "amsgrad": amsgrad,

@@ -167,14 +167,30 @@ def _check_exclusive_flags(group: Group, where: str) -> None:
 # -- Adam / AdamW -----------------------------------------------------------------------
 
 
+def as_pair(betas: Any) -> tuple[Any, Any] | None:
+    """``betas`` as a tuple where it is a pair, as torch indexes it (a list, a numpy
+    array, a 1-d tensor of two elements: 0-d tensors then), else None."""
+    if isinstance(betas, tuple):
+        return betas if len(betas) == 2 else None
+    if isinstance(betas, (str, bytes, dict)) or (
+        isinstance(betas, Tensor) and betas.ndim != 1
+    ):
+        return None
+    try:
+        pair = tuple(betas)
+    except TypeError:
+        return None
+    return pair if len(pair) == 2 else None  # type: ignore[return-value]
+
+
 def _adam_check(group: Group, where: str) -> None:
     _check_lr(group["lr"], where)
     _check_nonneg(group["eps"], "epsilon", where)
     _check_nonneg(group["weight_decay"], "weight_decay", where)
-    betas = group["betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+    betas = as_pair(group["betas"])
+    if betas is None:
         raise ValueError(
-            f"betas must be a pair (beta1, beta2), got {betas!r} ({where})."
+            f"betas must be a pair (beta1, beta2), got {group['betas']!r} ({where})."
         )
     if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
         raise ValueError(f"betas must be either both floats or both Tensors ({where}).")
