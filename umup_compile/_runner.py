@@ -106,12 +106,9 @@ class StepRunner:
     ) -> None:
         """Run one step over ``groups`` (gradients read from ``.grad``)."""
         if torch.compiler.is_compiling():
-            if not TRACED_STEP_SUPPORTED:  # raising makes Dynamo run the step eagerly
-                raise RuntimeError(
-                    "umup_compile: opt.step() inside torch.compile needs torch >= "
-                    "2.11; compile the forward and backward only, or use "
-                    "fullgraph=False"
-                )
+            if not TRACED_STEP_SUPPORTED:  # Note [untraced step]
+                _untraced_step(self, groups, state, amp=amp, name=name)
+                return
             with torch.set_grad_enabled(self.differentiable):
                 traced_step(
                     self.spec,
@@ -124,6 +121,16 @@ class StepRunner:
                     name=name,
                 )
             return
+        self._step(groups, state, amp=amp, name=name)
+
+    def _step(
+        self,
+        groups: Sequence[Group],
+        state: dict[Tensor, State],
+        *,
+        amp: dict[str, Tensor | None],
+        name: str,
+    ) -> None:
         grads = None if self._check is None else self._check.grads(groups, state)
         fresh_step = grads is None
         stable = (
@@ -225,3 +232,24 @@ class StepRunner:
         )
         if call.pack is not None:
             pack_out(call.pack)
+
+
+# Note [untraced step]: where the traced step is unsupported (torch < 2.11), a step
+# met by Dynamo (the user's torch.compile without fullgraph, torch.compile(opt.step))
+# runs untraced, with the optimizer's own compiled graphs, through a disabled call:
+# Dynamo breaks its graph there and leaves every frame below alone. It raised to
+# break the graph before, and Dynamo then traced the frames the step called (minutes
+# of tracing, then a failure at ``maybe_mark_dynamic``). Under fullgraph=True Dynamo
+# reports the disabled call.
+@torch.compiler.disable
+def _untraced_step(
+    runner: StepRunner,
+    groups: Sequence[Group],
+    state: dict[Tensor, State],
+    *,
+    amp: dict[str, Tensor | None],
+    name: str,
+) -> None:
+    """``opt.step()`` needs torch >= 2.11 to join a torch.compile graph: here it runs
+    outside it (compile the forward and backward only, or use fullgraph=False)."""
+    runner._step(groups, state, amp=amp, name=name)
