@@ -4,6 +4,7 @@ compiles are affected."""
 
 from __future__ import annotations
 
+import re
 import types
 from collections.abc import Callable
 from typing import Any
@@ -228,6 +229,35 @@ def test_optimizer_compiles_its_kernels_with_the_hints() -> None:
     # The pack's rows: some loop steps by bf16's width.
     assert f"+=static_cast<int64_t>({_lanes(torch.bfloat16)}L)" in source
     assert "std::memcpy(&out" in source
+    assert not _scalar_fallbacks(source)
+
+
+def _scalar_fallbacks(source: str) -> list[str]:
+    """Where a vector loop of the generated C++ spills a float vector to memory and
+    works on its lanes one by one (Inductor's fallback for an op it cannot vectorise,
+    e.g. ``isnan``); the prologue's int64 gathers are not counted."""
+    return re.findall(r"std::array<(?:float|bool), \d+> tmpbuf\w*", source)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_float32_step_keeps_its_update_loops_vectorised(name: str) -> None:
+    """The float32 step's C++ works on whole vectors: Note [infinite second moment]'s
+    ``nan_to_num_`` compiled to a scalar ``isnan`` per lane, and the GPT-like step took
+    2.3x as long (50 ms against torch fused's 22 ms, 1 thread)."""
+    from umup_compile.optim import Adam, AdamW
+
+    g = torch.Generator().manual_seed(2)
+    params = [torch.nn.Parameter(torch.randn(64, 96, generator=g)) for _ in range(2)]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+    cls = Adam if name == "adam" else AdamW
+    opt = cls(params, lr=0.01, allow_non_unit_scaling_params=True, compile="strict")
+    with inductor_config.patch(force_disable_caches=True):
+        opt.step()  # creates the state (eager), then the compiled steps
+        _, code = run_and_get_code(opt.step)
+    source = "\n".join(code)
+    assert f"+=static_cast<int64_t>({_lanes(torch.float32)}L)" in source
+    assert not _scalar_fallbacks(source)
 
 
 def _wrapped_once(owner: type, name: str, install: Callable[[], None]) -> Any:

@@ -280,8 +280,17 @@ def _keep_inf(v: Tensor) -> None:
     torch's ``beta2 * v + ((1 - beta2) * g) * g`` overflows later, past ~5.8e20
     (below, its ``v`` stays finite and the element keeps updating); squaring first
     is what lets the update fuse as it does. A nan gradient still makes its
-    parameter nan, as in torch, through the first moment."""
-    v.nan_to_num_(nan=math.inf, posinf=math.inf)
+    parameter nan, as in torch, through the first moment.
+
+    Traced, the same values through a comparison (``v`` is never -inf): Inductor's
+    CPU code tests ``isnan`` element by element, spilling every vector to memory
+    (the compiled float32 step took 2.3x as long, 22 -> 50 ms on the GPT-like set);
+    ``v < inf`` is one vector compare. Eager, ATen's ``nan_to_num_`` is vectorised
+    (a ``where`` cost ~40 % of the step, as above)."""
+    if torch.compiler.is_compiling():
+        v.copy_(torch.where(v < math.inf, v, math.inf))
+    else:
+        v.nan_to_num_(nan=math.inf, posinf=math.inf)
 
 
 # Note [differentiable steps]: with ``differentiable=True`` (grad mode on; the eager
