@@ -30,7 +30,7 @@ try:  # an internal helper of torch's (Note [shard streams] in ``_functional``)
         compute_local_shape_and_global_offset as _shard_offset,
     )
 except ImportError:  # pragma: no cover - no torch.distributed, or the helper moved
-    _shard_offset = None
+    _shard_offset = None  # type: ignore[assignment]
 
 Group = dict[str, Any]
 

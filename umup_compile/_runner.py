@@ -241,7 +241,7 @@ class StepRunner:
 # break the graph before, and Dynamo then traced the frames the step called (minutes
 # of tracing, then a failure at ``maybe_mark_dynamic``). Under fullgraph=True Dynamo
 # reports the disabled call.
-@torch.compiler.disable
+@torch.compiler.disable  # type: ignore[untyped-decorator]
 def _untraced_step(
     runner: StepRunner,
     groups: Sequence[Group],

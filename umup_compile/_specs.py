@@ -180,7 +180,7 @@ def as_pair(betas: Any) -> tuple[Any, Any] | None:
         pair = tuple(betas)
     except TypeError:
         return None
-    return pair if len(pair) == 2 else None  # type: ignore[return-value]
+    return pair if len(pair) == 2 else None
 
 
 def _adam_check(group: Group, where: str) -> None:
