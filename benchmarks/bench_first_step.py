@@ -145,9 +145,9 @@ def run_mode(
     cmd += ["--state-dtype", args.state_dtype]
     cmd += ["--artifacts", blob] + (["--smoke"] if args.smoke else [])
     env = dict(os.environ)
-    env["TORCHINDUCTOR_CACHE_DIR"] = (
-        cache if mode != "artifacts" else tempfile.mkdtemp(prefix="first_step_art_")
-    )
+    # artifacts: an empty cache beside the shared one (inside the run's temporary
+    # folder, removed with it)
+    env["TORCHINDUCTOR_CACHE_DIR"] = cache if mode != "artifacts" else cache + "_empty"
     env["PYTHONPATH"] = os.pathsep.join(
         [str(common.REPO), *filter(None, [env.get("PYTHONPATH", "")])]
     )

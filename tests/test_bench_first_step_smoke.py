@@ -9,6 +9,7 @@ nothing (FX graph cache hits, no misses).
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_first_step_cold_warm_and_artifacts(tmp_path: Path) -> None:
     out = tmp_path / "first_step.csv"
+    temp = tmp_path / "temp"  # the run's temporary folders
+    temp.mkdir()
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", "first-step", "--smoke"]
         + ["--steady-steps", "2", "--out", str(out)],
@@ -27,8 +30,11 @@ def test_first_step_cold_warm_and_artifacts(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=600,
+        env={**os.environ, "TMPDIR": str(temp)},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # removed with the run (the artifacts mode's empty cache was left behind)
+    assert not [p.name for p in temp.iterdir() if p.name.startswith("first_step")]
     with out.open() as f:
         rows = {r["mode"]: r for r in csv.DictReader(f)}
     assert set(rows) == {"cold", "warm", "artifacts"}, rows
