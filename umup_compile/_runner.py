@@ -121,16 +121,6 @@ class StepRunner:
                     name=name,
                 )
             return
-        self._step(groups, state, amp=amp, name=name)
-
-    def _step(
-        self,
-        groups: Sequence[Group],
-        state: dict[Tensor, State],
-        *,
-        amp: dict[str, Tensor | None],
-        name: str,
-    ) -> None:
         grads = None if self._check is None else self._check.grads(groups, state)
         fresh_step = grads is None
         stable = (
@@ -237,19 +227,13 @@ class StepRunner:
 # Note [untraced step]: where the traced step is unsupported (torch < 2.11), a step
 # met by Dynamo (the user's torch.compile without fullgraph, torch.compile(opt.step))
 # runs untraced, with the optimizer's own compiled graphs, through a disabled call:
-# Dynamo breaks its graph there and leaves every frame below alone. It raised to
-# break the graph before, and Dynamo then traced the frames the step called (minutes
-# of tracing, then a failure at ``maybe_mark_dynamic``). Under fullgraph=True Dynamo
-# reports the disabled call.
+# Dynamo breaks its graph there and leaves every frame below alone (where nothing is
+# compiling, so the call takes the untraced path). It raised to break the graph
+# before, and Dynamo then traced the frames the step called (minutes of tracing, then
+# a failure at ``maybe_mark_dynamic``). Under fullgraph=True Dynamo reports the
+# disabled call.
 @torch.compiler.disable  # type: ignore[untyped-decorator]
-def _untraced_step(
-    runner: StepRunner,
-    groups: Sequence[Group],
-    state: dict[Tensor, State],
-    *,
-    amp: dict[str, Tensor | None],
-    name: str,
-) -> None:
+def _untraced_step(runner: StepRunner, *args: Any, **kwargs: Any) -> None:
     """``opt.step()`` needs torch >= 2.11 to join a torch.compile graph: here it runs
     outside it (compile the forward and backward only, or use fullgraph=False)."""
-    runner._step(groups, state, amp=amp, name=name)
+    runner.step(*args, **kwargs)
