@@ -63,10 +63,6 @@ import torch
 from torch import Tensor
 
 _MASK32 = 0xFFFFFFFF
-# float32 patterns: magnitude mask, +inf (anything above it is NaN), quiet-NaN bit.
-_ABS = 0x7FFFFFFF
-_INF = 0x7F800000
-_QUIET = 0x00400000
 _HIGH16 = -0x10000  # 0xFFFF0000 as int32: keeps a pattern's bf16 half
 # Arbitrary odd constants (golden ratio, murmur3) so that an all-zero input does not
 # hit lowbias32's fixed point at 0.
@@ -225,14 +221,14 @@ def round_bf16_with_bits(x: Tensor, bits: Tensor) -> Tensor:
     results through a float32 conversion whatever the op), so a NaN stays NaN, but
     its sign and payload are not kept.
     """
-    pattern = x.view(torch.int32)
-    nan = (pattern & _ABS) > _INF
-    # NaN adds no noise (its pattern plus r could overflow int32, into -0.0) and gets
-    # the quiet bit, in the kept high half (a NaN whose payload is all in the low
-    # half would otherwise become inf).
-    summed = torch.where(nan, pattern | _QUIET, pattern)
-    summed = summed + bits.to(torch.int32).masked_fill(nan, 0)
-    return (summed & _HIGH16).view(torch.float32).to(torch.bfloat16)
+    summed = x.view(torch.int32) + bits.to(torch.int32)
+    rounded = (summed & _HIGH16).view(torch.float32)
+    # A NaN's pattern plus r can wrap (into -0.0) or lose a payload that is all in
+    # the low half (into inf), so a NaN is converted as it is. One float compare: an
+    # integer test of the pattern cost two more blends per vector, a quarter of the
+    # rounding's cost (13.6M-parameter set, AMD, 1 thread: 1.23x the step without
+    # rounding, now 1.16x).
+    return torch.where(x != x, x, rounded).to(torch.bfloat16)
 
 
 def parameter_seeds(group_seeds: Sequence[int], indices: Sequence[int]) -> list[int]:
