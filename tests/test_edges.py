@@ -1912,6 +1912,30 @@ def test_a_group_value_edited_to_a_bad_one_is_refused_naming_it(
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_numpy_betas_edited_out_of_range_are_refused(engine: str) -> None:
+    # numpy betas (as torch keeps an array's) were read, not checked, at step time:
+    # a beta2 of 1.5 made every moment grow without bound
+    numpy = pytest.importorskip("numpy")
+    params = [_p(_randn(4, 3)), _p(_randn(5))]
+    ours = build(Adam, params, engine, lr=0.01, **UMUP)
+    _random_grads(params, 0)
+    ours.step()
+    _random_grads(params, 1)
+    for betas in [
+        (numpy.float64(0.9), numpy.float64(1.5)),
+        (numpy.float32(0.9), numpy.float32(-0.5)),
+        (0.9, numpy.float64("nan")),
+    ]:
+        ours.param_groups[0]["betas"] = betas
+        before = snapshot(ours)
+        with pytest.raises(ValueError, match=r"each beta must be in \[0, 1\)"):
+            ours.step()
+        assert_unchanged(ours, before)
+    ours.param_groups[0]["betas"] = (numpy.float64(0.8), numpy.float32(0.99))
+    ours.step()  # in range: taken
+
+
 @pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
 def test_numpy_scalar_hyper_parameters_like_torch(name: str) -> None:
     # torch takes numpy scalars (np.float32 is not a float); ours refused them.

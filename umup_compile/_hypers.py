@@ -372,15 +372,21 @@ def _check_values(key: str, values: list[Any]) -> None:
     if key != "betas":
         return
     flat = list(itertools.chain.from_iterable(values))
-    if not set(map(type, flat)) <= _PLAIN:  # tensor betas: read as they are
-        return
+    if not set(map(type, flat)) <= _PLAIN:
+        # Tensor betas are read as they are (a check would sync); numpy scalars (an
+        # array's betas, kept as torch keeps them) are numbers like any other.
+        flat = [float(b) for b in flat if not isinstance(b, Tensor)]
     # C-level on plain numbers; fsum is nan if one is (min and max may skip a nan)
     if flat and (min(flat) < 0 or max(flat) >= 1 or math.isnan(math.fsum(flat))):
-        g = next(g for g, v in enumerate(values) if not all(0 <= b < 1 for b in v))
+        g = next(g for g, v in enumerate(values) if not all(map(_in_range, v)))
         raise ValueError(
             f"param group {g}'s betas are {tuple(values[g])}: each beta must be in "
             "[0, 1) (as the constructor checks); set them in that range."
         )
+
+
+def _in_range(beta: Any) -> bool:
+    return isinstance(beta, Tensor) or 0 <= beta < 1
 
 
 def _edited(
