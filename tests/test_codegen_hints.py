@@ -245,9 +245,10 @@ def _scalar_fallbacks(source: str) -> list[str]:
 
 @pytest.mark.parametrize("name", ["adam", "adamw"])
 def test_float32_step_keeps_its_update_loops_vectorised(name: str) -> None:
-    """The float32 step's C++ works on whole vectors: Note [infinite second moment]'s
-    ``nan_to_num_`` compiled to a scalar ``isnan`` per lane, and the GPT-like step took
-    2.3x as long (50 ms against torch fused's 22 ms, 1 thread)."""
+    """The float32 step's C++ works on whole vectors: a guard of the second moment
+    by ``nan_to_num_`` (since gone, Note [second moment as torch's]) compiled to a
+    scalar ``isnan`` per lane, and the GPT-like step took 2.3x as long (50 ms against
+    torch fused's 22 ms, 1 thread)."""
     from umup_compile.optim import Adam, AdamW
 
     g = torch.Generator().manual_seed(2)

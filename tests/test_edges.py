@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import io
-import math
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -1823,13 +1822,15 @@ def test_a_one_element_step_set_by_hand_steps_as_torch(engine: str) -> None:
 
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_gradient_whose_square_overflows_leaves_the_others_finite(
-    engine: str, dtype: torch.dtype
+@pytest.mark.parametrize("big", [1e20, 1e30])
+def test_a_gradient_whose_square_overflows_steps_as_torch(
+    engine: str, dtype: torch.dtype, big: float
 ) -> None:
-    # Note [infinite second moment]: one gradient of 1e20 made its element's v inf,
-    # and lerp made it nan at the next step, and the parameter with it (torch: finite,
-    # its v = b2 * v + ((1 - b2) * g) * g still below float32's max; ours stays inf,
-    # so that element only decays). The other elements step as torch's.
+    # Note [second moment as torch's]: one gradient of 1e20 made its element's v inf
+    # (its square overflows float32), and lerp made it nan at the next step, and the
+    # parameter with it. torch's v = b2 * v + ((1 - b2) * g) * g stays finite at 1e20
+    # and is inf at 1e30 (that element's updates are then 0); ours as torch's, every
+    # element, with no nan.
     params, ref_params = _twin_params(6, dtype=dtype)
     ours = build(AdamW, params, engine, **KWARGS["adamw"], **UMUP,
                  state_dtype=torch.float32)  # fmt: skip
@@ -1838,18 +1839,43 @@ def test_a_gradient_whose_square_overflows_leaves_the_others_finite(
         for side in (params, ref_params):
             _random_grads(side, step)
             if step == 1:
-                side[0].grad.view(-1)[3] = 1e20
+                side[0].grad.view(-1)[3] = big
         ours.step()
         ref.step()
-        for k, (p, q) in enumerate(zip(params, ref_params)):
+        for p, q in zip(params, ref_params):
             assert p.isfinite().all(), step
-            if k == 0:
-                p, q = p.view(-1)[4:], q.view(-1)[4:]
             if dtype == torch.bfloat16:  # torch's state is bf16 there, ours float32
                 torch.testing.assert_close(p, q, rtol=2e-2, atol=1e-2)
             else:
                 torch.testing.assert_close(p, q, **tolerance(dtype))
-    assert ours.state[params[0]]["exp_avg_sq"].view(-1)[3] == math.inf
+    v = ours.state[params[0]]["exp_avg_sq"].view(-1)[3]
+    assert v.isinf() == (big == 1e30)
+    assert v.isinf() == ref.state[ref_params[0]]["exp_avg_sq"].view(-1)[3].isinf()
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_eager_moments_are_torchs_bitwise(amsgrad: bool) -> None:
+    # Note [second moment as torch's]: the eager engine's moments are torch's
+    # single-tensor Adam's (its CPU default) to the bit; v was lerp'd before, one
+    # rounding apart. (L2 weight decay rounds apart: torch's add(alpha=) fuses it.)
+    params, ref_params = _twin_params(3, dtype=torch.float32)
+    ours = Adam(params, lr=0.01, betas=(0.9, 0.95), amsgrad=amsgrad, compile=False,
+                **UMUP)  # fmt: skip
+    ref = torch.optim.Adam(
+        ref_params, lr=0.01, betas=(0.9, 0.95), amsgrad=amsgrad, foreach=False
+    )
+    for step in range(5):
+        for side in (params, ref_params):
+            _random_grads(side, step)
+        ours.step()
+        ref.step()
+        for p, q in zip(params, ref_params):
+            for key in ref.state[q]:
+                if key != "step":
+                    assert torch.equal(ours.state[p][key], ref.state[q][key]), key
+        with torch.no_grad():  # the same inputs at every step
+            for p, q in zip(params, ref_params):
+                p.copy_(q)
 
 
 @needs_mixed_grad_dtype

@@ -221,9 +221,15 @@ def adam_step_(
         segment_t=segment_t,
         found_inf_t=found_inf_t,
     )
-    one_minus_beta1s, one_minus_beta2s, root_scales, eps_scaleds, l2s, decays = (
-        coefficients
-    )
+    (
+        one_minus_beta1s,
+        one_minus_beta2s,
+        root_scales,
+        eps_scaleds,
+        l2s,
+        decays,
+        beta2s,
+    ) = coefficients
 
     if cdt != params[0].dtype or any(d != cdt for d in dtypes):  # Note [low precision]
         noise = _noise(sr_seeds_t, step, segment_t, local_index_t, params, shards)
@@ -237,8 +243,9 @@ def adam_step_(
             if config.weight_decay == "decoupled":
                 p = p * decays[i]
             m = exp_avgs[i].to(cdt).lerp(grad, one_minus_beta1s[i])
-            v = exp_avg_sqs[i].to(cdt).lerp(grad.square(), one_minus_beta2s[i])
-            _keep_inf(v)  # Note [infinite second moment]
+            # Note [second moment as torch's]
+            v = exp_avg_sqs[i].to(cdt) * beta2s[i]
+            v = v.addcmul(grad * one_minus_beta2s[i], grad)
             exp_avgs[i].copy_(m)
             exp_avg_sqs[i].copy_(v)
             if config.amsgrad:
@@ -257,8 +264,8 @@ def adam_step_(
         if config.weight_decay == "decoupled":
             param.mul_(decays[i])
         exp_avgs[i].lerp_(grad, one_minus_beta1s[i])
-        exp_avg_sqs[i].lerp_(grad.square(), one_minus_beta2s[i])
-        _keep_inf(exp_avg_sqs[i])  # Note [infinite second moment]
+        # Note [second moment as torch's]
+        exp_avg_sqs[i].mul_(beta2s[i]).addcmul_(grad.mul(one_minus_beta2s[i]), grad)
         second = exp_avg_sqs[i]
         if config.amsgrad:
             # Not ``out=``: Dynamo refuses a non-contiguous out (a strided parameter).
@@ -274,29 +281,17 @@ def adam_step_(
         param.addcdiv_(keep(exp_avgs[i]), root.add_(eps_scaleds[i]))
 
 
-def _keep_inf(v: Tensor) -> None:
-    """Note [infinite second moment]: a gradient above ~1.8e19 once squares to inf
-    in float32, and lerp's ``v + w * (g * g - v)`` then made ``v`` inf - inf = nan at
-    the next step, and the parameter with it. So a nan second moment is read as inf,
-    in place (one pass, fused when compiled; a ``where`` on the old value cost the
-    eager engine ~40 % of its step): that element's updates are 0 from then on.
-    torch's ``beta2 * v + ((1 - beta2) * g) * g`` overflows later, past ~5.8e20
-    (below, its ``v`` stays finite and the element keeps updating); squaring first
-    is what lets the update fuse as it does. A nan gradient still makes its
-    parameter nan, as in torch, through the first moment.
-
-    Traced, the same values through a comparison (``v`` is never -inf): Inductor's
-    CPU code tests ``isnan`` element by element, spilling every vector to memory
-    (the compiled float32 step took 2.3x as long, 22 -> 50 ms on the GPT-like set);
-    ``v < inf`` is one vector compare. Eager, ATen's ``nan_to_num_`` is vectorised
-    (a ``where`` cost ~40 % of the step, as above). Still, the compare costs the
-    arithmetic-bound bf16 loops 5-15 % (GPT-like set, AMD, 1 thread: 20.8 -> 23.8 ms),
-    and eager ~2 us a parameter; torch's form ``beta2 * v + (1 - beta2) * g * g``
-    keeps an inf without a guard, but rounds every step differently from lerp."""
-    if torch.compiler.is_compiling():
-        v.copy_(torch.where(v < math.inf, v, math.inf))
-    else:
-        v.nan_to_num_(nan=math.inf, posinf=math.inf)
+# Note [second moment as torch's]: ``v`` is updated as torch.optim's Adam updates it,
+# ``beta2 * v + ((1 - beta2) * g) * g``, each product rounded in that order (eager,
+# ``mul_`` then ``addcmul_``: torch's single-tensor CPU step, its default there; ATen
+# fuses addcmul's multiply-add, Inductor's code may not: one rounding apart). A
+# gradient whose square overflows float32 (past ~5.8e20 in this order, as in torch)
+# makes that element's ``v`` inf, and inf then stays inf (``beta2 * inf + x``), so
+# the element stops updating, with no guard. ``lerp(g * g, 1 - beta2)``, used before,
+# turned an inf ``v`` into ``inf - inf = nan`` at the next step and needed a compare
+# per element to keep it inf, which cost the arithmetic-bound bf16 loops 5-15 % on a
+# CPU; it also rounded differently from torch. The first moment stays ``lerp``, as
+# torch's.
 
 
 # Note [differentiable steps]: with ``differentiable=True`` (grad mode on; the eager

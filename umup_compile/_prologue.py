@@ -101,9 +101,9 @@ def adam_prologue(
     found_inf_t: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor, torch.dtype, list[tuple[Tensor, ...]]]:
     """Count the step; return the skip mask, the step vector, the compute dtype and
-    the coefficients ``1 - beta1``, ``1 - beta2``, root scale, scaled eps, L2 factor
-    and decoupled decay (each per parameter, realized as ``_coefficients`` says).
-    Shared with ``_quant_step``."""
+    the coefficients ``1 - beta1``, ``1 - beta2``, root scale, scaled eps, L2 factor,
+    decoupled decay and ``beta2`` (each per parameter, realized as ``_coefficients``
+    says). Shared with ``_quant_step``."""
     skip = _skip_mask(found_inf_t)
     if skip is None:
         torch._foreach_add_(steps, 1)
@@ -135,6 +135,7 @@ def adam_prologue(
     if skip is not None:
         frozen = frozen | skip
         weight1, weight2 = weight1.where(~skip, 0.0), weight2.where(~skip, 0.0)
+        beta2 = beta2.where(~skip, 1.0)
         decay = decay.where(~skip, 1.0)
     root_scale = root_scale.where(~frozen, 0.0)
     eps_scaled = eps_scaled.where(~frozen, -math.inf)
@@ -148,5 +149,6 @@ def adam_prologue(
         eps_scaled,
         wds,
         decay,
+        beta2,
     )
     return skip, step, cdt, coefficients

@@ -142,7 +142,7 @@ def adam8_step_(
         found_inf_t=found_inf_t,
     )
     # Views of the prologue's realized table (Note [realized coefficients])
-    weight1s, weight2s, root_scales, eps_scaleds, l2s, decays = coefficients
+    weight1s, weight2s, root_scales, eps_scaleds, l2s, decays, _ = coefficients
     noise = _noise(sr_seeds_t, step, segment_t, local_index_t, params, shards)
     for i, param in enumerate(params):
         n = param.numel()
