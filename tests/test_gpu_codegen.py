@@ -128,9 +128,9 @@ def test_counts_are_pinned(small: dict[str, Any]) -> None:
         table(small["results"]),
         """\
 config                                               graphs    calls    kernels    launches    eager    fused    bytes/ideal
-gpt-mini-fp32-capturable                                  1        1          2           2        1        2         1.0051
-many-small-mini-bf16-fp32state-sr-capturable-clip         2        2          3           3        7        2         1.6469
-gpt-mini-fp32                                             1        1          2           2        0        2         1.005""",
+gpt-mini-fp32-capturable                                  1        1          2           2        1        2         1.0061
+many-small-mini-bf16-fp32state-sr-capturable-clip         2        2          3           3        7        2         1.6477
+gpt-mini-fp32                                             1        1          2           2        0        2         1.0061""",
     )
 
 
